@@ -1,0 +1,261 @@
+"""The user's SA file (YAML) -> SaParams, with one-line errors that say where and what.
+
+Shape (keys beyond these are refused, so typos do not pass silently)::
+
+    sas:
+      - spi: 0x1001
+        direction: outbound          # outbound | inbound
+        mode: transport              # transport | tunnel
+        proto: esp                   # esp (default) | ah
+        src: 192.0.2.1               # traffic endpoints (transport: the SA endpoints;
+        dst: 192.0.2.2               #   tunnel: the inner selector)
+        tunnel: {src: 198.51.100.1, dst: 198.51.100.2}        # tunnel mode only: outer endpoints
+        encap: {type: udp, sport: 4500, dport: 4500}           # optional UDP-ESP (RFC 3948)
+        aead: {alg: aes-gcm-128, key: 00112233445566778899aabbccddeeff, salt: cafebabe, icv: 16}
+        # or: cipher: {alg: aes-cbc-128, key: ...}  integrity: {alg: hmac-sha256-128, key: ...}
+        # or: aead: {alg: aes-gmac-128, key: ..., salt: ...}  (ENCR_NULL_AUTH_AES_GMAC, RFC 4543)
+        esn: true
+        seq: 0xfffffff0
+        replay_window: 128
+        lifetime: {soft_packets: 0, hard_packets: 0, soft_bytes: 0, hard_bytes: 0}
+
+Key material is hex (``0x`` prefix, ``:`` and spaces allowed) and must be quoted if it could read as
+a YAML number. Error messages never quote keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from firmware_model.algorithms import AUTH_INFO, ENC_INFO, UnsupportedAlgorithm
+from firmware_model.params import MIN_SPI, AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams, UdpEncap
+
+ENC_BY_NAME = {info.name: alg for alg, info in ENC_INFO.items()}
+AUTH_BY_NAME = {info.name: alg for alg, info in AUTH_INFO.items() if alg != AuthAlg.NONE}
+_SA_KEYS = {"spi", "direction", "mode", "proto", "src", "dst", "tunnel", "encap", "aead", "cipher", "integrity",
+            "esn", "seq", "replay_window", "lifetime"}
+_LIFETIME_KEYS = ("soft_packets", "hard_packets", "soft_bytes", "hard_bytes")
+
+
+class SaFileError(ValueError):
+    """One-line description of what is wrong and where."""
+
+
+def load_sa_file(path: str | Path) -> list[SaParams]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SaFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise SaFileError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    try:
+        return parse_sa_document(doc)
+    except SaFileError as exc:
+        raise SaFileError(f"{path}: {exc}") from None
+
+
+def parse_sa_document(doc: Any) -> list[SaParams]:
+    if not isinstance(doc, Mapping) or "sas" not in doc:
+        raise SaFileError("top level must be a mapping with a 'sas' list")
+    extra = set(doc) - {"sas"}
+    if extra:
+        raise SaFileError(f"unknown top-level key {sorted(extra)[0]!r}")
+    sas = doc["sas"]
+    if not isinstance(sas, list) or not sas:
+        raise SaFileError("'sas' must be a non-empty list")
+    return [parse_sa(entry, f"sas[{i}]") for i, entry in enumerate(sas)]
+
+
+def parse_sa(entry: Any, where: str) -> SaParams:
+    if not isinstance(entry, Mapping):
+        raise SaFileError(f"{where}: expected a mapping")
+    for key in entry:
+        if key not in _SA_KEYS:
+            raise SaFileError(f"{where}: unknown key {key!r}")
+    for key in ("spi", "direction", "src", "dst"):
+        if key not in entry:
+            raise SaFileError(f"{where}: missing {key!r}")
+    spi = _int(entry["spi"], f"{where}.spi")
+    if spi == 0:
+        raise SaFileError(f"{where}.spi: SPI 0 is reserved and never sent (RFC 4303 §2.1)")
+    if not MIN_SPI <= spi <= 0xFFFF_FFFF:
+        raise SaFileError(f"{where}.spi: {spi:#x} outside {MIN_SPI:#x}..0xffffffff (1..255 are IANA-reserved)")
+    direction = _choice(entry["direction"], {"outbound": Direction.OUTBOUND, "inbound": Direction.INBOUND},
+                        f"{where}.direction")
+    mode = _choice(entry.get("mode", "transport"), {"transport": Mode.TRANSPORT, "tunnel": Mode.TUNNEL},
+                   f"{where}.mode")
+    proto = _choice(entry.get("proto", "esp"), {"esp": IpProto.ESP, "ah": IpProto.AH}, f"{where}.proto")
+    src = _addr(entry["src"], f"{where}.src")
+    dst = _addr(entry["dst"], f"{where}.dst")
+    inner_src = inner_dst = None
+    if mode == Mode.TUNNEL:
+        tunnel = entry.get("tunnel")
+        if not isinstance(tunnel, Mapping) or "src" not in tunnel or "dst" not in tunnel:
+            raise SaFileError(f"{where}.tunnel: tunnel mode needs tunnel: {{src: ..., dst: ...}}")
+        if set(tunnel) - {"src", "dst"}:
+            raise SaFileError(f"{where}.tunnel: unknown key {sorted(set(tunnel) - {'src', 'dst'})[0]!r}")
+        inner_src, inner_dst = src, dst
+        src, dst = _addr(tunnel["src"], f"{where}.tunnel.src"), _addr(tunnel["dst"], f"{where}.tunnel.dst")
+    elif "tunnel" in entry:
+        raise SaFileError(f"{where}.tunnel: only valid with mode: tunnel")
+    if ipaddress.ip_address(src).version != ipaddress.ip_address(dst).version:
+        raise SaFileError(f"{where}: src and dst are different IP families")
+
+    enc_alg, enc_key, auth_alg, auth_key, icv = _algorithms(entry, proto, where)
+    encap = _encap(entry.get("encap"), f"{where}.encap") if "encap" in entry else None
+    esn = entry.get("esn", False)
+    if not isinstance(esn, bool):
+        raise SaFileError(f"{where}.esn: expected true/false")
+    seq = _int(entry.get("seq", 0), f"{where}.seq")
+    replay = _int(entry.get("replay_window", 64), f"{where}.replay_window")
+    life = entry.get("lifetime", {}) or {}
+    if not isinstance(life, Mapping) or set(life) - set(_LIFETIME_KEYS):
+        raise SaFileError(f"{where}.lifetime: expected a mapping with {', '.join(_LIFETIME_KEYS)}")
+    limits = {k: _int(life.get(k, 0), f"{where}.lifetime.{k}") for k in _LIFETIME_KEYS}
+    params = SaParams(
+        spi=spi, proto=proto, direction=direction, mode=mode, src=src, dst=dst, enc_alg=enc_alg, enc_key=enc_key,
+        auth_alg=auth_alg, auth_key=auth_key, icv_len=icv, esn=esn, seq=seq, replay_window=replay, encap=encap,
+        inner_src=inner_src, inner_dst=inner_dst, **limits,
+    )
+    try:
+        params.validate()
+    except (UnsupportedAlgorithm, ValueError) as exc:
+        raise SaFileError(f"{where}: {exc}") from None
+    return params
+
+
+def _algorithms(entry: Mapping, proto: IpProto, where: str) -> tuple[EncAlg, bytes, AuthAlg, bytes, int]:
+    aead, cipher, integrity = entry.get("aead"), entry.get("cipher"), entry.get("integrity")
+    if aead is not None and (cipher is not None or integrity is not None):
+        raise SaFileError(f"{where}: give either aead or cipher/integrity, not both")
+    if aead is not None:
+        if proto == IpProto.AH:
+            raise SaFileError(f"{where}.aead: AH takes integrity only")
+        spec = _spec(aead, f"{where}.aead", ("alg", "key", "salt", "icv"))
+        name = spec["alg"]
+        salt = _hex(spec.get("salt"), f"{where}.aead.salt", required=True)
+        if len(salt) != 4:
+            raise SaFileError(f"{where}.aead.salt: needs 4 bytes (RFC 4106 §8.1), got {len(salt)}")
+        key = _hex(spec.get("key"), f"{where}.aead.key", required=True)
+        icv = _int(spec.get("icv", 16), f"{where}.aead.icv")
+        if name in ENC_BY_NAME and ENC_INFO[ENC_BY_NAME[name]].kind == "aead":
+            alg = ENC_BY_NAME[name]
+            _check_len(key, ENC_INFO[alg].key_len, f"{where}.aead.key", name)
+            return alg, key + salt, AuthAlg.NONE, b"", icv
+        if name in AUTH_BY_NAME and AUTH_INFO[AUTH_BY_NAME[name]].kind == "gmac":
+            alg = AUTH_BY_NAME[name]
+            _check_len(key, AUTH_INFO[alg].key_len, f"{where}.aead.key", name)
+            return EncAlg.NONE, b"", alg, key + salt, icv
+        known = sorted(n for n, a in ENC_BY_NAME.items() if ENC_INFO[a].kind == "aead")
+        known += sorted(n for n, a in AUTH_BY_NAME.items() if AUTH_INFO[a].kind == "gmac")
+        raise SaFileError(f"{where}.aead.alg: unknown algorithm {name!r} (known: {', '.join(known)})")
+    enc_alg, enc_key = EncAlg.NONE, b""
+    if cipher is not None:
+        if proto == IpProto.AH:
+            raise SaFileError(f"{where}.cipher: AH takes integrity only")
+        spec = _spec(cipher, f"{where}.cipher", ("alg", "key"))
+        name = spec["alg"]
+        enc_alg = ENC_BY_NAME.get(name)
+        if enc_alg is None or ENC_INFO[enc_alg].kind == "aead":
+            known = sorted(n for n, a in ENC_BY_NAME.items() if ENC_INFO[a].kind != "aead")
+            raise SaFileError(f"{where}.cipher.alg: unknown algorithm {name!r} (known: {', '.join(known)}; "
+                              "AES-GCM goes under aead)")
+        enc_key = _hex(spec.get("key"), f"{where}.cipher.key", required=ENC_INFO[enc_alg].key_len > 0)
+        _check_len(enc_key, ENC_INFO[enc_alg].key_len, f"{where}.cipher.key", name)
+    auth_alg, auth_key, icv = AuthAlg.NONE, b"", 16
+    if integrity is not None:
+        spec = _spec(integrity, f"{where}.integrity", ("alg", "key"))
+        name = spec["alg"]
+        auth_alg = AUTH_BY_NAME.get(name)
+        if auth_alg is None or AUTH_INFO[auth_alg].kind != "hmac":
+            known = sorted(n for n, a in AUTH_BY_NAME.items() if AUTH_INFO[a].kind == "hmac")
+            raise SaFileError(f"{where}.integrity.alg: unknown algorithm {name!r} (known: {', '.join(known)})")
+        auth_key = _hex(spec.get("key"), f"{where}.integrity.key", required=True)
+        _check_len(auth_key, AUTH_INFO[auth_alg].key_len, f"{where}.integrity.key", name)
+        icv = AUTH_INFO[auth_alg].icv_len
+    if cipher is None and integrity is None:
+        raise SaFileError(f"{where}: needs aead, or cipher and/or integrity")
+    return enc_alg, enc_key, auth_alg, auth_key, icv
+
+
+def _spec(value: Any, where: str, allowed: tuple[str, ...]) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise SaFileError(f"{where}: expected a mapping with {', '.join(allowed)}")
+    for key in value:
+        if key not in allowed:
+            raise SaFileError(f"{where}: unknown key {key!r}")
+    if not isinstance(value.get("alg"), str):
+        raise SaFileError(f"{where}: missing 'alg'")
+    return {**value, "alg": value["alg"].lower()}
+
+
+def _check_len(key: bytes, want: int, where: str, name: str) -> None:
+    if len(key) != want:
+        raise SaFileError(f"{where}: {name} needs a {want}-byte key, got {len(key)} bytes")
+
+
+def _hex(value: Any, where: str, required: bool) -> bytes:
+    if value is None:
+        if required:
+            raise SaFileError(f"{where}: missing")
+        return b""
+    if not isinstance(value, str):
+        raise SaFileError(f"{where}: write key material as a quoted hex string")
+    text = value.strip().replace(":", "").replace(" ", "")
+    if text[:2].lower() == "0x":
+        text = text[2:]
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise SaFileError(f"{where}: not a hex string") from None
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str):
+            try:
+                return int(value, 0)
+            except ValueError:
+                pass
+        raise SaFileError(f"{where}: expected an integer, got {value!r}")
+    if value < 0:
+        raise SaFileError(f"{where}: must not be negative")
+    return value
+
+
+def _choice(value: Any, options: Mapping[str, Any], where: str):
+    if not isinstance(value, str) or value.lower() not in options:
+        raise SaFileError(f"{where}: expected one of {', '.join(options)}, got {value!r}")
+    return options[value.lower()]
+
+
+def _addr(value: Any, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise SaFileError(f"{where}: {value!r} is not an IP address") from None
+
+
+def _encap(value: Any, where: str) -> UdpEncap:
+    if not isinstance(value, Mapping):
+        raise SaFileError(f"{where}: expected {{type: udp, sport: 4500, dport: 4500}}")
+    if set(value) - {"type", "sport", "dport"}:
+        raise SaFileError(f"{where}: unknown key {sorted(set(value) - {'type', 'sport', 'dport'})[0]!r}")
+    if str(value.get("type", "udp")).lower() != "udp":
+        raise SaFileError(f"{where}.type: only 'udp' (RFC 3948) is supported")
+    ports = {}
+    for key in ("sport", "dport"):
+        port = _int(value.get(key, 4500), f"{where}.{key}")
+        if not 1 <= port <= 0xFFFF:
+            raise SaFileError(f"{where}.{key}: {port} is not a UDP port")
+        ports[key] = port
+    return UdpEncap(**ports)

@@ -1,0 +1,470 @@
+"""The card's SA database: validate-then-commit adds, O(1) lookups, UDP-ESP parser entries, pairing.
+
+* An *SA bundle* is what one NDIS add creates and one handle names: ESP, AH, or ESP followed by AH
+  (same direction and endpoints). ``SaOffloadCapacity`` counts bundles.
+* Handles (u32, never 0): ``VALID (bit 31) | generation (bits 30..20) | slot (bits 19..0)``. A deleted
+  slot's generation is bumped, so a stale handle no longer matches (netdevsim uses index | BIT(31)).
+* Inbound lookup is by (SPI, destination address, protocol) as NDIS receive processing requires
+  ("the packet's destination address must equal the SA's"); an SA with a wildcard destination matches
+  on (SPI, protocol) alone.
+* Packet-offload outbound SAs can also be found by selector (tuple-space search: one dict per
+  distinct prefix-length pair).
+* Inbound and outbound bundles with mirrored endpoints are paired, so SaDeleteReq on an inbound SA can
+  mark its outbound partner too; both stay until the host deletes them (NDIS
+  deleting-a-security-association-from-a-nic).
+* Engines (cipher contexts) are built on first use, so a million idle SAs cost only their parameters.
+
+Every refusal names one ``RejectReason`` and bumps its counter; nothing is stored until every check
+has passed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from firmware_model.algorithms import ENC_INFO, UnsupportedAlgorithm
+from firmware_model.capabilities import Capabilities
+from firmware_model.ndis import RejectReason
+from firmware_model.params import MIN_SPI, Direction, EncAlg, IpProto, Mode, SaParams
+from firmware_model.status import NdisStatus
+
+VALID = 1 << 31
+SLOT_BITS = 20
+SLOT_MASK = (1 << SLOT_BITS) - 1
+GEN_MASK = (1 << 11) - 1
+PARSER_HANDLE_BASE = 0x4000_0000  # parser-entry handles live in their own space (bit 30, never 0)
+
+_STATUS_FOR = {
+    RejectReason.CAPACITY: NdisStatus.RESOURCES,
+    RejectReason.UNSUPPORTED_ALGORITHM: NdisStatus.NOT_SUPPORTED,
+    RejectReason.UNSUPPORTED_FEATURE: NdisStatus.NOT_SUPPORTED,
+}
+
+
+class SaRejected(Exception):
+    """An add was refused: one reason, its NDIS status, and a one-line message (never key bytes)."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = _STATUS_FOR.get(reason, NdisStatus.INVALID_PARAMETER)
+
+
+@dataclass(eq=False)
+class ParserEntry:
+    """A v1 UDP-ESP parser entry: (encap type, UDP port) the card parses for ESP; refcounted by SAs."""
+
+    handle: int
+    encap_type: int
+    port: int
+    refs: int = 0
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Outbound traffic selector for packet offload (RFC 4301 §4.4.1 subset)."""
+
+    family: int
+    src: int
+    src_prefix: int
+    dst: int
+    dst_prefix: int
+    proto: int = 0  # 0 = any
+    sport: int = 0
+    dport: int = 0
+
+    @classmethod
+    def from_text(cls, src: str, dst: str, proto: int = 0, sport: int = 0, dport: int = 0) -> Selector:
+        s = ipaddress.ip_network(src, strict=False)
+        d = ipaddress.ip_network(dst, strict=False)
+        if s.version != d.version:
+            raise ValueError("selector src and dst must be the same IP family")
+        return cls(s.version, int(s.network_address), s.prefixlen, int(d.network_address), d.prefixlen,
+                   proto, sport, dport)
+
+
+class SadbEntry:
+    __slots__ = ("handle", "params", "direction", "mode", "family", "packet_offload", "tunnel",
+                 "lookup_keys", "selector", "parser_entry", "paired", "delete_requested", "_runtime",
+                 "filters", "endpoints")
+
+    def __init__(self, params: tuple[SaParams, ...], packet_offload: bool, selector: Selector | None,
+                 filters: object = None) -> None:
+        first = params[0]
+        self.handle = 0
+        self.params = params
+        self.direction = first.direction
+        self.mode = first.mode
+        self.tunnel = first.mode == Mode.TUNNEL
+        self.family = _parse(first.dst)[0]
+        self.packet_offload = packet_offload
+        self.selector = selector
+        self.filters = filters  # v1 filter fields, kept for LIST/diagnostics only
+        self.lookup_keys: tuple = ()
+        self.parser_entry: ParserEntry | None = None
+        self.paired: SadbEntry | None = None
+        self.delete_requested = False
+        self._runtime = None
+        self.endpoints = (_packed(first.src), _packed(first.dst))
+
+    def runtime(self):
+        """The engine (EspEngine/AhEngine, or engine.SaBundle for ESP+AH), built on first use: cipher
+        contexts are costly and most of a large table may sit idle."""
+        rt = self._runtime
+        if rt is None:
+            from firmware_model import engine
+
+            if len(self.params) == 2:
+                rt = engine.SaBundle(self.params[0], self.params[1])
+            else:
+                rt = engine.SaEngine(self.params[0])
+            self._runtime = rt
+        return rt
+
+    def built_engines(self) -> list:
+        """Per-element engines in params order, or [] if nothing was built yet."""
+        rt = self._runtime
+        if rt is None:
+            return []
+        if len(self.params) == 2:
+            return [rt.esp, rt.ah]
+        return [rt]
+
+    def __repr__(self) -> str:  # never shows keys (SaParams hides them too)
+        spis = "+".join(f"{p.proto.name}:{p.spi:#x}" for p in self.params)
+        return f"<SadbEntry {self.handle:#010x} {self.direction.name} {spis}>"
+
+
+@lru_cache(maxsize=65536)
+def _parse(addr: str) -> tuple[int, bytes]:
+    """(version, packed) of an address; cached because a large table repeats a few endpoints and
+    ipaddress parsing dominated the cost of an add. Raises ValueError for garbage."""
+    ip = ipaddress.ip_address(addr)
+    return ip.version, ip.packed
+
+
+def _packed(addr: str | None) -> bytes:
+    """Packed address for lookups; the unspecified address (0.0.0.0, ::) is a wildcard -> b""."""
+    if not addr:
+        return b""
+    packed = _parse(addr)[1]
+    return b"" if not any(packed) else packed
+
+
+class Sadb:
+    def __init__(self, caps: Capabilities) -> None:
+        self.caps = caps
+        self.capacity = caps.sa_capacity
+        self.rejects = [0] * len(RejectReason)
+        self.reset()
+
+    def reset(self) -> None:
+        self._slots: list[SadbEntry | None] = []
+        self._gens = array("H")  # generation per slot (11 bits used)
+        self._free: list[int] = []
+        self._count = 0
+        self._inbound: dict[tuple, tuple[SadbEntry, int]] = {}
+        self._sel_groups: dict[tuple[int, int, int], dict[tuple[int, int], list[SadbEntry]]] = {}
+        self._unpaired: dict[tuple, list[SadbEntry]] = {}
+        self._parsers: dict[tuple[int, int], ParserEntry] = {}
+        self._parsers_by_handle: dict[int, ParserEntry] = {}
+        self._parser_ports: dict[int, int] = {}  # UDP port -> entries using it
+        self._next_parser = 1
+        self.udp_sa_count = 0  # SAs with UDP encapsulation (v2 UDP-ESP parses port 4500)
+
+    # -- queries -----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._count
+
+    def get(self, handle: int) -> SadbEntry | None:
+        if not handle & VALID:
+            return None
+        slot = handle & SLOT_MASK
+        if slot >= len(self._slots):
+            return None
+        bundle = self._slots[slot]
+        if bundle is None or bundle.handle != handle:
+            return None
+        return bundle
+
+    def lookup_inbound(self, spi: int, dst: bytes, proto: int) -> tuple[SadbEntry, int] | None:
+        """Inbound SA for a received header; `dst` is the packed destination address."""
+        hit = self._inbound.get((spi, dst, proto))
+        if hit is None:
+            hit = self._inbound.get((spi, b"", proto))
+        return hit
+
+    def lookup_selector(self, family: int, src: int, dst: int, proto: int, sport: int, dport: int) -> SadbEntry | None:
+        """First packet-offload outbound bundle whose selector matches; longest prefixes first."""
+        bits = 32 if family == 4 else 128
+        full = (1 << bits) - 1
+        for (fam, splen, dplen), table in self._sel_groups.items():
+            if fam != family:
+                continue
+            smask = full ^ ((1 << (bits - splen)) - 1)
+            dmask = full ^ ((1 << (bits - dplen)) - 1)
+            for bundle in table.get((src & smask, dst & dmask), ()):
+                sel = bundle.selector
+                if (sel.proto in (0, proto) and sel.sport in (0, sport) and sel.dport in (0, dport)):
+                    return bundle
+        return None
+
+    def parser_for_port(self, port: int) -> bool:
+        return port in self._parser_ports
+
+    def parser_entry(self, handle: int) -> ParserEntry | None:
+        return self._parsers_by_handle.get(handle)
+
+    @property
+    def parser_count(self) -> int:
+        return len(self._parsers)
+
+    def bundles(self, start: int = 0) -> Iterator[tuple[int, SadbEntry]]:
+        for slot in range(max(0, start), len(self._slots)):
+            bundle = self._slots[slot]
+            if bundle is not None:
+                yield slot, bundle
+
+    # -- validation --------------------------------------------------------------------------------
+    def check(self, params: Sequence[SaParams], packet_offload: bool = False) -> None:
+        """Raise SaRejected (counted) unless a bundle of `params` could be added right now."""
+        try:
+            self._check(params, packet_offload)
+        except SaRejected as exc:
+            self.rejects[exc.reason] += 1
+            raise
+
+    def _check(self, params: Sequence[SaParams], packet_offload: bool) -> None:
+        caps = self.caps
+        if not 1 <= len(params) <= 2:
+            raise SaRejected(RejectReason.BAD_BUNDLE, f"a bundle holds 1 or 2 SAs, not {len(params)}")
+        if len(params) == 2:
+            esp, ah = params
+            if esp.proto != IpProto.ESP or ah.proto != IpProto.AH:
+                raise SaRejected(RejectReason.BAD_BUNDLE, "the only 2-SA bundle is ESP followed by AH")
+            if (esp.direction, esp.mode, esp.src, esp.dst) != (ah.direction, ah.mode, ah.src, ah.dst):
+                raise SaRejected(RejectReason.BAD_BUNDLE, "ESP and AH of a bundle must share direction, mode, endpoints")
+            if esp.encap is not None:
+                raise SaRejected(RejectReason.BAD_BUNDLE, "UDP encapsulation cannot be combined with AH (RFC 3948)")
+            if not caps.ah_esp_combined:
+                raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "AH+ESP bundles are not enabled")
+            if packet_offload:
+                raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "packet offload supports ESP-only bundles")
+        for p in params:
+            self._check_one(p, packet_offload)
+        for p in params:
+            if p.direction == Direction.INBOUND and self._inbound_key(p) in self._inbound:
+                raise SaRejected(RejectReason.DUPLICATE_SPI,
+                                 f"inbound {p.proto.name} SPI {p.spi:#x} to {p.dst or 'any'} already exists")
+        if self._count >= self.capacity:
+            raise SaRejected(RejectReason.CAPACITY, f"SA table full ({self.capacity} bundles)")
+
+    def _check_one(self, p: SaParams, packet_offload: bool) -> None:
+        caps = self.caps
+        if not MIN_SPI <= p.spi <= 0xFFFF_FFFF:
+            raise SaRejected(RejectReason.BAD_SPI, f"SPI {p.spi:#x} outside {MIN_SPI}..0xffffffff (RFC 4303 §2.1)")
+        try:
+            src_version = _parse(p.src)[0]
+            dst_version = _parse(p.dst)[0]
+        except (ValueError, TypeError) as exc:
+            raise SaRejected(RejectReason.BAD_ADDRESS, f"bad SA address: {exc}") from None
+        if src_version != dst_version:
+            raise SaRejected(RejectReason.BAD_ADDRESS, "SA src and dst differ in IP family")
+        if dst_version == 6 and not caps.ipv6:
+            raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "IPv6 SAs are not enabled")
+        if p.proto == IpProto.ESP and not caps.esp:
+            raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "ESP is not enabled")
+        if p.proto == IpProto.AH and not caps.ah:
+            raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "AH is not enabled")
+        if p.mode == Mode.TUNNEL and not caps.tunnel:
+            raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "tunnel mode is not enabled")
+        if p.mode == Mode.TRANSPORT and not caps.transport:
+            raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "transport mode is not enabled")
+        if p.esn and not caps.esn:
+            raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "ESN is not enabled")
+        if p.encap is not None and not caps.udp_esp:
+            raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "UDP-ESP encapsulation is not enabled")
+        if packet_offload:
+            if not caps.packet_offload:
+                raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "packet offload is not enabled")
+            if p.replay_window > caps.max_replay_window:
+                raise SaRejected(RejectReason.BAD_PARAMETER,
+                                 f"replay window {p.replay_window} above the card's {caps.max_replay_window}")
+        if p.proto == IpProto.ESP and p.enc_alg not in caps.encryption:
+            raise SaRejected(RejectReason.UNSUPPORTED_ALGORITHM,
+                             f"encryption {ENC_INFO[p.enc_alg].name if p.enc_alg in ENC_INFO else hex(p.enc_alg)} "
+                             "is not enabled")
+        if p.auth_alg and p.auth_alg not in caps.integrity:
+            raise SaRejected(RejectReason.UNSUPPORTED_ALGORITHM, f"integrity {p.auth_alg.name} is not enabled")
+        enc_kind = ENC_INFO[p.enc_alg].kind if p.enc_alg in ENC_INFO else ""
+        if p.proto == IpProto.ESP and enc_kind == "cbc" and not p.auth_alg:
+            # datasheet decision: NDIS says no IPsec packet may go without authentication; only combined
+            # modes (AES-GCM) carry their own.
+            raise SaRejected(RejectReason.UNSUPPORTED_ALGORITHM, "CBC encryption without integrity is refused")
+        try:
+            p.validate()
+        except UnsupportedAlgorithm as exc:
+            raise SaRejected(RejectReason.UNSUPPORTED_ALGORITHM, str(exc)) from None
+        except ValueError as exc:
+            raise SaRejected(_classify(str(exc)), str(exc)) from None
+
+    @staticmethod
+    def _inbound_key(p: SaParams) -> tuple:
+        return (p.spi, _packed(p.dst), int(p.proto))
+
+    # -- commit ------------------------------------------------------------------------------------
+    def add(self, params: Sequence[SaParams], *, packet_offload: bool = False, selector: Selector | None = None,
+            parser_entry: ParserEntry | None = None, filters: object = None, checked: bool = False) -> SadbEntry:
+        """Validate (unless `checked`) and store a bundle; returns it with its handle set."""
+        if not checked:
+            self.check(params, packet_offload)
+        bundle = SadbEntry(tuple(params), packet_offload, selector, filters)
+        slot = self._alloc_slot()
+        gen = self._gens[slot]
+        bundle.handle = VALID | (gen << SLOT_BITS) | slot
+        self._slots[slot] = bundle
+        self._count += 1
+        if bundle.direction == Direction.INBOUND:
+            keys = tuple(self._inbound_key(p) for p in params)
+            for index, key in enumerate(keys):
+                self._inbound[key] = (bundle, index)
+            bundle.lookup_keys = keys
+        if selector is not None:
+            group = self._sel_groups.setdefault((selector.family, selector.src_prefix, selector.dst_prefix), {})
+            group.setdefault((selector.src, selector.dst), []).append(bundle)
+            # longest prefixes first (dicts keep insertion order, so rebuild sorted)
+            self._sel_groups = dict(sorted(self._sel_groups.items(), key=lambda kv: -(kv[0][1] + kv[0][2])))
+        if parser_entry is not None:
+            parser_entry.refs += 1
+            bundle.parser_entry = parser_entry
+        if params[0].encap is not None:
+            self.udp_sa_count += 1
+        self._pair(bundle)
+        return bundle
+
+    def _alloc_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        slot = len(self._slots)
+        if slot > SLOT_MASK:
+            raise SaRejected(RejectReason.CAPACITY, "no free handle slot")
+        self._slots.append(None)
+        self._gens.append(0)
+        return slot
+
+    def remove(self, handle: int) -> SadbEntry | None:
+        bundle = self.get(handle)
+        if bundle is None:
+            return None
+        slot = handle & SLOT_MASK
+        self._slots[slot] = None
+        self._gens[slot] = (self._gens[slot] + 1) & GEN_MASK
+        self._free.append(slot)
+        self._count -= 1
+        for key in bundle.lookup_keys:
+            if self._inbound.get(key, (None,))[0] is bundle:
+                del self._inbound[key]
+        sel = bundle.selector
+        if sel is not None:
+            gkey = (sel.family, sel.src_prefix, sel.dst_prefix)
+            group = self._sel_groups[gkey]
+            lst = group[(sel.src, sel.dst)]
+            lst.remove(bundle)
+            if not lst:
+                del group[(sel.src, sel.dst)]
+            if not group:
+                del self._sel_groups[gkey]
+        if bundle.parser_entry is not None:
+            bundle.parser_entry.refs -= 1
+        if bundle.params[0].encap is not None:
+            self.udp_sa_count -= 1
+        self._unpair(bundle)
+        return bundle
+
+    # -- pairing (for SaDeleteReq) -----------------------------------------------------------------
+    @staticmethod
+    def _pair_key(bundle: SadbEntry, mirrored: bool) -> tuple:
+        src, dst = bundle.endpoints
+        direction = bundle.direction
+        if mirrored:
+            src, dst = dst, src
+            direction = Direction.OUTBOUND if direction == Direction.INBOUND else Direction.INBOUND
+        return (int(direction), src, dst)
+
+    def _pair(self, bundle: SadbEntry) -> None:
+        waiting = self._unpaired.get(self._pair_key(bundle, mirrored=True))
+        if waiting:
+            partner = waiting.pop(0)
+            if not waiting:
+                del self._unpaired[self._pair_key(bundle, mirrored=True)]
+            partner.paired = bundle
+            bundle.paired = partner
+        else:
+            self._unpaired.setdefault(self._pair_key(bundle, mirrored=False), []).append(bundle)
+
+    def _unpair(self, bundle: SadbEntry) -> None:
+        partner = bundle.paired
+        if partner is None:
+            key = self._pair_key(bundle, mirrored=False)
+            lst = self._unpaired.get(key)
+            if lst and bundle in lst:
+                lst.remove(bundle)
+                if not lst:
+                    del self._unpaired[key]
+            return
+        bundle.paired = None
+        partner.paired = None
+        if not partner.delete_requested:
+            self._pair(partner)  # let it pair with a future replacement
+
+    def request_delete(self, bundle: SadbEntry) -> None:
+        """SaDeleteReq: flag the bundle and its partner; they stay until the host deletes them."""
+        bundle.delete_requested = True
+        if bundle.paired is not None:
+            bundle.paired.delete_requested = True
+
+    # -- UDP-ESP parser entries (v1) ----------------------------------------------------------------
+    def find_parser(self, encap_type: int, port: int) -> ParserEntry | None:
+        return self._parsers.get((encap_type, port))
+
+    def create_parser(self, encap_type: int, port: int) -> ParserEntry:
+        entry = ParserEntry(PARSER_HANDLE_BASE | self._next_parser, encap_type, port)
+        self._next_parser = self._next_parser % 0xFFFFFF + 1
+        while (PARSER_HANDLE_BASE | self._next_parser) in self._parsers_by_handle:
+            self._next_parser = self._next_parser % 0xFFFFFF + 1
+        self._parsers[(encap_type, port)] = entry
+        self._parsers_by_handle[entry.handle] = entry
+        self._parser_ports[port] = self._parser_ports.get(port, 0) + 1
+        return entry
+
+    def delete_parser(self, entry: ParserEntry) -> None:
+        self._parsers.pop((entry.encap_type, entry.port), None)
+        self._parsers_by_handle.pop(entry.handle, None)
+        left = self._parser_ports.get(entry.port, 0) - 1
+        if left > 0:
+            self._parser_ports[entry.port] = left
+        else:
+            self._parser_ports.pop(entry.port, None)
+
+
+def _classify(message: str) -> RejectReason:
+    low = message.lower()
+    if "icv" in low:
+        return RejectReason.BAD_ICV_LENGTH
+    if "key" in low:
+        return RejectReason.BAD_KEY
+    if "spi" in low:
+        return RejectReason.BAD_SPI
+    if "address" in low or "family" in low or "inner_" in low:
+        return RejectReason.BAD_ADDRESS
+    if "encapsulation" in low or "udp" in low:
+        return RejectReason.BAD_ENCAPSULATION
+    return RejectReason.BAD_PARAMETER
+
+
+def is_null_encryption(p: SaParams) -> bool:
+    return p.enc_alg == EncAlg.NONE

@@ -1,0 +1,461 @@
+"""Guest command line for the ipsec-nic card: a thin argparse layer over guest_tools.driver.
+
+    PYTHONPATH=/opt/ipsec-nic python3 -m guest_tools.cli [--bdf BDF] [--irq poll|msix|auto] COMMAND ...
+
+Commands: caps, sa add|del|update|list|stats, send, recv, stats, reset, probe, session.
+
+State model: each invocation is its own process. The card keeps its SAs and stays enabled between
+processes; every process re-programs the admin queue and the rings in its own memory and disables them
+on exit (see guest_tools/driver.py). What the host must remember about crypto-offload SAs (sequence
+counters, framing sizes; never keys) lives in /run/ipsec-nic/<bdf>.json ($IPSEC_NIC_STATE_DIR).
+``session`` keeps one driver open and reads commands (one per line, same syntax, '#' comments) from
+stdin or a file: frames sent and received in one session share the rings.
+
+Exit status: 0 ok, 1 card or firmware error (message on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TextIO
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# argument parsing (pure)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # raise instead of exiting, so `session` survives a typo
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ipsec-nic-guest", description="Drive the ipsec-nic card from the guest.")
+    p.add_argument("--bdf", help="PCI address of the card when several exist (e.g. 0000:00:03.0)")
+    p.add_argument("--irq", choices=("auto", "poll", "msix"), default="auto",
+                   help="interrupts: msix needs vfio-pci + IOMMU; auto uses MSI-X when bound to vfio-pci")
+    p.add_argument("--state", help="host SA state file (default /run/ipsec-nic/<bdf>.json)")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    sub.add_parser("caps", help="identity, registers and firmware capabilities")
+    sub.add_parser("stats", help="card statistics registers and firmware counters")
+    sub.add_parser("reset", help="CTRL.RESET: clears every SA and ring")
+    sub.add_parser("probe", help="read-only probe of the card (guest_tools.probe)")
+    ses = sub.add_parser("session", help="run commands from stdin or a file with one driver instance")
+    ses.add_argument("script", nargs="?", help="file with one command per line (default stdin)")
+
+    sa = sub.add_parser("sa", help="security associations").add_subparsers(dest="sa_cmd", required=True,
+                                                                          parser_class=_Parser)
+    add = sa.add_parser("add", help="offload an SA (from --sa FILE or from flags)")
+    add.add_argument("--sa", metavar="FILE", help="SA YAML file (the format 'ipsec-nic fw' reads)")
+    add.add_argument("--index", type=_int, help="only this entry of the file (default: all)")
+    add.add_argument("--spi", type=_int)
+    add.add_argument("--dir", choices=("in", "out", "inbound", "outbound"))
+    add.add_argument("--mode", choices=("transport", "tunnel"), default="transport")
+    add.add_argument("--proto", choices=("esp", "ah"), default="esp")
+    add.add_argument("--src", help="SA source (tunnel: outer endpoint)")
+    add.add_argument("--dst", help="SA destination (tunnel: outer endpoint)")
+    add.add_argument("--inner-src", help="tunnel: inner selector source")
+    add.add_argument("--inner-dst", help="tunnel: inner selector destination")
+    add.add_argument("--aead", metavar="ALG:KEY:SALT[:ICV]", help="e.g. aes-gcm-128:<hex>:<hex>:16, "
+                     "aes-gmac-128:<hex>:<hex>")
+    add.add_argument("--cipher", metavar="ALG:KEY", help="e.g. aes-cbc-128:<hex>")
+    add.add_argument("--integrity", metavar="ALG:KEY", help="e.g. hmac-sha256-128:<hex>")
+    add.add_argument("--esn", action="store_true", help="extended sequence numbers (RFC 4304)")
+    add.add_argument("--seq", type=_int, default=0, help="outbound: last sequence number used; inbound: start")
+    add.add_argument("--replay-window", type=_int, default=64)
+    add.add_argument("--encap", metavar="udp:SPORT:DPORT", help="UDP encapsulation (RFC 3948)")
+    add.add_argument("--offload", choices=("crypto", "packet"), default="crypto")
+    add.add_argument("--v1", action="store_true", help="use the v1 commands (ADD_SA / ADD_UDPESP_SA)")
+    dele = sa.add_parser("del", help="delete SAs")
+    dele.add_argument("handles", nargs="*", type=_int)
+    dele.add_argument("--all", action="store_true")
+    upd = sa.add_parser("update", help="push the ESN high half of an SA (V2_UPDATE_SA)")
+    upd.add_argument("handle", type=_int)
+    upd.add_argument("--seq-hi", type=_int, required=True)
+    sa.add_parser("list", help="SAs on the card (no keys)")
+    sst = sa.add_parser("stats", help="per-SA counters")
+    sst.add_argument("handle", type=_int)
+
+    snd = sub.add_parser("send", help="send UDP test frames")
+    snd.add_argument("--count", type=_int, default=1)
+    snd.add_argument("--size", type=_int, default=64, help="UDP payload bytes")
+    snd.add_argument("--rate", type=float, default=0.0, help="frames per second (0 = as fast as possible)")
+    snd.add_argument("--src", required=True)
+    snd.add_argument("--dst", required=True)
+    snd.add_argument("--proto", choices=("udp",), default="udp")
+    snd.add_argument("--sport", type=_int, default=4000)
+    snd.add_argument("--dport", type=_int, default=5000)
+    snd.add_argument("--dst-mac", default="ff:ff:ff:ff:ff:ff")
+    g = snd.add_mutually_exclusive_group()
+    g.add_argument("--sa", type=_int, metavar="HANDLE", help="outbound SA handle")
+    g.add_argument("--plain", action="store_true", help="no IPsec")
+    snd.add_argument("--mode", choices=("crypto", "packet"), help="offload kind (default crypto with --sa)")
+
+    rcv = sub.add_parser("recv", help="print received frames")
+    rcv.add_argument("--count", type=_int, default=1)
+    rcv.add_argument("--timeout", type=float, default=5.0)
+    rcv.add_argument("--json", action="store_true")
+    return p
+
+
+def parse_aead(text: str) -> tuple[str, bytes, bytes, int]:
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise UsageError("--aead wants ALG:KEY:SALT[:ICV]")
+    icv = int(parts[3], 0) if len(parts) == 4 else 16
+    return parts[0], _hex(parts[1], "--aead key"), _hex(parts[2], "--aead salt"), icv
+
+
+def _hex(text: str, what: str) -> bytes:
+    try:
+        return bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        raise UsageError(f"{what}: not hex") from None  # never echo key material
+
+
+def _alg_key(text: str, what: str) -> tuple[str, bytes]:
+    alg, sep, key = text.partition(":")
+    if not sep:
+        raise UsageError(f"{what} wants ALG:KEY")
+    return alg, _hex(key, f"{what} key")
+
+
+def params_from_args(a: argparse.Namespace):
+    """SaParams from `sa add` flags; UsageError with a one-line reason."""
+    from firmware_model.algorithms import UnsupportedAlgorithm
+    from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams, UdpEncap
+    from firmware_model.sa_file import AUTH_BY_NAME, ENC_BY_NAME
+
+    missing = [n for n in ("spi", "dir", "src", "dst") if getattr(a, n) is None]
+    if missing:
+        raise UsageError("sa add needs --sa FILE, or " + ", ".join(f"--{m}" for m in missing))
+    enc_alg, enc_key, auth_alg, auth_key, icv = EncAlg.NONE, b"", AuthAlg.NONE, b"", 16
+    if a.aead and (a.cipher or a.integrity):
+        raise UsageError("give --aead, or --cipher/--integrity, not both")
+    if a.aead:
+        name, key, salt, icv = parse_aead(a.aead)
+        if name in ENC_BY_NAME:
+            enc_alg, enc_key = ENC_BY_NAME[name], key + salt
+        elif name in AUTH_BY_NAME:
+            auth_alg, auth_key = AUTH_BY_NAME[name], key + salt
+        else:
+            raise UsageError(f"unknown AEAD {name!r}")
+    if a.cipher:
+        name, enc_key = _alg_key(a.cipher, "--cipher")
+        if name not in ENC_BY_NAME:
+            raise UsageError(f"unknown cipher {name!r} (one of {', '.join(ENC_BY_NAME)})")
+        enc_alg = ENC_BY_NAME[name]
+    if a.integrity:
+        name, auth_key = _alg_key(a.integrity, "--integrity")
+        if name not in AUTH_BY_NAME:
+            raise UsageError(f"unknown integrity algorithm {name!r} (one of {', '.join(AUTH_BY_NAME)})")
+        auth_alg = AUTH_BY_NAME[name]
+        if not a.aead:
+            from firmware_model.algorithms import AUTH_INFO
+
+            icv = AUTH_INFO[auth_alg].icv_len
+    encap = None
+    if a.encap:
+        kind, _, ports = a.encap.partition(":")
+        sport, _, dport = ports.partition(":")
+        if kind != "udp":
+            raise UsageError("--encap wants udp[:SPORT:DPORT]")
+        try:
+            encap = UdpEncap(int(sport or 4500), int(dport or 4500))
+        except ValueError:
+            raise UsageError("--encap ports must be numbers") from None
+    params = SaParams(
+        spi=a.spi, proto=IpProto.ESP if a.proto == "esp" else IpProto.AH,
+        direction=Direction.INBOUND if a.dir.startswith("in") else Direction.OUTBOUND,
+        mode=Mode.TUNNEL if a.mode == "tunnel" else Mode.TRANSPORT, src=a.src, dst=a.dst,
+        enc_alg=enc_alg, enc_key=enc_key, auth_alg=auth_alg, auth_key=auth_key, icv_len=icv, esn=a.esn,
+        seq=a.seq, replay_window=a.replay_window, encap=encap, inner_src=a.inner_src, inner_dst=a.inner_dst,
+    )
+    try:
+        params.validate()
+    except (UnsupportedAlgorithm, ValueError) as exc:
+        raise UsageError(f"SA {a.spi:#x}: {exc}") from None
+    return params
+
+
+def build_frames(card_mac: bytes, a: argparse.Namespace) -> list[bytes]:
+    """The UDP test frames `send` transmits (payload carries a counter)."""
+    from guest_tools import packets
+
+    try:
+        dst_mac = packets.parse_mac(a.dst_mac)
+        frames = []
+        for n in range(a.count):
+            ip = packets.udp_packet(a.src, a.dst, a.sport, a.dport, packets.pattern_payload(a.size, n))
+            frames.append(packets.ethernet(dst_mac, card_mac, ip))
+    except (ValueError, packets.FrameError) as exc:
+        raise UsageError(f"send: {exc}") from None
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+class Session:
+    """Runs parsed commands; opens the card lazily and keeps it open until close()."""
+
+    def __init__(self, opener: Callable[..., object] | None = None, out: TextIO | None = None) -> None:
+        self.opener = opener
+        self.out = out or sys.stdout
+        self.card = None
+
+    def print(self, *items: object) -> None:
+        print(*items, file=self.out)
+
+    def open(self, a: argparse.Namespace, reset: bool = False):
+        if reset and self.card is not None:
+            self.card.init(reset=True)
+            return self.card
+        if self.card is None:
+            if self.opener is not None:
+                self.card = self.opener(a, reset)
+            else:
+                from guest_tools.driver import open_card
+
+                self.card = open_card(a.bdf, a.irq, reset=reset, state_path=a.state)
+        return self.card
+
+    def close(self) -> None:
+        if self.card is not None:
+            self.card.close()
+            self.card = None
+
+    def run(self, a: argparse.Namespace) -> int:
+        handler = getattr(self, "cmd_" + a.cmd + (f"_{a.sa_cmd}" if a.cmd == "sa" else ""))
+        return handler(a) or EXIT_OK
+
+    # -- identity / stats
+    def cmd_caps(self, a):
+        from device.nic.regs import Features
+
+        card = self.open(a)
+        i = card.ident
+        self.print(f"card {getattr(card, 'bdf', '-')}: regmap {i.regmap} hw {i.hw_version} fw {i.fw_version} "
+                   f"mac {i.mac_text}")
+        self.print(f"  queues tx {i.num_txq} rx {i.num_rxq}, ring max {i.max_ring}, msix {i.num_msix}, "
+                   f"max mtu {i.max_mtu}, interrupts {card.irq.name}")
+        self.print("  features: " + " ".join(n for n, m in Features.__members__.items() if i.features & m))
+        caps = card.caps()
+        for name, value in vars(caps).items():
+            self.print(f"  {name}: {value:#x}" if name.endswith(("algorithms", "udp_esp", "flags"))
+                       else f"  {name}: {value}")
+
+    def cmd_stats(self, a):
+        card = self.open(a)
+        self.print("card registers:")
+        for name, value in card.stats().items():
+            self.print(f"  {name}: {value}")
+        self.print("firmware:")
+        for name, value in vars(card.firmware_stats()).items():
+            if value or not name.startswith("reject_"):
+                self.print(f"  {name}: {value}")
+        if card.sa_delete_requests:
+            self.print(f"SaDeleteReq interrupts seen: {card.sa_delete_requests}")
+
+    def cmd_reset(self, a):
+        card = self.open(a, reset=True)
+        self.print(f"card reset; MAC {card.ident.mac_text}; all SAs cleared")
+
+    def cmd_probe(self, a):
+        from guest_tools import probe
+
+        return probe.main(["--bdf", a.bdf] if a.bdf else [])
+
+    # -- SAs
+    def cmd_sa_add(self, a):
+        if a.sa:
+            from firmware_model.sa_file import load_sa_file
+
+            try:
+                all_params = load_sa_file(a.sa)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            if a.index is not None:
+                if not 0 <= a.index < len(all_params):
+                    raise UsageError(f"--index {a.index}: {a.sa} has {len(all_params)} SAs")
+                all_params = [all_params[a.index]]
+        else:
+            all_params = [params_from_args(a)]
+        card = self.open(a)
+        for p in all_params:
+            handle = card.add_sa(p, offload=a.offload, v1=a.v1)
+            self.print(f"{handle:#010x} spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} "
+                       f"{a.offload}")
+
+    def cmd_sa_del(self, a):
+        if not a.handles and not a.all:
+            raise UsageError("sa del needs HANDLE... or --all")
+        card = self.open(a)
+        if a.all:
+            self.print(f"deleted {card.delete_all()} SA bundle(s)")
+        else:
+            card.delete_sa(a.handles)
+            self.print(f"deleted {len(a.handles)} SA bundle(s)")
+
+    def cmd_sa_update(self, a):
+        self.open(a).update_sa(a.handle, a.seq_hi)
+        self.print(f"{a.handle:#010x}: ESN high half {a.seq_hi:#x}")
+
+    def cmd_sa_list(self, a):
+        from firmware_model.ndis import SaListFlags
+
+        rows = self.open(a).list_sas()
+        self.print(f"{len(rows)} SA(s)")
+        for e in rows:
+            flags = ",".join(n.lower() for n, m in SaListFlags.__members__.items() if e.flags & m) or "-"
+            self.print(f"{e.offload_handle:#010x} spi {e.spi:#010x} {'esp' if e.proto == 50 else 'ah'} "
+                       f"{'in' if e.direction == 1 else 'out'} {'tunnel' if e.mode else 'transport'} "
+                       f"ipv{e.family} {flags}" + (f" paired {e.paired_handle:#010x}" if e.paired_handle else ""))
+
+    def cmd_sa_stats(self, a):
+        for e in self.open(a).sa_stats(a.handle):
+            self.print(" ".join(f"{k}={v:#x}" if k == "spi" else f"{k}={v}" for k, v in vars(e).items()))
+
+    # -- traffic
+    def cmd_send(self, a):
+        if a.sa is None and not a.plain and a.mode != "packet":
+            raise UsageError("send needs --sa HANDLE, --plain, or --mode packet (selector lookup)")
+        if a.plain and a.mode:
+            raise UsageError("--plain takes no --mode")
+        card = self.open(a)
+        frames = build_frames(card.ident.mac, a)
+        mode = "plain" if a.plain else (a.mode or "crypto")
+        gap = 1.0 / a.rate if a.rate > 0 else 0.0
+        start = time.monotonic()
+        results: Counter[str] = Counter()
+        for n, frame in enumerate(frames):
+            if gap:
+                delay = start + n * gap - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            card.send(frame, a.sa or 0, mode)
+            for c in card.poll_tx():
+                results[c.status_name] += 1
+        for c in card.flush_tx():
+            results[c.status_name] += 1
+        took = time.monotonic() - start
+        summary = " ".join(f"{k}={v}" for k, v in sorted(results.items()))
+        self.print(f"sent {len(frames)} frame(s) in {took:.3f} s ({len(frames) / took if took else 0:.0f}/s): "
+                   f"{summary}")
+        return EXIT_OK if results.get("OK", 0) == len(frames) else EXIT_ERROR
+
+    def cmd_recv(self, a):
+        card = self.open(a)
+        got = 0
+        deadline = time.monotonic() + a.timeout
+        while got < a.count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for pkt in card.recv(timeout=left, limit=a.count - got):
+                got += 1
+                s = pkt.summary()
+                if a.json:
+                    s["frame"] = pkt.frame.hex()
+                    if pkt.inner is not None:
+                        s["inner"] = pkt.inner.hex()
+                    self.print(json.dumps(s))
+                else:
+                    self.print(f"len={s['length']} crypto_done={int(s['crypto_done'])} "
+                               f"crypto_status={s['crypto_status']} sa_delete_req={int(s['sa_delete_req'])} "
+                               f"handle={s['handle']:#x}" + (f" inner={s['inner_length']}" if pkt.inner else "")
+                               + (f" ({s['note']})" if s["note"] else ""))
+        if got < a.count:
+            print(f"received {got} of {a.count} frame(s) within {a.timeout:g} s", file=sys.stderr)
+            return EXIT_ERROR
+        return EXIT_OK
+
+    def cmd_session(self, a):
+        stream = open(a.script) if a.script else sys.stdin  # noqa: SIM115 - closed below
+        worst = EXIT_OK
+        try:
+            for lineno, line in enumerate(stream, 1):
+                words = shlex.split(line, comments=True)
+                if not words:
+                    continue
+                if words[0] == "session":
+                    self.print(f"line {lineno}: session cannot nest")
+                    worst = max(worst, EXIT_USAGE)
+                    continue
+                status = run_one(self, [*_globals(a), *words])
+                self.print(f"# line {lineno}: exit {status}")
+                self.out.flush()
+                worst = max(worst, status)
+        finally:
+            if stream is not sys.stdin:
+                stream.close()
+        return worst
+
+
+def _globals(a: argparse.Namespace) -> list[str]:
+    out = []
+    if a.bdf:
+        out += ["--bdf", a.bdf]
+    if a.state:
+        out += ["--state", a.state]
+    return out + ["--irq", a.irq]
+
+
+def run_one(session: Session, argv: list[str]) -> int:
+    """Parse and run one command; errors become a message and an exit status."""
+    from guest_tools.driver import CardError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return session.run(args)
+    except UsageError as exc:
+        print(f"usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help inside a session
+        return int(exc.code or 0)
+    except CardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None, opener=None) -> int:
+    session = Session(opener)
+    try:
+        args_list = sys.argv[1:] if argv is None else argv
+        if args_list and args_list[0] in ("-h", "--help"):
+            build_parser().print_help()
+            return EXIT_OK
+        return run_one(session, args_list)
+    finally:
+        try:
+            session.close()
+        except Exception as exc:  # closing must not mask the command's own result
+            print(f"warning: closing the card failed: {exc}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""`ipsec-nic`: the project's command line.
+
+A thin argparse layer: each subcommand imports its package lazily, so `ipsec-nic --help` is instant
+and a broken optional part never stops the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+DESCRIPTION = """\
+ipsec-nic: an emulated PCIe NIC with IPsec offload, served to QEMU over vfio-user.
+
+Quick start (each command sets up what it needs, idempotently):
+  ipsec-nic demo      boot a VM with the card and run the guest tools against it
+  ipsec-nic test      run the whole test suite (unit, protocol, firmware, VM-level)
+"""
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(name)s: %(message)s")
+
+
+def cmd_vm_setup(args: argparse.Namespace) -> int:
+    from qemu import toolchain
+
+    tc = toolchain.setup(force=args.force)
+    print(f"VM toolchain ready: {tc.root} (QEMU {tc.qemu_version})")
+    return 0
+
+
+def cmd_vm_run(args: argparse.Namespace) -> int:
+    from ipsec_nic import runner
+
+    return runner.vm_run(
+        profile=args.profile,
+        guest_command=args.command,
+        as_json=args.json,
+        timeout=args.timeout,
+        verbose=args.verbose,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ipsec_nic import runner
+
+    return runner.serve(socket_path=args.socket, profile=args.profile, ready_file=args.ready_file)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ipsec_nic import runner
+
+    return runner.demo(profile=args.profile, out_dir=args.out, timeout=args.timeout, verbose=args.verbose)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """Run the test suite the way CI does: toolchain first (with progress), then pytest."""
+    if not args.no_vm:
+        from qemu import toolchain
+
+        toolchain.setup()
+    cmd = [sys.executable, "-m", "pytest", *args.pytest_args]
+    if args.no_vm:
+        cmd += ["-m", "not vm"]
+    print("[ipsec-nic] running:", " ".join(cmd[2:]), flush=True)
+    return subprocess.call(cmd, cwd=REPO)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ipsec-nic", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeatable)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    vm = sub.add_parser("vm", help="the VM toolchain and booting a VM with the card")
+    vm_sub = vm.add_subparsers(dest="vm_command", metavar="VM_COMMAND")
+    s = vm_sub.add_parser(
+        "setup",
+        help="build (once) or check the VM toolchain: Debian trixie tree with QEMU >= 10.1, kernel, python3",
+    )
+    s.add_argument("--force", action="store_true", help="rebuild even if a ready toolchain exists")
+    s.set_defaults(func=cmd_vm_setup)
+    r = vm_sub.add_parser(
+        "run",
+        help="start the card, boot a VM with it, run a guest command (default: the probe tool), shut down",
+    )
+    r.add_argument("--profile", help="card profile YAML (default: device/profiles/default.yaml)")
+    r.add_argument(
+        "--command",
+        help="shell command to run inside the guest (default: python3 -m guest_tools.probe)",
+    )
+    r.add_argument("--json", action="store_true", help="print the probe's result as JSON")
+    r.add_argument("--timeout", type=float, default=300.0, help="seconds before the VM is killed")
+    r.set_defaults(func=cmd_vm_run)
+
+    sv = sub.add_parser("serve", help="serve the card over vfio-user on a UNIX socket (foreground)")
+    sv.add_argument("--socket", required=True, help="path of the vfio-user UNIX socket to listen on")
+    sv.add_argument("--profile", help="card profile YAML (default: device/profiles/default.yaml)")
+    sv.add_argument("--ready-file", help=argparse.SUPPRESS)
+    sv.set_defaults(func=cmd_serve)
+
+    d = sub.add_parser("demo", help="the main job: boot a VM with the card and exercise it end to end")
+    d.add_argument("--profile", help="card profile YAML (default: device/profiles/default.yaml)")
+    d.add_argument("--out", default="out", help="directory for logs and the wire pcap (default: ./out)")
+    d.add_argument("--timeout", type=float, default=600.0, help="seconds before the VM is killed")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("test", help="run the test suite (sets up the VM toolchain first)")
+    t.add_argument("--no-vm", action="store_true", help="skip the VM-level tests (quick local runs only)")
+    t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments for pytest")
+    t.set_defaults(func=cmd_test)
+
+    try:
+        from firmware_model import fwtool
+    except ImportError:  # the offline tool is optional for the rest of the CLI
+        fwtool = None
+    if fwtool is not None and hasattr(fwtool, "add_fw_subparser"):
+        fwtool.add_fw_subparser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Host-side orchestration: the card's server process and VMs that use it.
+
+`serve` runs the card in this process (what `ipsec-nic serve` does). `CardServer` starts that same
+command as a child process, waits until its socket listens, and stops it by PID whatever happens:
+the card then lives in its own process, like a real device, and a crash of either side is visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("ipsec_nic")
+
+READY_TIMEOUT_S = 30.0
+STOP_GRACE_S = 5.0
+
+
+def _say(message: str) -> None:
+    print(f"[ipsec-nic] {message}", file=sys.stderr, flush=True)
+
+
+# --- the card in this process ------------------------------------------------------------------------------
+
+
+def serve(socket_path: str, profile: str | None = None, ready_file: str | None = None) -> int:
+    """Serve the card a profile describes on ``socket_path`` until SIGTERM/SIGINT."""
+    from device.nic.card import build_card
+    from device.profile import ProfileError, load_profile
+    from device.vfio_user.server import serve as serve_socket
+
+    try:
+        card = build_card(load_profile(profile))
+    except (ProfileError, ValueError, OSError) as exc:
+        print(f"ipsec-nic serve: {exc}", file=sys.stderr)
+        return 2
+
+    def ready() -> None:
+        log.info("card listening on %s", socket_path)
+        if ready_file:
+            Path(ready_file).write_text(f"{os.getpid()}\n")
+        else:
+            _say(f"card listening on {socket_path} (Ctrl-C to stop)")
+
+    serve_socket(socket_path, card, ready_callback=ready)
+    return 0
+
+
+# --- profiles with per-run overrides -----------------------------------------------------------------------
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def write_profile(path: Path, base: str | None = None, overrides: Mapping[str, Any] | None = None) -> Path:
+    """Write ``base`` (default: the default profile) with ``overrides`` merged in, e.g. a run's wire."""
+    from device.profile import default_profile_path, load_profile
+
+    source = Path(base) if base else default_profile_path()
+    load_profile(source)  # a bad base profile fails here, naming its own file
+    data = yaml.safe_load(source.read_text()) or {}
+    path.write_text(yaml.safe_dump(_merge(data, overrides or {}), sort_keys=False))
+    return path
+
+
+# --- the card as a child process ---------------------------------------------------------------------------
+
+
+class CardServer:
+    """`ipsec-nic serve` in a child process of its own group; a context manager."""
+
+    def __init__(self, socket_path: Path, profile: Path, log_path: Path, verbose: int = 1) -> None:
+        self.socket_path = socket_path
+        self.profile = profile
+        self.log_path = log_path
+        self.verbose = verbose
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        ready = self.socket_path.with_suffix(".ready")
+        with contextlib.suppress(FileNotFoundError):
+            ready.unlink()
+        argv = [sys.executable, "-m", "ipsec_nic.cli", *(["-v"] * self.verbose), "serve",
+                "--socket", str(self.socket_path), "--profile", str(self.profile), "--ready-file", str(ready)]
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the card server exited with status {self.process.returncode}:\n"
+                                   f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the card server did not listen within {READY_TIMEOUT_S:.0f} s:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after a grace period; returns the exit status."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return proc.returncode
+
+    def __enter__(self) -> CardServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def run_dir(prefix: str = "ipsec-nic-") -> Iterator[Path]:
+    """A short temporary directory for sockets (AF_UNIX paths are limited to 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix=prefix, dir="/tmp") as d:
+        yield Path(d)
+
+
+# --- `ipsec-nic vm run` ------------------------------------------------------------------------------------
+
+
+PROBE_COMMAND = "python3 -m guest_tools.probe"
+
+
+def vm_run(profile: str | None = None, guest_command: str | None = None, as_json: bool = False,
+           timeout: float = 300.0, verbose: int = 0) -> int:
+    """Start the card, boot a VM with it, run the guest command (default: the probe), shut down."""
+    from qemu import toolchain as vm_toolchain
+    from qemu.launch import VfioUserCard, VmConfig, VmError, run_vm
+
+    tc = vm_toolchain.setup()
+    command = guest_command or (PROBE_COMMAND + (" --json" if as_json else ""))
+    t0 = time.monotonic()
+    with run_dir() as d:
+        prof = write_profile(d / "card.yaml", profile)
+        log_dir = Path(tempfile.mkdtemp(prefix="ipsec-nic-logs-"))
+        with CardServer(d / "card.sock", prof, log_dir / "card.log", verbose=1) as card:
+            _say(f"card server up (pid {card.process.pid if card.process else '?'}); booting the VM (TCG, "
+                 "about 15 s)")
+            cfg = VmConfig(command=command, cards=(VfioUserCard(d / "card.sock"),), timeout_s=timeout,
+                           log_dir=log_dir)
+            try:
+                result = run_vm(cfg, tc, on_output=(lambda line: _say(f"console: {line}")) if verbose else None)
+            except VmError as exc:
+                _say(f"VM failed: {exc}")
+                _say(f"card server log ({log_dir / 'card.log'}):\n{card.log_tail()}")
+                return 1
+            if not card.alive():
+                _say(f"the card server died during the run:\n{card.log_tail()}")
+                return 1
+    print(result.output)
+    _say(f"guest command exited with {result.exit_code}; time to guest command {result.boot_seconds:.1f} s, "
+         f"VM wall time {result.wall_seconds:.1f} s, total {time.monotonic() - t0:.1f} s; logs in {log_dir}")
+    return result.exit_code
+
+
+def demo(profile: str | None = None, out_dir: str = "out", timeout: float = 600.0, verbose: int = 0) -> int:
+    """The main job: boot a VM with the card and exercise it end to end."""
+    from ipsec_nic import demo as demo_module
+
+    return demo_module.run(profile=profile, out_dir=Path(out_dir), timeout=timeout, verbose=verbose)
