@@ -63,6 +63,7 @@ class WireProfile:
     path: str | None = None
     peer: str | None = None
     pcap: str | None = None
+    mode: str | None = None
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def _version(v: _Validator, value: Any, name: str) -> int:
 
 
 def _wire(v: _Validator, s: Mapping[str, Any]) -> WireProfile:
-    v.only_keys(s, "wire", ("type", "path", "peer", "pcap"))
+    v.only_keys(s, "wire", ("type", "path", "peer", "pcap", "mode"))
     kind = s.get("type", "none")
     if kind not in WIRE_TYPES:
         raise v.error("wire.type", f"{kind!r} is not one of {', '.join(WIRE_TYPES)}")
@@ -221,4 +222,4 @@ def _wire(v: _Validator, s: Mapping[str, Any]) -> WireProfile:
     if kind in ("dgram", "stream", "cable") and not path:
         raise v.error("wire.path", f"a {kind} wire needs a socket path")
     return WireProfile(type=kind, path=path, peer=v.string(s, "peer", "wire.peer"),
-                       pcap=v.string(s, "pcap", "wire.pcap"))
+                       pcap=v.string(s, "pcap", "wire.pcap"), mode=v.string(s, "mode", "wire.mode"))

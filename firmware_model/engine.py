@@ -204,6 +204,20 @@ def _inner_tos(packet: bytes) -> int:
     return ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
 
 
+def _udp6_fill_checksum(packet: bytearray, l3: int, udp_at: int, end: int) -> None:
+    """Write the UDP checksum of the datagram at ``udp_at`` in the IPv6 packet at ``l3``. RFC 3948 lets
+    UDP-ESP over IPv4 send zero, but IPv6 requires a real one (RFC 8200 §8.1), and Linux drops
+    zero-checksum IPv6 UDP-ESP (net/ipv6/esp6.c computes it: esp_output_encap_csum)."""
+    packet[udp_at + 6:udp_at + 8] = b"\0\0"
+    seg = bytes(packet[udp_at:end])
+    if len(seg) % 2:
+        seg += b"\0"
+    total = sum(struct.unpack(f"!{len(seg) // 2}H", seg))
+    total += sum(struct.unpack("!16H", packet[l3 + 8:l3 + 40])) + (end - udp_at) + 17  # pseudo-header
+    csum = fold_checksum(total) or 0xFFFF  # RFC 768: a computed zero is sent as all ones
+    packet[udp_at + 6:udp_at + 8] = U16.pack(csum)
+
+
 def _ip_extent(packet: bytes | bytearray, l3: int) -> tuple[int, int, int]:
     """(version, header length for IPv4 / 40 for IPv6, end offset) of the IP packet at l3, or
     (0, 0, 0) if it is malformed or truncated. Bytes after `end` (Ethernet padding) are ignored."""
@@ -339,6 +353,8 @@ class EspEngine(SaEngine):
         sealed = self._seal(bytes(frame[e:e + ESP_HDR_LEN]), hi, iv, bytes(frame[a:b]))
         frame[e + ESP_HDR_LEN:a] = iv
         frame[a:end] = sealed
+        if self._encap is not None and frame[l3] >> 4 == 6:
+            _udp6_fill_checksum(frame, l3, e - 8, end)
         self._count(end - l3)
         return Verdict.OK
 
@@ -455,6 +471,10 @@ class EspEngine(SaEngine):
             st = self.stats
             st.packets += 1
             st.bytes += end
+        if udp and header[0] >> 4 == 6:
+            out = bytearray(b"".join((header, udp, esp_hdr, iv, sealed)))
+            _udp6_fill_checksum(out, 0, len(header), len(out))
+            return _OK, bytes(out)
         return _OK, b"".join((header, udp, esp_hdr, iv, sealed))
 
     def decapsulate(self, ip_packet: bytes) -> tuple[Verdict, bytes]:

@@ -54,7 +54,12 @@ def serve(socket_path: str, profile: str | None = None, ready_file: str | None =
         else:
             _say(f"card listening on {socket_path} (Ctrl-C to stop)")
 
-    serve_socket(socket_path, card, ready_callback=ready)
+    try:
+        serve_socket(socket_path, card, ready_callback=ready)
+    finally:
+        # Flush and close the wire (pcap file, socket files) however the server ended.
+        if card.card.datapath is not None:
+            card.card.datapath.close()
     return 0
 
 

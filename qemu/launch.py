@@ -45,6 +45,7 @@ KVM_FAILURE = "KVM internal error"
 # How long QEMU and virtiofsd get to exit after SIGTERM before SIGKILL.
 KILL_GRACE_S = 3.0
 SOCKET_WAIT_S = 20.0
+KEEP_VM_LOGS = 20
 
 OutputCallback = Callable[[str], None]
 
@@ -89,7 +90,7 @@ class VmConfig:
     intel_iommu: bool = False
     accel: str = "auto"  # "auto" (trial-boot KVM once, cached), "kvm" or "tcg"
     timeout_s: float = 300.0
-    log_dir: Path | None = None  # serial and QEMU logs; a fresh temp dir when None
+    log_dir: Path | None = None  # serial/QEMU/virtiofsd logs; default <cache>/vm-logs/<time>-<nonce>
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,13 @@ def _shares(cfg: VmConfig, toolchain: Toolchain) -> list[_Share]:
     ]
     names = set()
     for share in cfg.shares:
-        if not share.name or "/" in share.name or "," in share.name or ":" in share.name or share.name in names:
+        if (
+            not share.name
+            or "/" in share.name
+            or "," in share.name
+            or ":" in share.name
+            or share.name in names
+        ):
             raise ValueError(f"share name {share.name!r} must be unique and contain no '/', ',' or ':'")
         names.add(share.name)
         shares.append(_Share(f"share-{share.name}", share.host_path, share.readonly, share.name))
@@ -235,43 +242,58 @@ def virtiofsd_argv(toolchain: Toolchain, share: _Share, socket_path: Path) -> li
     return argv
 
 
-def qemu_argv(cfg: VmConfig, toolchain: Toolchain, paths: VmRunPaths, *, accel: str = "tcg",
-              agent: bool = False) -> list[str]:
+def qemu_argv(
+    cfg: VmConfig, toolchain: Toolchain, paths: VmRunPaths, *, accel: str = "tcg", agent: bool = False
+) -> list[str]:
     """The full QEMU command line for one boot. Pure: builds strings, touches nothing."""
     if accel not in ("tcg", "kvm"):
         raise ValueError(f"accel must be 'tcg' or 'kvm', not {accel!r}")
     memory = f"{cfg.memory_mib}M"
     argv = [
         *toolchain.qemu_argv,
-        "-machine", f"q35,accel={accel}",
-        "-cpu", "host" if accel == "kvm" else "max",
-        "-smp", str(cfg.cpus),
-        "-m", memory,
+        "-machine",
+        f"q35,accel={accel}",
+        "-cpu",
+        "host" if accel == "kvm" else "max",
+        "-smp",
+        str(cfg.cpus),
+        "-m",
+        memory,
         # virtiofs needs shared guest RAM; vfio-user servers get the same memfd in DMA_MAP.
-        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
-        "-numa", "node,memdev=mem",
+        "-object",
+        f"memory-backend-memfd,id=mem,size={memory},share=on",
+        "-numa",
+        "node,memdev=mem",
         "-nodefaults",
         "-no-user-config",
-        "-display", "none",
+        "-display",
+        "none",
         "-no-reboot",
-        "-kernel", str(toolchain.kernel),
+        "-kernel",
+        str(toolchain.kernel),
     ]
     # No initrd: Debian's kernel has virtio-fs built in, and skipping the initramfs saves seconds.
     argv += ["-append", kernel_cmdline(cfg, paths, agent=agent)]
     # ttyS0: the console, to our stdout pipe and to a log file.
     argv += [
-        "-chardev", f"stdio,id=console,signal=off,logfile={paths.serial_log}",
-        "-serial", "chardev:console",
+        "-chardev",
+        f"stdio,id=console,signal=off,logfile={paths.serial_log}",
+        "-serial",
+        "chardev:console",
     ]
     if agent:
         argv += [
-            "-chardev", f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
-            "-serial", "chardev:agent",
+            "-chardev",
+            f"socket,id=agent,path={paths.agent_socket},server=on,wait=off",
+            "-serial",
+            "chardev:agent",
         ]
     for index, share in enumerate(_shares(cfg, toolchain)):
         argv += [
-            "-chardev", f"socket,id=fs{index},path={paths.virtiofs_socket(index)}",
-            "-device", f"vhost-user-fs-pci,chardev=fs{index},tag={share.tag}",
+            "-chardev",
+            f"socket,id=fs{index},path={paths.virtiofs_socket(index)}",
+            "-device",
+            f"vhost-user-fs-pci,chardev=fs{index},tag={share.tag}",
         ]
     if cfg.intel_iommu:
         # Must come before the devices it translates for.
@@ -301,7 +323,7 @@ class _Children:
         self.processes.append(process)
         return process
 
-    def kill_all(self) -> None:
+    def kill_all(self, close_streams: bool = True) -> None:
         for process in reversed(self.processes):
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -314,6 +336,10 @@ class _Children:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        if close_streams:
+            self.close_streams()
+
+    def close_streams(self) -> None:
         for process in self.processes:
             for stream in (process.stdin, process.stdout, process.stderr):
                 if stream is not None:
@@ -334,6 +360,9 @@ def _sigterm_unwinds() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
+    except _Terminated:
+        # Cleanup has run by now; leave like a process killed by SIGTERM would.
+        raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -424,20 +453,32 @@ class _Console:
             self.on_output(line)
 
 
+def _default_log_dir(toolchain: Toolchain, nonce: str) -> Path:
+    """<cache>/vm-logs/<time>-<nonce>; only the newest KEEP_VM_LOGS boots are kept."""
+    base = toolchain.cache_dir / "vm-logs"
+    with contextlib.suppress(OSError):
+        old = sorted(base.iterdir())
+        for stale in old[: max(0, len(old) - KEEP_VM_LOGS + 1)]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return base / f"{time.strftime('%Y%m%d-%H%M%S')}-{nonce}"
+
+
 class _Boot:
     """Starts virtiofsd(s) and QEMU for one configuration; stop() undoes everything."""
 
-    def __init__(self, cfg: VmConfig, toolchain: Toolchain, *, agent: bool,
-                 on_output: OutputCallback | None) -> None:
+    def __init__(
+        self, cfg: VmConfig, toolchain: Toolchain, *, agent: bool, on_output: OutputCallback | None
+    ) -> None:
         self.cfg = cfg
         self.toolchain = toolchain
         self.agent = agent
         self.on_output = on_output
         self.children = _Children()
-        socket_dir = Path(tempfile.mkdtemp(prefix="ipsec-nic-vm-"))
-        log_dir = cfg.log_dir or socket_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.paths = VmRunPaths(socket_dir, log_dir, secrets.token_hex(6))
+        nonce = secrets.token_hex(8)
+        # Created in start(), so an object that never starts leaves nothing behind.
+        socket_dir = Path(tempfile.gettempdir()) / f"ipsec-nic-vm-{nonce}"
+        log_dir = cfg.log_dir or _default_log_dir(toolchain, nonce)
+        self.paths = VmRunPaths(socket_dir, log_dir, nonce)
         self.console: _Console | None = None
         self.qemu: subprocess.Popen | None = None
         self.start_time = 0.0
@@ -445,6 +486,8 @@ class _Boot:
         self.accel = "tcg"
 
     def start(self) -> None:
+        self.paths.socket_dir.mkdir(mode=0o700)
+        self.paths.log_dir.mkdir(parents=True, exist_ok=True)
         self.accel = resolve_accel(self.cfg, self.toolchain)
         argv = qemu_argv(self.cfg, self.toolchain, self.paths, accel=self.accel, agent=self.agent)
         for index, share in enumerate(_shares(self.cfg, self.toolchain)):
@@ -455,7 +498,9 @@ class _Boot:
             with open(log, "wb") as log_file:
                 process = self.children.start(
                     virtiofsd_argv(self.toolchain, share, socket_path),
-                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
                     env={**os.environ, **self.toolchain.virtiofsd_env},
                 )
             _wait_for_socket(socket_path, process, f"virtiofsd for {share.tag}", log)
@@ -463,7 +508,10 @@ class _Boot:
         self.start_time = time.monotonic()
         with open(self.paths.qemu_log, "wb") as qemu_log:
             self.qemu = self.children.start(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=qemu_log,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=qemu_log,
                 env=self.toolchain.qemu_env_for(),
             )
         self.console = _Console(self.qemu.stdout, self.paths.nonce, self.on_output)
@@ -485,17 +533,14 @@ class _Boot:
         return True
 
     def stop(self) -> None:
-        self.children.kill_all()
+        self.children.kill_all(close_streams=False)
         if self.end_time is None:
             self.end_time = time.monotonic()
+        # QEMU is gone, so its stdout is at EOF: let the reader finish before the pipe is closed.
         if self.console is not None:
             self.console.thread.join(timeout=5)
-        shutil.rmtree(self.paths.socket_dir / "agent.sock", ignore_errors=True)
-        for path in self.paths.socket_dir.glob("*.sock*"):
-            with contextlib.suppress(OSError):
-                path.unlink()
-        if self.paths.log_dir != self.paths.socket_dir:
-            shutil.rmtree(self.paths.socket_dir, ignore_errors=True)
+        self.children.close_streams()
+        shutil.rmtree(self.paths.socket_dir, ignore_errors=True)
 
 
 # --- accelerator choice ------------------------------------------------------------------------------------
@@ -515,8 +560,18 @@ def resolve_accel(cfg: VmConfig, toolchain: Toolchain) -> str:
         if known.get("key") == key and known.get("accel") in ("kvm", "tcg"):
             return known["accel"]
     with tempfile.TemporaryDirectory(prefix="ipsec-nic-kvm-probe-") as log_dir:
-        probe = replace(cfg, command="echo kvm-probe-ok", accel="kvm", cards=(), extra_args=(), shares=(),
-                        modules=(), intel_iommu=False, timeout_s=KVM_PROBE_TIMEOUT_S, log_dir=Path(log_dir))
+        probe = replace(
+            cfg,
+            command="echo kvm-probe-ok",
+            accel="kvm",
+            cards=(),
+            extra_args=(),
+            shares=(),
+            modules=(),
+            intel_iommu=False,
+            timeout_s=KVM_PROBE_TIMEOUT_S,
+            log_dir=Path(log_dir),
+        )
         try:
             result = run_vm(probe, toolchain)
             works = result.exit_code == 0 and "kvm-probe-ok" in result.output

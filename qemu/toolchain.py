@@ -7,6 +7,8 @@ Built once with debootstrap into a cache directory outside the checkout, verifie
     <cache>/trixie-root.build/   a build in progress (renamed to trixie-root once verified)
     <cache>/build.log            debootstrap/apt output of the last build
     <cache>/lock                 flock: one build (or check) at a time
+    <cache>/accel-probe.json     whether a KVM trial boot worked (qemu/launch.py)
+    <cache>/vm-logs/             serial/QEMU/virtiofsd logs of the last boots (qemu/launch.py)
 
 <cache> is $IPSEC_NIC_CACHE, else $XDG_CACHE_HOME/ipsec-nic, else ~/.cache/ipsec-nic.
 
@@ -256,9 +258,7 @@ def probe_qemu(argv: Sequence[str], env: Mapping[str, str]) -> tuple[int, int, i
     """Version of the QEMU at argv; raises unless it is new enough and has vfio-user-pci."""
     full_env = {**os.environ, **env}
     try:
-        out = subprocess.run(
-            [*argv, "--version"], env=full_env, capture_output=True, text=True, timeout=60
-        )
+        out = subprocess.run([*argv, "--version"], env=full_env, capture_output=True, text=True, timeout=60)
         version = parse_qemu_version(out.stdout + out.stderr)
         if version[:2] < MIN_QEMU_VERSION:
             raise ToolchainError(f"{argv[-1] if argv else 'qemu'}: QEMU {version} is older than 10.1")
@@ -464,13 +464,19 @@ def _pump(stream, lines: queue.Queue[str | None]) -> None:
         lines.put(None)
 
 
-_ACTIVITY = re.compile(r"^(?:I: )?(Retrieving|Validating|Extracting|Unpacking|Setting up|Get:\d+|Configuring)\s+(\S+)")
+_ACTIVITY = re.compile(
+    r"^(?:I: )?(Retrieving|Validating|Extracting|Unpacking|Setting up|Get:\d+|Configuring)\s+(\S+)"
+)
 
 
 def _activity(line: str) -> str | None:
     match = _ACTIVITY.match(line)
     if not match:
         return None
+    if match[1].startswith("Get:"):
+        # "Get:12 http://mirror/debian trixie/main amd64 libfoo amd64 1.2 [12 kB]"
+        words = line.split()
+        return f"downloading {words[4]}" if len(words) > 4 else None
     return f"{match[1].split(':')[0].lower()} {match[2]}"
 
 

@@ -22,13 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from device.nic import regs
+from device.nic.datapath import Datapath
 from device.nic.regs import Access, Cause, Ctrl, ErrCode, IntMode, QueueCtrl, QueueId, Status
+from device.nic.wire import wire_from_profile
 from device.pci.capabilities import eui64_from_mac
 from device.pci.config_space import BarLayout, BarType
 from device.pci.function import PciFunction, PciIds
 from device.profile import Profile
 from device.vfio_user.device_api import DeviceContext
 from firmware_model.capabilities import Capabilities
+from firmware_model.firmware import Firmware
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +206,7 @@ class NicCard:
         self.ring_enable_hook: Callable[[QueueKind, int, bool], None] | None = None
         self.enable_hook: Callable[[bool], None] | None = None
         self.reset_hooks: list[Callable[[], None]] = []
+        self.datapath: Datapath | None = None  # set by build_card; attached/detached with the client
 
         # Sparse dispatch tables (igb_macreg_readops / writeops): offset -> handler.
         self.read_ops: dict[int, Callable[[int], int]] = {}
@@ -235,8 +239,12 @@ class NicCard:
 
     def attached(self, ctx: DeviceContext) -> None:
         self.ctx = ctx
+        if self.datapath is not None:
+            self.datapath.attached(ctx)
 
     def detached(self) -> None:
+        if self.datapath is not None:
+            self.datapath.detached()
         self.ctx = None
 
     def rings(self) -> list[Ring]:
@@ -552,4 +560,6 @@ def build_card(profile: Profile) -> NicFunction:
         raise AssertionError("BAR2 size disagrees with regs.BAR2_SIZE")
     function.card = card
     card.bind(function)
+    # The data path (admin queue, rings, firmware, wire) registers its hooks on the register file.
+    card.datapath = Datapath(card, Firmware(caps), wire_from_profile(profile.wire))
     return function

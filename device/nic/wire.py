@@ -12,7 +12,7 @@ Chosen by the profile's ``wire:`` section (device/profile.py, WireProfile):
   preceded by its length as a 4-byte big-endian integer (QEMU net/stream_data.c
   ``net_stream_data_receive`` sends ``htonl(size)`` then the frame; net/net.c ``net_fill_rstate``
   reassembles and refuses lengths above NET_BUFSIZE). The card listens on ``path`` (QEMU with
-  ``server=off``); ``peer: client`` makes the card connect to a QEMU listening on ``path`` instead.
+  ``server=off``); ``mode: client`` makes the card connect to a QEMU listening on ``path`` instead.
 - ``cable``: two ipsec-nic cards back to back: each binds its own ``path`` and sends datagrams to
   the other's (``peer``); same framing as ``dgram``.
 
@@ -520,7 +520,7 @@ class PcapTap(Wire):
 
 
 def build_wire(kind: str = "none", path: str | None = None, peer: str | None = None,
-               pcap: str | None = None) -> Wire:
+               pcap: str | None = None, mode: str | None = None) -> Wire:
     """The backend a profile's ``wire:`` section asks for. Raises ValueError/OSError with the path."""
     wire: Wire
     if kind == "none":
@@ -536,9 +536,9 @@ def build_wire(kind: str = "none", path: str | None = None, peer: str | None = N
     elif kind == "stream":
         if not path:
             raise ValueError("wire.path: a stream wire needs a socket path")
-        if peer not in (None, "server", "client"):
-            raise ValueError(f"wire.peer: for a stream wire use 'server' or 'client', got {peer!r}")
-        wire = StreamWire(path, server=peer != "client")
+        if mode not in (None, "server", "client"):
+            raise ValueError(f"wire.mode: for a stream wire use 'server' or 'client', got {mode!r}")
+        wire = StreamWire(path, server=mode != "client")
     else:
         raise ValueError(f"wire.type: unknown backend {kind!r}")
     if pcap:
@@ -552,5 +552,5 @@ def build_wire(kind: str = "none", path: str | None = None, peer: str | None = N
 
 
 def wire_from_profile(section: Any) -> Wire:
-    """Build from a device.profile.WireProfile (or anything with type/path/peer/pcap attributes)."""
-    return build_wire(section.type, section.path, section.peer, section.pcap)
+    """Build from a device.profile.WireProfile (or anything with type/path/peer/pcap/mode attributes)."""
+    return build_wire(section.type, section.path, section.peer, section.pcap, getattr(section, "mode", None))

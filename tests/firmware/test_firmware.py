@@ -403,3 +403,29 @@ def test_salt_placement_matches_scapy():
     fw2 = Firmware(Capabilities())
     add(fw2, 0x1001, inbound=True, key=GCM_KEY + SALT)
     assert fw2.receive(esp_frame(0x1001)).crypto_status == CryptoStatus.SUCCESS
+
+
+def test_capabilities_from_profile_validates_and_names_the_key():
+    from firmware_model.capabilities import ProfileError
+    from firmware_model.params import EncAlg
+
+    caps = Capabilities.from_profile({"sa_capacity": 1_000_000, "encryption": ["aes-gcm-256"], "udp_esp": ["tunnel"],
+                                      "esn": False})
+    assert caps.sa_capacity == 1_000_000 and caps.encryption == frozenset({EncAlg.AES_GCM_256})
+    assert caps.udp_esp == ndis.UdpEspEncapsulation.TUNNEL and not caps.esn
+    for bad, where in (({"sa_capacity": 0}, "firmware.sa_capacity"), ({"encryption": ["des-cbc"]}, "refused"),
+                       ({"integrity": ["hmac-sha512"]}, "firmware.integrity: unknown algorithm"),
+                       ({"esn": "yes"}, "firmware.esn"), ({"capacity": 5}, "firmware.capacity: unknown key"),
+                       ({"udp_esp": ["sideways"]}, "firmware.udp_esp")):
+        with pytest.raises(ProfileError, match=where):
+            Capabilities.from_profile(bad)
+
+
+def test_guest_side_modules_import_without_the_engine():
+    """ndis.py is imported by guest tools on the guest's python3: stdlib only."""
+    import subprocess
+    import sys
+
+    code = "import sys, firmware_model.ndis; bad = [m for m in ('cryptography', 'yaml', 'scapy') if m in sys.modules]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -133,8 +133,13 @@ def test_engine_to_scapy(case) -> None:
         verdict, wire = tx.encapsulate(raw(original))
         assert verdict == Verdict.OK
         pkt = IP(wire) if family == 4 else IPv6(wire)
-        if encap:
+        if encap and family == 4:
             assert pkt[UDP].dport == 4500 and pkt[UDP].chksum == 0  # RFC 3948 §2.1
+        elif encap:
+            # IPv6 has no zero UDP checksum (RFC 8200 §8.1): scapy's own computation must agree.
+            recomputed = pkt.copy()
+            del recomputed[UDP].chksum
+            assert pkt[UDP].dport == 4500 and pkt[UDP].chksum == IPv6(raw(recomputed))[UDP].chksum != 0
         assert pkt[ESP].seq == n + 1
         assert raw(sa.decrypt(pkt)) == raw(original)
 

@@ -18,7 +18,7 @@ import pytest
 from device.nic import regs
 from device.nic.card import build_card
 from device.nic.datapath import Datapath
-from device.nic.wire import Wire, wire_from_profile
+from device.nic.wire import Wire
 from device.pci import capabilities as pcicaps
 from device.pci.config_space import COMMAND, Command
 from device.profile import profile_from_dict
@@ -278,14 +278,9 @@ def make_rig(wire: dict | None = None, nic: dict | None = None, ctx: FakeContext
     profile = profile_from_dict({"wire": wire or {"type": "loopback"}, "nic": nic or {}})
     fn = build_card(profile)
     card = fn.card
-    dp = getattr(card, "datapath", None)
-    integrated = dp is not None
-    if dp is None:  # before the data path is wired into build_card
-        dp = Datapath(card, Firmware(card.caps), wire_from_profile(profile.wire))
+    dp = card.datapath
     ctx = ctx or FakeContext()
-    fn.attached(ctx)
-    if not integrated:
-        dp.attached(ctx)
+    fn.attached(ctx)  # as the server does when a client connects
     drv = Driver(fn, ctx)
     return Rig(fn, card, dp, ctx, drv, dp.firmware, dp.wire)
 

@@ -466,3 +466,19 @@ def test_random_tx_descriptors_never_escape(descs, point_into_memory):
     wb, _ = drv.admin(ndis.Opcode.GET_CAPS)  # the card still answers
     assert wb.status == 0
     r.datapath.close()
+
+
+def test_frames_wait_while_bus_master_is_off(rig):
+    drv = rig.drv
+    rx = drv.post_rx(4)
+    drv.bus_master(False)
+    frames = [udp_frame(bytes([n]) * 20) for n in range(3)]
+    for f in frames[:2]:
+        rig.datapath.frame_received(f)  # straight from the wire
+    rig.ctx.run()
+    assert not drv.rx(rx[0])[0].wb_flags & RxWbFlags.DD
+    drv.bus_master(True)
+    rig.datapath.frame_received(frames[2])  # the next arrival drains the backlog first, in order
+    rig.ctx.run()
+    assert [drv.rx(i)[1] for i in rx[:3]] == frames
+    assert drv.stat("RX_NO_BUFFER") == 0

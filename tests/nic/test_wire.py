@@ -151,7 +151,7 @@ def test_stream_server_uses_4_byte_big_endian_lengths(tmp_path):
 
 def test_stream_client_retries_until_the_server_exists(tmp_path):
     path = str(tmp_path / "qemu-listens.sock")
-    r = make_rig(wire={"type": "stream", "path": path, "peer": "client"})
+    r = make_rig(wire={"type": "stream", "path": path, "mode": "client"})
     try:
         start(r)
         assert r.ctx.timers, "a retry is scheduled while nobody listens"
