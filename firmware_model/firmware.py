@@ -186,7 +186,10 @@ class Firmware:
                selector: Selector | None = None) -> int:
         """Add one bundle (raises SaRejected). Packet-offload transport SAs without a selector match
         traffic between their endpoints."""
-        if packet_offload and selector is None and params and params[0].direction == Direction.OUTBOUND:
+        outbound = bool(params) and params[0].direction == Direction.OUTBOUND
+        if not outbound:
+            selector = None  # selectors pick SAs for transmit: an inbound SA must never encrypt traffic
+        elif packet_offload and selector is None:
             selector = _default_selector(params[0])
         entry = self.sadb.add(params, packet_offload=packet_offload, selector=selector)
         return entry.handle
@@ -655,8 +658,10 @@ class Firmware:
             if verdict == Verdict.NOT_ESP:
                 st.rx_not_processed += 1
                 return RxResult(frame, handle=sa.handle)
-            out = bytes(buf) if verdict in (Verdict.OK, Verdict.DUMMY) else frame
-            if not sa.params[0].esn and seq is not None and seq > U32_MAX - SEQ_SOFT_MARGIN:
+            authentic = verdict in (Verdict.OK, Verdict.DUMMY)
+            out = bytes(buf) if authentic else frame
+            # only an authenticated sequence number may move SA state (a forged one must not ask for a rekey)
+            if authentic and not sa.params[0].esn and seq is not None and seq > U32_MAX - SEQ_SOFT_MARGIN:
                 self.sadb.request_delete(sa)
         status = crypto_status_for(verdict, ah=is_ah and verdict == Verdict.AUTH_FAILED, tunnel=sa.tunnel)
         self._check_lifetime(sa)

@@ -6,8 +6,8 @@ Chosen by the profile's ``wire:`` section (device/profile.py, WireProfile):
 - ``loopback``: every frame sent comes back as a received frame (on the next loop turn).
 - ``dgram``: peer of QEMU ``-netdev dgram,local.type=unix,local.path=A,remote.type=unix,remote.path=B``:
   one Ethernet frame per datagram (QEMU net/dgram.c; reference/vm-recon.md). The card binds ``path``
-  (= QEMU's remote.path B) and sends to ``peer`` (= QEMU's local.path A); without ``peer`` it answers
-  whoever sent the last datagram.
+  (= QEMU's remote.path B) and sends to ``peer`` (= QEMU's local.path A); without ``peer`` it learns the first
+  sender and answers it from then on.
 - ``stream``: QEMU ``-netdev stream,addr.type=unix,addr.path=P``: a stream socket where every frame is
   preceded by its length as a 4-byte big-endian integer (QEMU net/stream_data.c
   ``net_stream_data_receive`` sends ``htonl(size)`` then the frame; net/net.c ``net_fill_rstate``

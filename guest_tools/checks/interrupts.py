@@ -24,12 +24,14 @@ from firmware_model import ndis
 from firmware_model.ndis import Opcode
 from guest_tools import pci
 from guest_tools.checks.common import admin_done, admin_result, main, post_admin, recv_n, stats_delta
-from guest_tools.driver import Card, open_card
+from guest_tools.dma import PagemapMemory
+from guest_tools.driver import Card, HostSaTable, open_card
 
 STATE = "/tmp/ipsec-nic-checks-irq.json"
 WAKE_TIMEOUT = 5.0
 PCI_COMMAND, PCI_STATUS = 0x04, 0x06
 COMMAND_INTX_DISABLE = 1 << 10
+PCI_COMMAND_MEM_MASTER = 0x2 | 0x4
 STATUS_INTERRUPT = 1 << 3
 MSIX_CAP_CONTROL = 0x48 + 2  # datasheet 1.2: MSI-X capability at 0x48
 MSIX_ENABLE = 1 << 15
@@ -231,7 +233,11 @@ def check_intx(spec: dict[str, Any]) -> dict[str, Any]:
     uio = sorted((dev.path / "uio").iterdir())[0].name
     fd = os.open(f"/dev/{uio}", os.O_RDWR)
     try:
-        with open_card(dev.bdf, irq="poll", reset=True, state_path=STATE) as card:
+        # uio_pci_generic enabled the device already (sysfs 'enable' is refused while a driver owns it):
+        # set bus mastering, map BAR0 through sysfs, DMA from pagemap memory, as open_card does.
+        pci.write_config(dev, PCI_COMMAND, 2, pci.read_config(dev, PCI_COMMAND, 2) | PCI_COMMAND_MEM_MASTER)
+        card = Card(pci.Bar(dev, 0), PagemapMemory(), state=HostSaTable(STATE)).init(reset=True)
+        with card:
             # The driver set up polling; switch the card to one interrupt (SINGLE) for admin + RX0 only.
             card.mmio.write32(regs.reg("IMC"), 0xFFFF_FFFF)
             card.mmio.write32(regs.reg("IMS"), int(Cause.ADMINQ) | regs.cause_rx(card.queue))

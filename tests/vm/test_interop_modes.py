@@ -27,7 +27,8 @@ def test_crypto_offload_interoperates_with_linux(interop, family, mode, alg):
     check(spec, result)
     sas = {sa["spi"]: sa for sa in result["card_sas"]}
     assert sas[SPI_OUT + spec.spi_base]["direction"] == "out" and sas[SPI_IN + spec.spi_base]["direction"] == "in"
-    assert {sa["mode"] for sa in sas.values()} == {mode} and {sa["family"] for sa in sas.values()} == {family}
+    # NDIS v2 crypto-offload SAs carry no mode (the host frames tunnel or transport itself): only the family.
+    assert {sa["family"] for sa in sas.values()} == {family}
 
 
 @pytest.mark.parametrize(("family", "mode", "alg"), [

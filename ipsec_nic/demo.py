@@ -1,0 +1,179 @@
+"""`ipsec-nic demo`: the card against a Linux IPsec peer, end to end, in one VM boot.
+
+Boots a VM with the card (vfio-user) and a virtio-net NIC on the other end of the card's wire, puts
+that NIC in a Linux XFRM peer netns (ipsec_nic/topology.py, guest_tools/scenario.py), then:
+
+1. adds SAs on the card in both directions (and the mirrored states/policies on the peer) and sends
+   UDP traffic both ways: IPv4 transport AES-GCM (crypto offload), IPv6 tunnel AES-CBC+HMAC-SHA-256
+   (packet offload), IPv4 UDP-ESP / NAT-T (crypto offload);
+2. crosses the ESN 2^32 boundary both ways (the driver pushes the new high half with UPDATE_SA);
+3. deletes every SA on the card and flushes the peer;
+
+and prints what each side decrypted, the card's CryptoStatus counts and statistics, and the peer's
+error counters. The wire is recorded to OUT/wire.pcap; logs go to OUT/. Exit status 0 only if every
+check passed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from guest_tools.scenario import Spec
+from ipsec_nic.topology import Topology, TopologyError, interop_failures
+
+ESN_START = 0xFFFF_FFF0
+
+SCENARIOS: tuple[tuple[str, Spec], ...] = (
+    ("IPv4 transport, AES-GCM-128, crypto offload",
+     Spec(name="v4-transport-gcm-crypto", family=4, mode="transport", alg="aes-gcm-128", count=16)),
+    ("IPv6 tunnel, AES-CBC-128 + HMAC-SHA-256-128, packet offload",
+     Spec(name="v6-tunnel-cbc-packet", family=6, mode="tunnel", alg="aes-cbc-128+hmac-sha256-128",
+          offload="packet", count=16, spi_base=0x10)),
+    ("IPv4 UDP-ESP (NAT-T, RFC 3948), AES-GCM-128, crypto offload",
+     Spec(name="v4-natt-gcm-crypto", family=4, encap=True, count=16, spi_base=0x20)),
+    ("ESN across 2^32 (RFC 4304), IPv4, AES-GCM-128, crypto offload with UPDATE_SA",
+     Spec(name="v4-esn-wrap-crypto", family=4, esn=True, seq=ESN_START, count=32, spi_base=0x30,
+          keep_sas=True)),
+)
+
+
+def _say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def pcap_frame_count(path: Path) -> int:
+    """Records in a classic pcap file (24-byte global header, 16-byte record headers)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return 0
+    at, count = 24, 0
+    while at + 16 <= len(data):
+        incl = struct.unpack_from("<I", data, at + 8)[0]
+        at += 16 + incl
+        count += 1
+    return count
+
+
+def _describe(spec: Spec, result: dict[str, Any]) -> list[str]:
+    c2p, p2c = result.get("card_to_peer", {}), result.get("peer_to_card", {})
+    stats = result.get("card_stats", {})
+    n = spec.count
+    lines = [
+        f"card -> peer: Linux decrypted {c2p.get('matched', 0)}/{n} datagrams, payload bytes as sent"
+        + (f"; card TX completions {c2p.get('tx_status')}" if c2p.get("tx_status") != {"OK": n} else ""),
+        f"peer -> card: card decrypted {p2c.get('matched', 0)}/{n}, CryptoStatus "
+        + ", ".join(f"{k} x{v}" for k, v in sorted(p2c.get("crypto_status", {}).items())),
+        "card stats: " + ", ".join(f"{k}={v}" for k, v in stats.items() if v),
+        "peer XFRM errors: " + (", ".join(f"{k}={v}" for k, v in result.get("xfrm_stat_delta", {}).items())
+                                or "none (/proc/net/xfrm_stat unchanged)"),
+    ]
+    if spec.esn:
+        states = {s["spi"]: s for s in result.get("peer_states", [])}
+        out = next((s for s in states.values() if s["dst"] != s["src"] and s.get("seq_hi")), None)
+        lines.append(f"ESN: started at {spec.seq + 1:#x}, card pushed high half {result.get('esn_hi_pushed')} "
+                     f"with UPDATE_SA; peer's receive position now seq-hi {out['seq_hi'] if out else '?'}, "
+                     f"seq {out['seq'] if out else 0:#x}")
+    return lines
+
+
+def run(profile: str | None = None, out_dir: Path = Path("out"), timeout: float = 600.0, verbose: int = 0) -> int:
+    from qemu import toolchain as vm_toolchain
+
+    t0 = time.monotonic()
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pcap = out_dir / "wire.pcap"
+    _say("checking the VM toolchain")
+    try:
+        tc = vm_toolchain.setup(progress=lambda line: _say(f"toolchain: {line}"))
+    except Exception as exc:  # the toolchain explains itself (log paths, what to do)
+        _say(f"the VM toolchain is not usable: {exc}")
+        return 1
+    summary: dict[str, Any] = {"scenarios": [], "out_dir": str(out_dir)}
+    failed = 0
+    _say("starting the card server and booting a VM with the card and a Linux IPsec peer (TCG, ~15 s)")
+    console = (lambda line: print(f"  console: {line}", flush=True)) if verbose else None
+    try:
+        with Topology(tc, out_dir, profile=profile, pcap=pcap, timeout_s=timeout, verbose=verbose,
+                      on_console=console) as topo:
+            info = topo.setup_info
+            _say(f"VM up in {topo.boot_seconds:.1f} s; peer netns ready in {topo.setup_seconds:.1f} s: card "
+                 f"{info.get('card_bdf')} MAC {info.get('card_mac')} <-> Linux peer {info.get('iface')} MAC "
+                 f"{info.get('peer_mac')}")
+            total_steps = len(SCENARIOS) + 1
+            for step, (title, spec) in enumerate(SCENARIOS, 1):
+                _say(f"{step}/{total_steps} {title}: add SAs both ways, {spec.count} datagrams each way")
+                t1 = time.monotonic()
+                try:
+                    result = topo.run(spec)
+                except TopologyError as exc:
+                    failed += 1
+                    _say(f"    FAILED: {exc}")
+                    summary["scenarios"].append({"title": title, "error": str(exc)})
+                    continue
+                failures = interop_failures(spec, result)
+                for line in _describe(spec, result):
+                    print(f"      {line}", flush=True)
+                verdict = "ok" if not failures else "FAILED"
+                _say(f"    {verdict} ({time.monotonic() - t1:.1f} s)")
+                for failure in failures:
+                    print(f"      ! {failure}", flush=True)
+                failed += bool(failures)
+                summary["scenarios"].append({"title": title, "failures": failures, "result": result})
+            _say(f"{total_steps}/{total_steps} deleting every SA on the card and flushing the peer")
+            try:
+                deleted = topo.delete_all()
+            except TopologyError as exc:
+                deleted = {"error": str(exc)}
+            ok = deleted.get("deleted", 0) >= 2 and deleted.get("card_sas_after") == 0 and \
+                deleted.get("peer_states_after") == 0
+            failed += not ok
+            _say(f"    {'ok' if ok else 'FAILED'}: card had {deleted.get('card_sas_before')} SA(s), deleted "
+                 f"{deleted.get('deleted')} bundle(s), {deleted.get('card_sas_after')} left; peer states left: "
+                 f"{deleted.get('peer_states_after')}")
+            summary["delete"] = deleted
+            summary["boot_seconds"] = round(topo.boot_seconds, 1)
+    except TopologyError as exc:
+        _say(f"the topology failed: {exc}")
+        _say(f"logs: {out_dir}")
+        return 1
+    except Exception as exc:  # VM errors carry their log tails
+        _say(f"the VM failed: {exc}")
+        _say(f"logs: {out_dir}")
+        return 1
+    wall = time.monotonic() - t0
+    summary["wall_seconds"] = round(wall, 1)
+    summary["failed_checks"] = failed
+    frames = pcap_frame_count(pcap)
+    summary["pcap_frames"] = frames
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(flush=True)
+    print("Summary", flush=True)
+    width = max(len(title) for title, _ in SCENARIOS)
+    print(f"  {'scenario':<{width}}  {'peer decrypted':>14}  {'card decrypted':>14}  {'card CryptoStatus':<20} result",
+          flush=True)
+    for entry, (title, spec) in zip(summary["scenarios"], SCENARIOS, strict=False):
+        result = entry.get("result", {})
+        got_peer = result.get("card_to_peer", {}).get("matched", 0)
+        got_card = result.get("peer_to_card", {}).get("matched", 0)
+        status = ", ".join(f"{k} x{v}" for k, v in sorted(result.get("peer_to_card", {}).get("crypto_status",
+                                                                                             {}).items())) or "-"
+        state = "ok" if not entry.get("failures") and "error" not in entry else "FAILED"
+        print(f"  {title:<{width}}  {f'{got_peer}/{spec.count}':>14}  {f'{got_card}/{spec.count}':>14}  "
+              f"{status:<20} {state}", flush=True)
+    delete = summary.get("delete", {})
+    print(f"  SAs deleted at the end: {delete.get('deleted')} on the card ({delete.get('card_sas_after')} left), "
+          f"peer states left {delete.get('peer_states_after')}", flush=True)
+    print(f"  wire capture: {pcap} ({frames} frames); logs and summary.json in {out_dir}", flush=True)
+    print(f"  wall time {wall:.1f} s", flush=True)
+    if failed:
+        print(f"demo FAILED: {failed} check(s) did not pass", file=sys.stderr, flush=True)
+        return 1
+    print("demo passed: every check succeeded", flush=True)
+    return 0
