@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("test", help="run the test suite (sets up the VM toolchain first)")
     t.add_argument("--no-vm", action="store_true", help="skip the VM-level tests (quick local runs only)")
-    t.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments for pytest")
+    t.add_argument("pytest_args", nargs="*", metavar="PYTEST_ARG",
+                   help="extra arguments for pytest, passed on in order, e.g. -x -k firmware")
     t.set_defaults(func=cmd_test)
 
     try:
@@ -130,7 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `test` hands everything after it to pytest, in order (only its own --no-vm is taken out).
+    passthrough: list[str] = []
+    command_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command_at is not None and argv[command_at] == "test":
+        rest = argv[command_at + 1:]
+        if "-h" not in rest and "--help" not in rest:
+            passthrough = [a for a in rest if a != "--no-vm"]
+            argv = argv[: command_at + 1] + [a for a in rest if a == "--no-vm"]
     args = parser.parse_args(argv)
+    if passthrough:
+        args.pytest_args = [*args.pytest_args, *passthrough]
     _setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
