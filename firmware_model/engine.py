@@ -94,6 +94,7 @@ _V4_FIELDS = struct.Struct("!HHIBBHII")
 # writes every header byte of a transport-mode ESP packet, one unpack reads them back
 _V4_ESP = struct.Struct("!HHIBBHIIIIQ")
 _V4_ESP_LEN = 36
+_V4_ESP_HEAD = struct.Struct("!HHIBBHIIII")  # _V4_ESP without the IV
 # ESP adds 36 - 20 header bytes, at most 5 trailer bytes and a 16-byte ICV to an IPv4 packet; larger
 # packets take the general path, which refuses results over the 65535-byte IPv4 limit
 _V4_FAST_MAX = 0xFFFF - (_V4_ESP_LEN - 20) - 5 - 16
@@ -361,6 +362,23 @@ class EspEngine(SaEngine):
                        iv: bytes | None = None) -> Verdict:
         if self._limited and self._over_hard_limit():
             return Verdict.HARD_LIMIT
+        encrypt = self._v4_encrypt
+        if encrypt is not None and iv is None and len(frame) >= l3 + 54 and frame[l3] == 0x45:
+            # fast path (see __init__): unfragmented option-less IPv4 with this SA's ESP header and at
+            # least 2 bytes between the IV and ICV room (_body_ok); anything else goes the general way
+            _, total, idf, _, proto, _, _, _, spi, seq_lo = _V4_ESP_HEAD.unpack_from(frame, l3)
+            if (proto == IPPROTO_ESP and not idf & _IP_MF_OFFSET_MASK and 54 <= total <= len(frame) - l3
+                    and spi == self.spi):
+                seq_iv = seq_lo if seq_lo > self._iv_last else self._iv_last + 1  # never a repeated IV
+                self._iv_last = seq_iv
+                e = l3 + 20
+                a = e + 16
+                end = l3 + total
+                sealed = encrypt(_NONCE_PACK(self._gcm_salt, seq_iv), frame[a:end - 16], frame[e:e + 8])
+                _U64_PACK_INTO(frame, e + 8, seq_iv)
+                frame[a:end] = sealed
+                self._count(total)
+                return _OK
         verdict, e, end = self._locate_esp(frame, l3)
         if verdict:
             return self._fail(verdict)
@@ -385,6 +403,28 @@ class EspEngine(SaEngine):
     def crypto_decrypt(self, frame: bytearray, l3: int) -> Verdict:
         if self._limited and self._over_hard_limit():
             return Verdict.HARD_LIMIT
+        decrypt = self._v4_decrypt
+        if decrypt is not None and len(frame) >= l3 + 54 and frame[l3] == 0x45:
+            # fast path, the same shape as crypto_encrypt's
+            _, total, idf, _, proto, _, _, _, spi, _, iv = _V4_ESP.unpack_from(frame, l3)
+            if (proto == IPPROTO_ESP and not idf & _IP_MF_OFFSET_MASK and 54 <= total <= len(frame) - l3
+                    and spi == self.spi):
+                e = l3 + 20
+                a = e + 16
+                end = l3 + total
+                try:
+                    plain = decrypt(_NONCE_PACK(self._gcm_salt, iv), frame[a:end], frame[e:e + 8])
+                except InvalidTag:
+                    return self._fail(_AUTH_FAILED)
+                frame[a:end - 16] = plain
+                payload_len, nh = strip_trailer(plain)
+                if payload_len < 0:
+                    return self._fail(_BAD_SYNTAX)
+                self._count(total)
+                if nh == IPPROTO_NONE:
+                    self.stats.dummy_packets += 1
+                    return _DUMMY
+                return _OK
         verdict, e, end = self._locate_esp(frame, l3)
         if verdict:
             return self._fail(verdict)
@@ -915,3 +955,12 @@ class SaBundle:
     def set_seq_hi(self, hi: int) -> None:
         self.esp.set_seq_hi(hi)
         self.ah.set_seq_hi(hi)
+
+    # lifetime flags of the bundle = those of either SA (the facade asks the bundle, not each engine)
+    @property
+    def soft_expired(self) -> bool:
+        return self.esp.soft_expired or self.ah.soft_expired
+
+    @property
+    def seq_nearly_exhausted(self) -> bool:
+        return self.esp.seq_nearly_exhausted or self.ah.seq_nearly_exhausted

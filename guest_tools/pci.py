@@ -93,8 +93,13 @@ def enable_device(dev: PciDevice, bus_master: bool = False) -> int:
     try:
         (dev.path / "enable").write_text("1")
     except OSError as exc:
-        raise PciError(f"{dev.bdf}: cannot write {dev.path / 'enable'}: {exc.strerror} "
-                       "(root needed; is another driver bound?)") from None
+        driver = dev.path / "driver"
+        if driver.exists():
+            # sysfs refuses `enable` while a kernel driver owns the function (EBUSY)
+            name = os.path.basename(os.readlink(driver))
+            raise PciError(f"{dev.bdf}: bound to the kernel driver {name!r}: unbind it first "
+                           f"(echo {dev.bdf} > {driver}/unbind) or use that driver's interface") from None
+        raise PciError(f"{dev.bdf}: cannot write {dev.path / 'enable'}: {exc.strerror} (root needed?)") from None
     command = read_config(dev, PCI_COMMAND, 2)
     want = command | PCI_COMMAND_MEMORY | (PCI_COMMAND_MASTER if bus_master else 0)
     if want != command:

@@ -29,13 +29,18 @@ def run_command(cmd: str, timeout: float) -> dict:
     start = time.monotonic()
     timed_out = False
     # Own session, so a timeout kills the command's children too.
-    process = subprocess.Popen(
-        ["/bin/sh", "-c", cmd],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    try:
+        process = subprocess.Popen(
+            ["/bin/sh", "-c", cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:  # e.g. E2BIG for a command over ARG_MAX: answer it, keep serving
+        message = f"guest agent: cannot start the command: {exc}\n".encode()
+        return {"exit_code": 126, "output": base64.b64encode(message).decode("ascii"),
+                "seconds": round(time.monotonic() - start, 3), "timed_out": False}
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -52,6 +52,11 @@ RX_BURST = 64  # datagrams read per readable callback: keeps one busy wire from 
 LOOPBACK_QUEUE = 1024  # frames in flight on the loopback; more are dropped (counted)
 STREAM_TX_BUFFER = 4 << 20  # bytes queued towards a slow stream peer before frames are dropped
 STREAM_RETRY = 1.0  # seconds between connection attempts of a stream client
+# A UNIX datagram receiver queues only net.unix.max_dgram_qlen (default 10) datagrams; QEMU under TCG
+# drains its -netdev dgram socket slowly, so a burst gets EAGAIN. Hold such frames, in order, like a
+# NIC's TX FIFO, and retry shortly; only when this queue is full are frames dropped (counted).
+DGRAM_TX_QUEUE = 512
+DGRAM_RETRY = 0.0005
 SOCKET_BUFFER = 1 << 20
 _PEER_ABSENT = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN, errno.EDESTADDRREQ)
 _BE32 = struct.Struct("!I")
@@ -205,6 +210,8 @@ class DatagramWire(Wire):
             sock.close()
             raise
         self.sock: socket.socket | None = sock
+        self._held: deque[bytes] = deque()  # frames the peer had no room for yet (EAGAIN), oldest first
+        self._retry_timer: Any = None
 
     def attach(self, ctx: DeviceContext, on_frame: FrameSink, on_link: LinkSink) -> None:
         super().attach(ctx, on_frame, on_link)
@@ -216,6 +223,11 @@ class DatagramWire(Wire):
     def detach(self) -> None:
         if self.ctx is not None and self.sock is not None:
             self.ctx.remove_reader(self.sock.fileno())
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        self.stats.tx_dropped += len(self._held)
+        self._held.clear()
         super().detach()
 
     def close(self) -> None:
@@ -248,9 +260,18 @@ class DatagramWire(Wire):
         sock, peer = self.sock, self.peer
         if sock is None or peer is None:
             return False
+        if self._held:  # keep the order: behind the frames already waiting
+            if len(self._held) >= DGRAM_TX_QUEUE:
+                return False
+            self._held.append(frame)
+            return True
         try:
             sock.sendto(frame, peer)
         except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ENOBUFS) and self.ctx is not None:
+                self._held.append(frame)
+                self._retry_timer = self.ctx.call_later(DGRAM_RETRY, self._retry)
+                return True
             if exc.errno in _PEER_ABSENT:
                 self._set_link(False)
             elif exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE):
@@ -259,6 +280,24 @@ class DatagramWire(Wire):
         if not self.link_up:
             self._set_link(True)
         return True
+
+    def _retry(self) -> None:
+        """Send held frames until the peer's queue is full again (then retry later) or all went."""
+        self._retry_timer = None
+        sock, peer, held = self.sock, self.peer, self._held
+        while held and sock is not None and peer is not None:
+            try:
+                sock.sendto(held[0], peer)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.ENOBUFS) and self.ctx is not None:
+                    self._retry_timer = self.ctx.call_later(DGRAM_RETRY, self._retry)
+                    return
+                if exc.errno in _PEER_ABSENT:
+                    self._set_link(False)
+                self.stats.tx_dropped += len(held)  # the peer went away: what waited is lost
+                held.clear()
+                return
+            held.popleft()
 
     def describe(self) -> str:
         return f"{self.kind} {self.path} -> {self.peer or '(learned)'}"

@@ -139,20 +139,21 @@ class Harness:
 
     def __init__(self, profile_overrides: dict | None = None, memory_size: int = 8 << 20) -> None:
         from device.nic.card import build_card
-        from device.nic.datapath import Datapath
         from device.profile import profile_from_dict
-        from firmware_model.firmware import Firmware
 
         self.profile = profile_from_dict(profile_overrides or {})
         self.function = build_card(self.profile)
         self.nic = self.function.card
-        self.firmware = Firmware(self.nic.caps)
+        # The card's own datapath and firmware, with the wire swapped for one the tests can feed.
+        self.datapath = self.nic.datapath
+        assert self.datapath is not None, "build_card() must give the card a datapath"
+        self.firmware = self.datapath.firmware
         self.wire = _capture_wire_class()()
-        self.datapath = Datapath(self.nic, self.firmware, self.wire)
+        self.datapath.wire.close()
+        self.datapath.wire = self.wire
         self.memory = ArrayMemory(memory_size)
         self.ctx = HarnessContext(self.memory)
-        self.function.attached(self.ctx)
-        self.datapath.attached(self.ctx)
+        self.function.attached(self.ctx)  # attaches the datapath (and its wire) too
         self.mmio = CallbackMmio(self._read, self._write, regs.BAR0_SIZE)
         self.bus_master(True)
 
