@@ -95,6 +95,9 @@ _V4_FIELDS = struct.Struct("!HHIBBHII")
 _V4_ESP = struct.Struct("!HHIBBHIIIIQ")
 _V4_ESP_LEN = 36
 _V4_ESP_HEAD = struct.Struct("!HHIBBHIIII")  # _V4_ESP without the IV
+_V4_FIELDS_UNPACK_FROM = _V4_FIELDS.unpack_from
+_V4_ESP_PACK = _V4_ESP.pack
+_V4_ESP_UNPACK_FROM = _V4_ESP.unpack_from
 # ESP adds 36 - 20 header bytes, at most 5 trailer bytes and a 16-byte ICV to an IPv4 packet; larger
 # packets take the general path, which refuses results over the 65535-byte IPv4 limit
 _V4_FAST_MAX = 0xFFFF - (_V4_ESP_LEN - 20) - 5 - 16
@@ -130,6 +133,13 @@ class SaStats:
 class SaEngine:
     """Factory base: SaEngine(params) builds an EspEngine or AhEngine (raises ValueError /
     UnsupportedAlgorithm for parameters the firmware refuses)."""
+
+    # Slots, not a __dict__: an engine has ~40 attributes, past what CPython's shared-key instance dicts
+    # serve quickly, and the per-packet paths read a dozen of them (slot reads are ~10 ns cheaper each).
+    __slots__ = ("params", "stats", "soft_expired", "hard_expired", "seq_nearly_exhausted", "spi", "window",
+                 "transform", "_esn", "_seq", "_seq_hi", "_seq_limit", "_seq_warn", "_soft_packets",
+                 "_soft_bytes", "_hard_packets", "_hard_bytes", "_limited", "_family", "_tunnel", "_src",
+                 "_dst", "_ident", "_iv_len", "_icv_len", "_iv_last")
 
     params: SaParams
     stats: SaStats
@@ -260,6 +270,9 @@ def _ip_extent(packet: bytes | bytearray, l3: int) -> tuple[int, int, int]:
 
 
 class EspEngine(SaEngine):
+    __slots__ = ("_seal", "_open", "_block", "_align", "_trailers", "_counter_iv", "_gcm_direct", "_gcm_salt",
+                 "_v4_encrypt", "_v4_decrypt", "_min_body", "_encap", "_ip_proto")
+
     def __init__(self, params: SaParams) -> None:
         self._init_common(params)
         if params.proto != IpProto.ESP:
@@ -464,20 +477,24 @@ class EspEngine(SaEngine):
         encrypt = self._v4_encrypt
         if encrypt is not None and n >= 20 and ip_packet[0] == 0x45 and iv is None:
             # fast path (see __init__): option-less IPv4, AES-GCM-16, no ESN, transport, no UDP-ESP
-            vt, total, idf, ttl, nh, _, src, dst = _V4_FIELDS.unpack_from(ip_packet)
+            vt, total, idf, ttl, nh, _, src, dst = _V4_FIELDS_UNPACK_FROM(ip_packet)
             seq = self._seq + 1
-            if 20 <= total <= n and seq <= self._seq_limit and total <= _V4_FAST_MAX:
+            if 20 <= total <= n and total <= _V4_FAST_MAX and seq <= self._seq_limit:
                 if seq >= self._seq_warn:
                     self.seq_nearly_exhausted = True
                 # IV = sequence number, forced strictly increasing (module docstring); below 2^33 without
                 # ESN, so no 64-bit masking is needed
-                seq_iv = self._iv_last + 1 if seq <= self._iv_last else seq
+                iv_last = self._iv_last
+                seq_iv = iv_last + 1 if seq <= iv_last else seq
                 self._iv_last = seq_iv
                 # RFC 4303 §2.4: payload, padding 1, 2, 3, ..., pad length, next header (align 4 for GCM)
                 plaintext = ip_packet[20:total] + self._trailers[nh][total & 3]
-                sealed = encrypt(_NONCE_PACK(self._gcm_salt, seq_iv), plaintext, _ESP_PACK(self.spi, seq))
-                out_total = _V4_ESP_LEN + len(sealed)
+                # The result's length is known before sealing (36 header bytes, the 16-byte tag), so all
+                # headers are packed first and the AAD, SPI || Seq (RFC 4106 §5), is sliced from them.
+                out_total = 52 + len(plaintext)
                 csum = -(vt + out_total + idf + (ttl << 8 | IPPROTO_ESP) + src + dst) % 0xFFFF
+                head = _V4_ESP_PACK(vt, out_total, idf, ttl, IPPROTO_ESP, csum, src, dst, self.spi, seq, seq_iv)
+                sealed = encrypt(_NONCE_PACK(self._gcm_salt, seq_iv), plaintext, head[20:28])
                 self._seq = seq
                 if self._limited:
                     self._count(total)
@@ -485,8 +502,7 @@ class EspEngine(SaEngine):
                     st = self.stats
                     st.packets += 1
                     st.bytes += total
-                return _OK, _V4_ESP.pack(vt, out_total, idf, ttl, IPPROTO_ESP, csum, src, dst,
-                                         self.spi, seq, seq_iv) + sealed
+                return _OK, head + sealed
         if n < 20:
             return self._fail(_BAD_SYNTAX), b""
         ver = ip_packet[0] >> 4
@@ -541,7 +557,7 @@ class EspEngine(SaEngine):
         esp_len = 8 + len(iv) + len(sealed)
         encap = self._encap
         # the result's IPv4 total length / IPv6 payload length must fit its 16 bits
-        if self._tunnel:
+        if self._tunnel:  # noqa: SIM108 -- two cases read better than a nested ternary
             fixed = 20 if self._family == 4 else 0
         else:
             fixed = hl if ver == 4 else hl - 40
@@ -584,7 +600,7 @@ class EspEngine(SaEngine):
             # fast path (see __init__): an unfragmented option-less IPv4 packet carrying this SA's ESP
             # with room for IV, the 4 smallest trailer bytes and ICV (_min_body); anything else -- and
             # every error verdict before the ICV check -- is left to the general code below
-            vt, total, idf, ttl, proto, _, src, dst, spi, seq_lo, iv = _V4_ESP.unpack_from(ip_packet)
+            vt, total, idf, ttl, proto, _, src, dst, spi, seq_lo, iv = _V4_ESP_UNPACK_FROM(ip_packet)
             if (proto == IPPROTO_ESP and not idf & _IP_MF_OFFSET_MASK and 56 <= total <= len(ip_packet)
                     and spi == self.spi):
                 window = self.window
@@ -697,6 +713,8 @@ def _ipv4_rewrite(packet: bytes, hl: int, total: int, proto: int) -> bytearray:
 
 class AhEngine(SaEngine):
     """AH (RFC 4302) packet and crypto offload."""
+
+    __slots__ = ()
 
     def __init__(self, params: SaParams) -> None:
         self._init_common(params)

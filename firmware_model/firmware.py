@@ -120,6 +120,7 @@ _V_OK = Verdict.OK
 _V_DUMMY = Verdict.DUMMY
 _V_NOT_ESP = Verdict.NOT_ESP
 _V_AUTH_FAILED = Verdict.AUTH_FAILED
+_AUTHENTIC = (Verdict.OK, Verdict.DUMMY)  # the ICV verified
 _CS_SUCCESS = CryptoStatus.SUCCESS
 _CS_SYNTAX = (CryptoStatus.INVALID_PACKET_SYNTAX, CryptoStatus.INVALID_PROTOCOL)
 _CS_GENERIC = CryptoStatus.GENERIC_ERROR
@@ -643,10 +644,9 @@ class Firmware:
 
     @staticmethod
     def _seq_near_end(buf: bytes | bytearray, l3: int, sa: SadbEntry) -> bool:
-        if buf[l3] == 0x45 and buf[l3 + 9] == 50:  # ESP in option-less IPv4: Seq at a fixed offset
-            seq = _U32.unpack_from(buf, l3 + 24)[0]
-        else:
-            seq = _esp_seq(buf, l3)
+        # ESP in option-less IPv4 (the usual frame): Seq at a fixed offset, no header walk
+        fixed = buf[l3] == 0x45 and buf[l3 + 9] == 50
+        seq = _U32.unpack_from(buf, l3 + 24)[0] if fixed else _esp_seq(buf, l3)
         return seq is not None and seq > U32_MAX - SEQ_SOFT_MARGIN
 
     def receive(self, frame: bytes) -> RxResult:
@@ -678,7 +678,7 @@ class Firmware:
             if verdict == _V_NOT_ESP:
                 st.rx_not_processed += 1
                 return RxResult(frame, handle=sa.handle)
-            authentic = verdict == _V_OK or verdict == _V_DUMMY
+            authentic = verdict in _AUTHENTIC
             out = bytes(buf) if authentic else frame
             # only an authenticated sequence number may move SA state (a forged one must not ask for a rekey)
             if authentic and seq > U32_MAX - SEQ_SOFT_MARGIN and not sa.params[0].esn:

@@ -7,8 +7,10 @@ appears in its repr (field(repr=False)), and `validate()` messages never quote k
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import lru_cache
 
 # RFC 4303 §2.1: SPI values 1..255 are reserved by IANA, 0 is local-use only and never sent.
 MIN_SPI = 256
@@ -57,6 +59,27 @@ class AuthAlg(IntEnum):
     AES_GMAC_256 = 0x20
 
 
+@lru_cache(maxsize=65536)
+def parse_address(addr: str) -> tuple[int, bytes]:
+    """(IP version, packed bytes) of an address string, exactly as `ipaddress.ip_address` reads it;
+    raises ValueError (the ipaddress message) for anything it refuses.
+
+    Adding SAs in bulk spent most of its time here, so: results are cached (a table repeats a few
+    endpoints), and a string that inet_pton accepts *and* that inet_ntop prints back unchanged is in
+    canonical form, which ipaddress reads the same way -- those skip ipaddress's pure-Python parser.
+    Everything else (leading zeros, scope ids, upper case, non-strings, garbage) goes to ipaddress."""
+    if isinstance(addr, str):
+        for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+            try:
+                packed = socket.inet_pton(family, addr)
+            except (OSError, ValueError):
+                continue
+            if socket.inet_ntop(family, packed) == addr:
+                return version, packed
+    ip = ipaddress.ip_address(addr)
+    return ip.version, ip.packed
+
+
 @dataclass(frozen=True)
 class UdpEncap:
     """RFC 3948 UDP encapsulation ports (NDIS only allows 4500)."""
@@ -65,7 +88,7 @@ class UdpEncap:
     dport: int = 4500
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # (no slots: callers rely on vars()/__dict__ of SaParams)
 class SaParams:
     spi: int
     proto: IpProto
@@ -91,28 +114,29 @@ class SaParams:
 
     @property
     def family(self) -> int:
-        return ipaddress.ip_address(self.dst).version
+        return parse_address(self.dst)[0]
 
     def validate(self) -> None:
         """Raise ValueError with a one-line reason if the SA cannot be built (no key bytes quoted)."""
         from firmware_model.algorithms import check_sa_algorithms  # late: algorithms imports params
 
         try:
-            src = ipaddress.ip_address(self.src)
-            dst = ipaddress.ip_address(self.dst)
+            src_version = parse_address(self.src)[0]
+            dst_version = parse_address(self.dst)[0]
         except ValueError as exc:
             raise ValueError(f"bad SA endpoint address: {exc}") from None
-        if src.version != dst.version:
+        if src_version != dst_version:
             raise ValueError("SA src and dst must be the same IP family")
         if not MIN_SPI <= self.spi <= MAX_SPI:
             raise ValueError(f"SPI {self.spi:#x} outside {MIN_SPI}..{MAX_SPI:#x} (RFC 4303 §2.1)")
-        for name in ("inner_src", "inner_dst"):
-            value = getattr(self, name)
-            if value is not None:
-                try:
-                    ipaddress.ip_address(value)
-                except ValueError as exc:
-                    raise ValueError(f"bad {name}: {exc}") from None
+        if self.inner_src is not None or self.inner_dst is not None:
+            for name in ("inner_src", "inner_dst"):
+                value = getattr(self, name)
+                if value is not None:
+                    try:
+                        parse_address(value)
+                    except ValueError as exc:
+                        raise ValueError(f"bad {name}: {exc}") from None
         if self.encap is not None:
             if self.proto != IpProto.ESP:
                 raise ValueError("UDP encapsulation applies to ESP only (RFC 3948)")
@@ -124,7 +148,8 @@ class SaParams:
             raise ValueError(f"initial sequence number {self.seq} does not fit {'64' if self.esn else '32'} bits")
         if not 0 <= self.replay_window <= MAX_REPLAY_WINDOW:
             raise ValueError(f"replay window {self.replay_window} outside 0..{MAX_REPLAY_WINDOW}")
-        for name in ("soft_packets", "hard_packets", "soft_bytes", "hard_bytes"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
+        if self.soft_packets < 0 or self.hard_packets < 0 or self.soft_bytes < 0 or self.hard_bytes < 0:
+            for name in ("soft_packets", "hard_packets", "soft_bytes", "hard_bytes"):
+                if getattr(self, name) < 0:
+                    raise ValueError(f"{name} must not be negative")
         check_sa_algorithms(self)

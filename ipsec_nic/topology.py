@@ -36,14 +36,26 @@ class TopologyError(RuntimeError):
     """The topology could not start, or the guest's scenario runner failed (message has the details)."""
 
 
-def netdev_args(card_wire: Path, qemu_wire: Path, mac: str = PEER_MAC) -> tuple[str, ...]:
-    """QEMU arguments for the peer NIC whose netdev is the other end of the card's dgram wire."""
-    netdev = (f"dgram,id={PEER_NETDEV},local.type=unix,local.path={qemu_wire},"
-              f"remote.type=unix,remote.path={card_wire}")
+NETDEV_KINDS = ("dgram", "stream")
+
+
+def netdev_args(card_wire: Path, qemu_wire: Path, mac: str = PEER_MAC, kind: str = "dgram") -> tuple[str, ...]:
+    """QEMU arguments for the peer NIC whose netdev is the other end of the card's wire.
+
+    dgram: QEMU binds ``qemu_wire`` and sends to ``card_wire``. stream: QEMU connects (server=off) to the
+    card listening on ``card_wire``, frames carry a 4-byte length (QEMU net/stream.c)."""
+    if kind == "stream":
+        netdev = f"stream,id={PEER_NETDEV},server=off,addr.type=unix,addr.path={card_wire}"
+    else:
+        netdev = (f"dgram,id={PEER_NETDEV},local.type=unix,local.path={qemu_wire},"
+                  f"remote.type=unix,remote.path={card_wire}")
     return ("-netdev", netdev, "-device", f"virtio-net-pci,netdev={PEER_NETDEV},mac={mac}")
 
 
-def wire_overrides(card_wire: Path, qemu_wire: Path, pcap: Path | None) -> dict[str, Any]:
+def wire_overrides(card_wire: Path, qemu_wire: Path, pcap: Path | None, kind: str = "dgram") -> dict[str, Any]:
+    if kind == "stream":
+        return {"wire": {"type": "stream", "path": str(card_wire), "mode": "server", "peer": None,
+                         "pcap": str(pcap) if pcap else None}}
     return {"wire": {"type": "dgram", "path": str(card_wire), "peer": str(qemu_wire),
                      "pcap": str(pcap) if pcap else None}}
 
@@ -70,7 +82,10 @@ class Topology:
 
     def __init__(self, toolchain: Toolchain, log_dir: Path, *, profile: str | None = None,
                  pcap: Path | None = None, timeout_s: float = 300.0, verbose: int = 0,
-                 on_console: Callable[[str], None] | None = None) -> None:
+                 on_console: Callable[[str], None] | None = None, netdev: str = "dgram") -> None:
+        if netdev not in NETDEV_KINDS:
+            raise ValueError(f"netdev must be one of {NETDEV_KINDS}, not {netdev!r}")
+        self.netdev = netdev
         self.toolchain = toolchain
         self.log_dir = Path(log_dir)
         self.profile = profile
@@ -100,11 +115,12 @@ class Topology:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         sockets = stack.enter_context(run_dir("ipsec-nic-topo-"))
         card_wire, qemu_wire = sockets / "wire-card.sock", sockets / "wire-qemu.sock"
-        profile = write_profile(sockets / "card.yaml", self.profile, wire_overrides(card_wire, qemu_wire, self.pcap))
+        profile = write_profile(sockets / "card.yaml", self.profile, wire_overrides(card_wire, qemu_wire, self.pcap,
+                                                                                     self.netdev))
         (self.log_dir / "card-profile.yaml").write_text(profile.read_text())
         self.card = stack.enter_context(
             CardServer(sockets / "card.sock", profile, self.log_dir / "card.log", verbose=max(1, self.verbose)))
-        cfg = VmConfig(cards=(VfioUserCard(sockets / "card.sock"),), extra_args=netdev_args(card_wire, qemu_wire),
+        cfg = VmConfig(cards=(VfioUserCard(sockets / "card.sock"),), extra_args=netdev_args(card_wire, qemu_wire, kind=self.netdev),
                        timeout_s=self.timeout_s, log_dir=self.log_dir / "vm")
         t0 = time.monotonic()
         try:
