@@ -945,6 +945,9 @@ class SaBundle:
             raise ValueError("UDP encapsulation cannot be combined with AH (RFC 3948 covers ESP only)")
         self.esp = EspEngine(esp)
         self.ah = AhEngine(replace(ah, mode=Mode.TRANSPORT))
+        # Which layer the last inbound failure came from: NDIS reports AH and ESP ICV failures with
+        # different CryptoStatus values, and the outer header (AH) alone cannot tell.
+        self.failed_proto: IpProto | None = None
 
     def encapsulate(self, ip_packet: bytes) -> tuple[Verdict, bytes]:
         verdict, packet = self.esp.encapsulate(ip_packet)
@@ -955,8 +958,11 @@ class SaBundle:
     def decapsulate(self, ip_packet: bytes) -> tuple[Verdict, bytes]:
         verdict, packet = self.ah.decapsulate(ip_packet)
         if verdict:
+            self.failed_proto = IpProto.AH
             return verdict, b""
-        return self.esp.decapsulate(packet)
+        verdict, packet = self.esp.decapsulate(packet)
+        self.failed_proto = IpProto.ESP if verdict else None
+        return verdict, packet
 
     def crypto_encrypt(self, frame: bytearray, l3: int, seq_hi: int | None = None) -> Verdict:
         verdict = self.esp.crypto_encrypt(frame, l3, seq_hi)
@@ -967,8 +973,11 @@ class SaBundle:
     def crypto_decrypt(self, frame: bytearray, l3: int) -> Verdict:
         verdict = self.ah.crypto_decrypt(frame, l3)
         if verdict:
+            self.failed_proto = IpProto.AH
             return verdict
-        return self.esp.crypto_decrypt(frame, l3)
+        verdict = self.esp.crypto_decrypt(frame, l3)
+        self.failed_proto = IpProto.ESP if verdict else None
+        return verdict
 
     def set_seq_hi(self, hi: int) -> None:
         self.esp.set_seq_hi(hi)

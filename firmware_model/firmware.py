@@ -687,8 +687,9 @@ class Firmware:
             status = _CS_SUCCESS
             st.rx_crypto_ok += 1
         else:
-            status = crypto_status_for(verdict, tunnel=sa.tunnel,
-                                       ah=verdict == _V_AUTH_FAILED and sa.params[index].proto == _AH)
+            # an ESP+AH bundle says which of its layers failed; a single SA is its own protocol
+            failed = getattr(rt, "failed_proto", None) or sa.params[index].proto
+            status = crypto_status_for(verdict, tunnel=sa.tunnel, ah=verdict == _V_AUTH_FAILED and failed == _AH)
             if status == _CS_SUCCESS:
                 st.rx_crypto_ok += 1
             elif status in _CS_SYNTAX:

@@ -126,9 +126,10 @@ CRYPTO_STATUS_WHEN: dict[str, str] = {
                "Meaningless when CRYPTO_DONE is clear.",
     "GENERIC_ERROR": "The SA's hard lifetime is reached (packet offload: hard_packets/hard_bytes); the frame is "
                      "indicated unchanged.",
-    "TRANSPORT_AH_AUTH_FAILED": "AH ICV mismatch on a transport-mode SA; in an ESP+AH bundle any ICV failure "
-                                "is reported with the AH code (the bundle is found by its AH SPI).",
-    "TRANSPORT_ESP_AUTH_FAILED": "ESP ICV mismatch (GCM tag, GMAC or HMAC) on a transport-mode SA.",
+    "TRANSPORT_AH_AUTH_FAILED": "AH ICV mismatch on a transport-mode SA (in an ESP+AH bundle: the outer AH "
+                                "failed; the ESP inside was not checked).",
+    "TRANSPORT_ESP_AUTH_FAILED": "ESP ICV mismatch (GCM tag, GMAC or HMAC) on a transport-mode SA (in an ESP+AH "
+                                 "bundle: AH verified, the ESP inside failed).",
     "TUNNEL_AH_AUTH_FAILED": "As TRANSPORT_AH_AUTH_FAILED on a tunnel-mode SA.",
     "TUNNEL_ESP_AUTH_FAILED": "As TRANSPORT_ESP_AUTH_FAILED on a tunnel-mode SA.",
     "INVALID_PACKET_SYNTAX": "IP lengths inconsistent or truncated, ESP body shorter than IV + ICV + 2 or not a "

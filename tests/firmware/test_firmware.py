@@ -429,3 +429,35 @@ def test_guest_side_modules_import_without_the_engine():
     code = "import sys, firmware_model.ndis; bad = [m for m in ('cryptography', 'yaml', 'scapy') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_esp_then_ah_bundle_reports_which_layer_failed():
+    """NDIS distinguishes AH from ESP ICV failures. In an ESP-then-AH bundle the outer AH can verify
+    while the inner ESP fails (here: the sender used another ESP integrity key); a flipped byte fails AH first."""
+    from dataclasses import replace
+
+    from firmware_model.engine import SaBundle
+    from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams
+
+    esp = SaParams(spi=0x2001, proto=IpProto.ESP, direction=Direction.INBOUND, mode=Mode.TRANSPORT, src=A, dst=B,
+                   enc_alg=EncAlg.AES_CBC_128, enc_key=bytes(range(16)),
+                   auth_alg=AuthAlg.SHA256, auth_key=bytes(range(32)), icv_len=16)
+    ah = SaParams(spi=0x2002, proto=IpProto.AH, direction=Direction.INBOUND, mode=Mode.TRANSPORT, src=A, dst=B,
+                  auth_alg=AuthAlg.SHA1, auth_key=bytes(range(20)), icv_len=12)
+    fw = Firmware(Capabilities())
+    fw.add_sa([esp, ah])
+
+    def sent_by(esp_auth_key: bytes) -> bytes:
+        out = SaBundle(replace(esp, direction=Direction.OUTBOUND, auth_key=esp_auth_key),
+                       replace(ah, direction=Direction.OUTBOUND))
+        verdict, packet = out.encapsulate(bytes(IP(src=A, dst=B) / UDP(sport=1, dport=2) / Raw(b"bundle")))
+        assert verdict == 0
+        return bytes(Ether(dst="02:00:00:00:00:02") / IP(packet))
+
+    good = fw.receive(sent_by(bytes(range(32))))
+    assert good.crypto_done and good.crypto_status == CryptoStatus.SUCCESS
+    wrong_esp_key = fw.receive(sent_by(bytes(32)))
+    assert wrong_esp_key.crypto_status == CryptoStatus.TRANSPORT_ESP_AUTH_FAILED
+    tampered = bytearray(sent_by(bytes(range(32))))
+    tampered[-1] ^= 1
+    assert fw.receive(bytes(tampered)).crypto_status == CryptoStatus.TRANSPORT_AH_AUTH_FAILED
