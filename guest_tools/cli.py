@@ -97,24 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     sst.add_argument("handle", type=_int)
 
     snd = sub.add_parser("send", help="send UDP test frames")
-    snd.add_argument("--count", type=_int, default=1)
+    snd.add_argument("--count", type=_int, default=1, help="frames to send (default 1)")
     snd.add_argument("--size", type=_int, default=64, help="UDP payload bytes")
     snd.add_argument("--rate", type=float, default=0.0, help="frames per second (0 = as fast as possible)")
-    snd.add_argument("--src", required=True)
-    snd.add_argument("--dst", required=True)
-    snd.add_argument("--proto", choices=("udp",), default="udp")
-    snd.add_argument("--sport", type=_int, default=4000)
-    snd.add_argument("--dport", type=_int, default=5000)
-    snd.add_argument("--dst-mac", default="ff:ff:ff:ff:ff:ff")
+    snd.add_argument("--src", required=True, help="IPv4/IPv6 source address of the inner packet")
+    snd.add_argument("--dst", required=True, help="IPv4/IPv6 destination address of the inner packet")
+    snd.add_argument("--proto", choices=("udp",), default="udp", help="payload protocol (udp)")
+    snd.add_argument("--sport", type=_int, default=4000, help="UDP source port (default 4000)")
+    snd.add_argument("--dport", type=_int, default=5000, help="UDP destination port (default 5000)")
+    snd.add_argument("--dst-mac", default="ff:ff:ff:ff:ff:ff", help="destination MAC (default broadcast)")
     g = snd.add_mutually_exclusive_group()
     g.add_argument("--sa", type=_int, metavar="HANDLE", help="outbound SA handle")
     g.add_argument("--plain", action="store_true", help="no IPsec")
     snd.add_argument("--mode", choices=("crypto", "packet"), help="offload kind (default crypto with --sa)")
 
-    rcv = sub.add_parser("recv", help="print received frames")
-    rcv.add_argument("--count", type=_int, default=1)
-    rcv.add_argument("--timeout", type=float, default=5.0)
-    rcv.add_argument("--json", action="store_true")
+    rcv = sub.add_parser("recv", help="print received frames (frames that arrived since the last receiver "
+                                       "wait in the card's RX backlog, up to 64)")
+    rcv.add_argument("--count", type=_int, default=1, help="frames to wait for (default 1)")
+    rcv.add_argument("--timeout", type=float, default=5.0, help="seconds to wait in all (default 5)")
+    rcv.add_argument("--json", action="store_true", help="one JSON object per frame, with the frame bytes")
     return p
 
 
@@ -224,6 +225,7 @@ class Session:
         self.opener = opener
         self.out = out or sys.stdout
         self.card = None
+        self.keep_receiving = False  # a session keeps one card handle for all its commands
 
     def print(self, *items: object) -> None:
         print(*items, file=self.out)
@@ -238,7 +240,10 @@ class Session:
             else:
                 from guest_tools.driver import open_card
 
-                self.card = open_card(a.bdf, a.irq, reset=reset, state_path=a.state)
+                # Only commands that take frames arm an RX ring; the others leave arriving frames in
+                # the card's backlog for the next `recv` (or `session`).
+                receive = a.cmd in ("recv", "session") or self.keep_receiving
+                self.card = open_card(a.bdf, a.irq, reset=reset, state_path=a.state, receive=receive)
         return self.card
 
     def close(self) -> None:
@@ -392,6 +397,7 @@ class Session:
         return EXIT_OK
 
     def cmd_session(self, a):
+        self.keep_receiving = True
         stream = open(a.script) if a.script else sys.stdin  # noqa: SIM115 - closed below
         worst = EXIT_OK
         try:

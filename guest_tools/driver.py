@@ -303,8 +303,12 @@ class Card:
 
     def __init__(self, mmio: Mmio, memory: DmaMemory, *, interrupts=None, ring_size: int = DEFAULT_RING_SIZE,
                  admin_size: int = DEFAULT_ADMIN_SIZE, state: HostSaTable | None = None,
-                 admin_timeout: float = ADMIN_TIMEOUT, queue: int = 0) -> None:
+                 admin_timeout: float = ADMIN_TIMEOUT, queue: int = 0, receive: bool = True) -> None:
         self.mmio = mmio
+        # A process that will not receive leaves its RX ring off: frames that arrive meanwhile wait in
+        # the card's RX backlog for the next process that does (datasheet §7), instead of landing in
+        # this process's buffers and vanishing with it.
+        self.receive = receive
         self.memory = memory
         self.irq = interrupts or PollInterrupts()
         self.want_ring = ring_size
@@ -331,7 +335,8 @@ class Card:
         self._quiesce()
         self._setup_admin_queue()
         self._setup_tx_ring()
-        self._setup_rx_ring()
+        if self.receive:
+            self._setup_rx_ring()
         self._setup_interrupts()
         self._enable()
         self._open = True
@@ -792,6 +797,8 @@ class Card:
 
     def recv(self, timeout: float = 0.0, limit: int = 64) -> list[RxPacket]:
         """Frames the card wrote back, waiting up to ``timeout`` seconds for the first one."""
+        if not self.receive:
+            raise CardError("this card handle was opened without an RX ring (receive=False)")
         if not self._rx_ready() and timeout > 0:
             with contextlib.suppress(CardError):
                 self._wait(self._rx_ready, timeout, "a received frame")
@@ -853,7 +860,7 @@ def default_state_path(bdf: str) -> Path:
 
 
 def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, state_path: str | None = None,
-              ring_size: int = DEFAULT_RING_SIZE) -> Card:
+              ring_size: int = DEFAULT_RING_SIZE, receive: bool = True) -> Card:
     """Find the card in sysfs and initialise it: vfio (IOVA DMA, MSI-X) when asked for or already bound to
     vfio-pci, else sysfs BAR mmap + pagemap DMA + polling."""
     from guest_tools import pci
@@ -883,7 +890,7 @@ def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, st
             interrupts = MsixInterrupts(vdev.enable_msix(nvec)) if irq != "poll" and nvec else PollInterrupts()
         except OSError as exc:
             raise CardError(str(exc)) from None
-        card = Card(mmio, memory, interrupts=interrupts, state=state, ring_size=ring_size)
+        card = Card(mmio, memory, interrupts=interrupts, state=state, ring_size=ring_size, receive=receive)
         card.vfio = vdev  # type: ignore[attr-defined]  # keeps the fds alive with the card
     else:
         if irq == "msix":
@@ -895,7 +902,8 @@ def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, st
             mmio = pci.Bar(dev, 0)
         except pci.PciError as exc:
             raise CardError(str(exc)) from None
-        card = Card(mmio, PagemapMemory(), interrupts=PollInterrupts(), state=state, ring_size=ring_size)
+        card = Card(mmio, PagemapMemory(), interrupts=PollInterrupts(), state=state, ring_size=ring_size,
+                    receive=receive)
     card.bdf = dev.bdf  # type: ignore[attr-defined]
     try:
         card.init(reset=reset)
