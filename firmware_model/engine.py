@@ -81,7 +81,6 @@ _V4_WORDS = struct.Struct("!10H")
 OUTER_TTL = 64  # tunnel-mode outer TTL / hop limit
 _IP_MF_OFFSET_MASK = 0x3FFF  # IPv4 "more fragments" flag + fragment offset
 _ESP_PACK = ESP_HDR.pack
-_U64_PACK = U64.pack
 _ESP_UNPACK_FROM = ESP_HDR.unpack_from
 _UDP_PACK = UDP_HDR.pack
 # Fast-path layouts for an option-less IPv4 header (RFC 791): ver/IHL+TOS, total length, id+flags/fragment
@@ -215,6 +214,12 @@ class SaEngine:
             self.seq_nearly_exhausted = True
         return seq
 
+    def _next_counter_iv(self, seq: int) -> bytes:
+        """AES-GCM/GMAC IV: the 64-bit sequence number, forced strictly increasing (module docstring)."""
+        iv = seq if seq > self._iv_last else self._iv_last + 1
+        self._iv_last = iv
+        return U64.pack(iv & 0xFFFF_FFFF_FFFF_FFFF)
+
     def _outer_header(self, payload_len: int, proto: int, tos: int) -> bytes:
         """Tunnel-mode outer header from the SA endpoints (RFC 4303 §3.1.2); DSCP/ECN copied from the
         inner header (RFC 4301 §5.1.2.1, RFC 6040 normal mode)."""
@@ -306,11 +311,7 @@ class EspEngine(SaEngine):
 
     # ----- helpers ---------------------------------------------------------------------------------
     def _make_iv(self, seq: int) -> bytes:
-        if self._counter_iv:
-            iv = seq if seq > self._iv_last else self._iv_last + 1
-            self._iv_last = iv
-            return U64.pack(iv & 0xFFFF_FFFF_FFFF_FFFF)
-        return self.transform.next_iv()
+        return self._next_counter_iv(seq) if self._counter_iv else self.transform.next_iv()
 
     def _locate_esp(self, frame: bytes | bytearray, l3: int) -> tuple[Verdict, int, int]:
         """Find the ESP header of the IP packet at l3 (through UDP-ESP and an outer AH of a bundle).
@@ -543,12 +544,7 @@ class EspEngine(SaEngine):
         # RFC 4303 §2.4: minimal padding 1, 2, 3, ... to lcm(block, 4), then pad length, next header
         plaintext = payload + self._trailers[nh][len(payload) % self._align]
         if iv is None:
-            if self._counter_iv:  # GCM/GMAC: IV = 64-bit sequence number, strictly increasing
-                seq_iv = self._iv_last + 1 if seq <= self._iv_last else seq
-                self._iv_last = seq_iv
-                iv = _U64_PACK(seq_iv & 0xFFFF_FFFF_FFFF_FFFF)
-            else:
-                iv = self.transform.next_iv()
+            iv = self._make_iv(seq)
         esp_hdr = _ESP_PACK(self.spi, seq & _U32_MASK)
         if self._gcm_direct is not None:  # AES-GCM, 16-byte ICV, no ESN: RFC 4106 AAD = SPI || Seq
             sealed = self._gcm_direct(self._gcm_salt + iv, plaintext, esp_hdr)
@@ -726,11 +722,7 @@ class AhEngine(SaEngine):
         self._iv_last = 0
 
     def _make_iv(self, seq: int) -> bytes:
-        if not self._iv_len:
-            return b""
-        iv = seq if seq > self._iv_last else self._iv_last + 1
-        self._iv_last = iv
-        return U64.pack(iv & 0xFFFF_FFFF_FFFF_FFFF)
+        return self._next_counter_iv(seq) if self._iv_len else b""
 
     def _fail(self, verdict: Verdict) -> Verdict:
         return EspEngine._fail(self, verdict)  # same counters

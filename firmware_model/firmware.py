@@ -557,9 +557,10 @@ class Firmware:
 
     def _cmd_list_sas(self, req_bytes: bytes) -> tuple[int, bytes]:
         req = ndis.ListSasRequest.unpack(req_bytes)
-        if not 1 <= req.max_entries <= ndis.MAX_LIST_SAS_ENTRIES:
-            raise ParseError(f"LIST_SAS: max_entries {req.max_entries} outside 1..{ndis.MAX_LIST_SAS_ENTRIES}",
-                             NdisStatus.INVALID_PARAMETER)
+        # A page below one whole bundle could never make progress (next_index would not move).
+        if not ndis.MIN_LIST_SAS_ENTRIES <= req.max_entries <= ndis.MAX_LIST_SAS_ENTRIES:
+            raise ParseError(f"LIST_SAS: max_entries {req.max_entries} outside "
+                             f"{ndis.MIN_LIST_SAS_ENTRIES}..{ndis.MAX_LIST_SAS_ENTRIES}", NdisStatus.INVALID_PARAMETER)
         rows: list[ndis.SaListEntry] = []
         next_index = 0xFFFF_FFFF
         for slot, sa in self.sadb.bundles(req.start_index):
@@ -745,7 +746,10 @@ class Firmware:
             dport = _U16.unpack_from(frame, off + 2)[0]
             if not (self.sadb.parser_for_port(dport) or (dport == NAT_T_PORT and self.sadb.udp_sa_count)):
                 return None
-            if classify_udp_payload(frame[off + 8 : off + 16]) != UdpPayloadKind.ESP:
+            # the payload ends with the IP packet, not the frame: Ethernet pads a 1-byte NAT-keepalive
+            # (RFC 3948 §2.3) to 60 bytes, and that padding must not read as an SPI
+            ip_end = l3 + (_U16.unpack_from(frame, l3 + 2)[0] if ver == 4 else 40 + _U16.unpack_from(frame, l3 + 4)[0])
+            if classify_udp_payload(frame[off + 8 : min(ip_end, off + 16)]) != UdpPayloadKind.ESP:
                 return None  # IKE (non-ESP marker) or keepalive: the host's business (RFC 3948 §2.2/2.3)
             spi, seq = _U32X2.unpack_from(frame, off + 8)
             hit = self.sadb.lookup_inbound(spi, dst, 50)
@@ -788,7 +792,7 @@ def _ipv6_upper(packet: bytes | bytearray, start: int, limit: int) -> tuple[int,
     a fragment header is returned as such (fragments are never offloaded); (-1, -1) if truncated."""
     nh = packet[start + 6]
     off = start + 40
-    for _ in range(8):  # bounded: a chain of more than 8 options headers is not offloaded
+    for _ in range(9):  # bounded: up to 8 options headers, then the upper header (datasheet §7.5)
         if nh not in _IPV6_SKIPPED:
             return (nh, off) if off <= limit else (-1, -1)
         if off + 8 > limit:

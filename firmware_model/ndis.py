@@ -44,7 +44,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import IntEnum, IntFlag
 from typing import Any, ClassVar
 
@@ -86,6 +86,7 @@ IPSEC_OFFLOAD_V2_MAX_EXTENSION_HEADERS = 2  # v2 SecAssoc[] array size
 MAX_LIST_ENTRIES = 4096  # entries per V2_ADD_SA / V2_DELETE_SA list: bounds the work of one command
 MAX_KEY_BYTES = 256  # no supported algorithm needs more than 64; anything larger is garbage
 MAX_LIST_SAS_ENTRIES = 4096
+MIN_LIST_SAS_ENTRIES = 2  # ESP + AH: the most rows one bundle has
 
 
 class V1Operation(IntEnum):  # OFFLOAD_OPERATION_E
@@ -446,7 +447,7 @@ class V1AddSa(Wire):
     num_sas: int
     sec_assoc: tuple[SaV1, ...]
     key_len: int
-    key_mat: bytes = b""
+    key_mat: bytes = field(default=b"", repr=False)  # key material: never in a repr
 
     def pack(self) -> bytes:
         return self.LAYOUT.pack(self) + self.key_mat
@@ -490,7 +491,7 @@ class V1AddUdpEspSa(Wire):
     dst_encap_port: int
     encap_type_entry_offld_handle: int
     key_len: int
-    key_mat: bytes = b""
+    key_mat: bytes = field(default=b"", repr=False)  # key material: never in a repr
 
     def pack(self) -> bytes:
         return self.LAYOUT.pack(self) + self.key_mat
@@ -654,7 +655,7 @@ class V2AddSa(Wire):
     udp_esp_encapsulation: int
     sec_assoc: tuple[SaV2, ...]
     key_length: int
-    key_data: bytes = b""
+    key_data: bytes = field(default=b"", repr=False)  # key material: never in a repr
 
 
 V2_ADD_SA_EX = Layout(
@@ -686,7 +687,7 @@ class V2AddSaEx(Wire):
     key_offset: int
     source_switch_port_id: int = 0
     vlan_id: int = 0
-    key_data: bytes = b""
+    key_data: bytes = field(default=b"", repr=False)  # key material: never in a repr
 
     def pack(self) -> bytes:
         if self.key_offset < self.LAYOUT.size and self.key_data:
@@ -784,7 +785,7 @@ class AddSaPacket(Wire):
     sel_flags: int = 0
     sel_sport: int = 0
     sel_dport: int = 0
-    key_data: bytes = b""
+    key_data: bytes = field(default=b"", repr=False)  # key material: never in a repr
 
     pack = V2AddSaEx.pack
 
@@ -1050,7 +1051,8 @@ LIST_SAS_REQUEST = Layout(
     "",
     [
         ("start_index", "I", "slot index to start from (0, then next_index of the previous response)"),
-        ("max_entries", "I", f"largest number of entries wanted (1..{MAX_LIST_SAS_ENTRIES})"),
+        ("max_entries", "I", f"largest number of entries wanted ({MIN_LIST_SAS_ENTRIES}..{MAX_LIST_SAS_ENTRIES}: "
+                             "a bundle's rows are never split, so a page must hold the largest bundle)"),
     ],
 )
 

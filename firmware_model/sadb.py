@@ -29,7 +29,7 @@ from functools import lru_cache
 from firmware_model.algorithms import ENC_INFO, UnsupportedAlgorithm
 from firmware_model.capabilities import Capabilities
 from firmware_model.ndis import RejectReason
-from firmware_model.params import MIN_SPI, Direction, EncAlg, IpProto, Mode, SaParams, parse_address
+from firmware_model.params import MIN_SPI, Direction, IpProto, Mode, SaParams, parse_address
 from firmware_model.status import NdisStatus
 
 VALID = 1 << 31
@@ -479,7 +479,3 @@ def _classify(message: str) -> RejectReason:
     if "encapsulation" in low or "udp" in low:
         return RejectReason.BAD_ENCAPSULATION
     return RejectReason.BAD_PARAMETER
-
-
-def is_null_encryption(p: SaParams) -> bool:
-    return p.enc_alg == EncAlg.NONE

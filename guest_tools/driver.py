@@ -322,6 +322,7 @@ class Card:
         self._cookie = 0
         self._open = False
         self._tx_backlog: list[TxCompletion] = []
+        self.vfio = None  # a guest_tools.vfio.VfioDevice when opened through vfio-pci
 
     # ------------------------------------------------------------------------------------------
     # init sequence
@@ -486,17 +487,20 @@ class Card:
                    f"STATUS.ENABLED after CTRL.ENABLE ({self._error_text()})")
 
     def close(self) -> None:
-        """Disable this process's rings (RX first: it is the one the card writes unprompted)."""
-        if not self._open:
-            return
-        self._open = False
-        with contextlib.suppress(Exception):
-            self.mmio.write32(regs.rxq_reg(self.queue, regs.QREG_CTRL), 0)
-            self.mmio.write32(regs.txq_reg(self.queue, regs.QREG_CTRL), 0)
-            self.mmio.write32(regs.ADMINQ_BASE + regs.QREG_CTRL, 0)
-            self.mmio.write32(regs.reg("IMC"), self.causes)
-        self.host.save()
+        """Disable this process's rings (RX first: it is the one the card writes unprompted), then
+        release interrupts and the vfio device, also after a failed init()."""
+        if self._open:
+            self._open = False
+            with contextlib.suppress(Exception):
+                self.mmio.write32(regs.rxq_reg(self.queue, regs.QREG_CTRL), 0)
+                self.mmio.write32(regs.txq_reg(self.queue, regs.QREG_CTRL), 0)
+                self.mmio.write32(regs.ADMINQ_BASE + regs.QREG_CTRL, 0)
+                self.mmio.write32(regs.reg("IMC"), self.causes)
+            self.host.save()
         self.irq.close()
+        if self.vfio is not None:
+            self.vfio.close()
+            self.vfio = None
 
     def __enter__(self) -> Card:
         return self
@@ -574,6 +578,8 @@ class Card:
             raise AdminError(f"admin command {_opcode_name(opcode)} timed out after {timeout or self.admin_timeout:g} s: "
                              f"{hint} (AQ_HEAD={self.mmio.read32(regs.ADMINQ_BASE + regs.QREG_HEAD)}, "
                              f"STATUS={status:#x}, {self._error_text()})") from None
+        # DONE: the card has read the request; wipe it so SA keys do not linger in DMA memory (§5.1)
+        self.aq_req.view[:len(request)] = bytes(len(request))
         d = ADMIN_DESC.unpack(view, at)
         ring.clean = ring.tail
         if d.cookie != self._cookie:
@@ -879,6 +885,7 @@ def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, st
         from guest_tools import vfio
         from guest_tools.dma import IovaMemory
 
+        vdev = None
         try:
             vfio.bind_to_vfio(dev.bdf)
             vdev = vfio.VfioDevice(dev.bdf)
@@ -889,9 +896,11 @@ def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, st
             nvec = min(2, vdev.msix_count())
             interrupts = MsixInterrupts(vdev.enable_msix(nvec)) if irq != "poll" and nvec else PollInterrupts()
         except OSError as exc:
+            if vdev is not None:
+                vdev.close()  # container, group and device fds (and any eventfds) go with it
             raise CardError(str(exc)) from None
         card = Card(mmio, memory, interrupts=interrupts, state=state, ring_size=ring_size, receive=receive)
-        card.vfio = vdev  # type: ignore[attr-defined]  # keeps the fds alive with the card
+        card.vfio = vdev  # the card owns the vfio fds from here on and closes them in close()
     else:
         if irq == "msix":
             raise CardError("MSI-X needs vfio-pci and an IOMMU")

@@ -227,6 +227,7 @@ def v1_add_udpesp_sa(p: SaParams, parser_entry: int = 0) -> bytes:
 def esp_geometry(p: SaParams):
     """IV/ICV/alignment facts the host needs to frame crypto-offload ESP for ``p``."""
     from firmware_model.algorithms import AUTH_INFO, ENC_INFO, effective_icv_len  # imports cryptography
+    from firmware_model.esp import esp_align
     from guest_tools.packets import EspGeometry
 
     if p.proto != IpProto.ESP:
@@ -235,8 +236,5 @@ def esp_geometry(p: SaParams):
     iv = enc.iv_len
     if p.enc_alg == EncAlg.NONE and AUTH_INFO[p.auth_alg].kind == "gmac":
         iv = 8  # ENCR_NULL_AUTH_AES_GMAC carries an 8-byte IV (RFC 4543 §3.1); NULL + HMAC has none
-    align = 4
-    while align % enc.block:  # RFC 4303 §2.4: cipher block size, and 4-byte aligned trailer
-        align += 4
     encap = (p.encap.sport, p.encap.dport) if p.encap is not None else None
-    return EspGeometry(p.spi, iv, effective_icv_len(p), align, p.mode == Mode.TUNNEL, encap, p.src, p.dst)
+    return EspGeometry(p.spi, iv, effective_icv_len(p), esp_align(enc.block), p.mode == Mode.TUNNEL, encap, p.src, p.dst)

@@ -56,6 +56,10 @@ def serve(socket_path: str, profile: str | None = None, ready_file: str | None =
 
     try:
         serve_socket(socket_path, card, ready_callback=ready)
+    except (OSError, RuntimeError) as exc:  # the socket path is taken, not a socket, or unreachable
+        log.debug("serving failed", exc_info=True)
+        print(f"ipsec-nic serve: cannot serve on {socket_path}: {exc}", file=sys.stderr)
+        return 1
     finally:
         # Flush and close the wire (pcap file, socket files) however the server ended.
         if card.card.datapath is not None:
@@ -110,15 +114,20 @@ class CardServer:
             self.process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not ready.exists():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the card server exited with status {self.process.returncode}:\n"
-                                   f"{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the card server did not listen within {READY_TIMEOUT_S:.0f} s:\n"
-                                   f"{self.log_tail()}")
-            time.sleep(0.05)
+        try:
+            while not ready.exists():
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the card server exited with status {self.process.returncode}:\n"
+                                       f"{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the card server did not listen within {READY_TIMEOUT_S:.0f} s:\n"
+                                       f"{self.log_tail()}")
+                time.sleep(0.05)
+        except BaseException:
+            # Timeout or Ctrl-C: __exit__ will not run for a failed __enter__, and the child sits in its
+            # own session (a terminal's SIGINT never reaches it), so stop it here.
+            self.stop()
+            raise
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -110,7 +110,7 @@ _HEADER_INFO = int(RxWbFlags.HEADER_INFO)
 _SA_DELETE_REQ = int(RxWbFlags.SA_DELETE_REQ)
 _IPSEC_CRYPTO = int(TxFlags.IPSEC_CRYPTO)
 _IPSEC_PACKET = int(TxFlags.IPSEC_PACKET)
-_AUTH_FAILED = frozenset((2, 3, 4, 5))  # CryptoStatus *_AUTH_FAILED
+_AUTH_FAILED = frozenset(int(s) for s in regs.CryptoStatus if s.name.endswith("_AUTH_FAILED"))
 
 _PROMISC = int(Ctrl.PROMISC)
 # The register file keeps every register in one array indexed by offset / 4 (card.NicCard.mem); the
@@ -447,7 +447,11 @@ class Datapath:
         return None
 
     def _rx_deliver(self, frame: bytes) -> bool:
-        """Put one frame in the next RX descriptor. False when there is none (frame not consumed)."""
+        """Put one frame in the next RX descriptor. False when there is none (frame not consumed).
+
+        A usable descriptor (well-formed, buffer reachable) is secured *before* the firmware sees the
+        frame: a frame the card then cannot store must not have moved the SA's replay window, sequence
+        state or lifetime counters."""
         ring = self._rx_ring()
         if ring is None or not self._dma_allowed():
             return False
@@ -459,15 +463,55 @@ class Datapath:
             return False
         base, size = mem[rb + _Q_BASE_LO] | mem[rb + _Q_BASE_HI] << 32, mem[rb + _Q_LEN]
         stats = card.stats
+        dma = self.ctx.dma  # type: ignore[union-attr]
+        qid = ring.queue_id
+        completed = False  # some descriptor was written back: the driver has something to look at
+        slot = None
+        try:
+            while head != tail:
+                addr = base + head * _RXD_SIZE
+                try:
+                    (buf_addr, buf_len, reserved0, _l, _f, _c, reserved1, _h, _n, _p, reserved2,
+                     reserved3) = _RXD_UNPACK(dma.read(addr, _RXD_SIZE))
+                except DmaError:
+                    self.dma_fault(qid)
+                    break  # the ring itself is unreachable: HEAD stays, the frame is lost (counted)
+                head = (head + 1) % size
+                bad = bool(reserved0 or reserved1 or reserved2 or reserved3 or not buf_len)
+                if not bad:
+                    try:
+                        dma.view(buf_addr, buf_len).release()  # the whole buffer must be reachable
+                    except DmaError:
+                        self.dma_fault(qid)
+                        bad = True
+                if bad:
+                    if reserved0 or reserved1 or reserved2 or reserved3 or not buf_len:
+                        stats[BAD_DESCRIPTOR] += 1
+                    dma.write(addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0))
+                    completed = True
+                    continue  # try the frame on the next descriptor
+                slot = (addr, buf_addr, buf_len)
+                break
+        except DmaError:  # a descriptor is readable but not writable
+            self.dma_fault(qid)
+        if slot is None:
+            # Only unusable descriptors (or an unreachable ring): they are consumed, and the frame waits
+            # in the backlog for the driver's next descriptors instead of being lost.
+            mem[rb + _Q_HEAD] = head
+            if completed:
+                self._cause(regs.cause_rx(ring.index))
+            return False
+
+        addr, buf_addr, buf_len = slot
         result = self.firmware.receive(frame)
-        if result.discard:
-            self.extra.rx_discarded += 1
-            return True
-        out = result.frame
-        crypto_status = result.crypto_status
         wb_flags = _DD_EOP
         next_header = pad_length = 0
-        if result.crypto_done:
+        out = result.frame
+        crypto_status = result.crypto_status
+        drop = result.discard
+        if drop:
+            self.extra.rx_discarded += 1
+        elif result.crypto_done:
             wb_flags |= _CRYPTO_DONE
             if result.next_crypto_done:
                 wb_flags |= _NEXT_CRYPTO_DONE
@@ -475,8 +519,8 @@ class Datapath:
             packet_offload = entry is not None and entry.packet_offload
             if packet_offload and result.verdict == Verdict.REPLAY:
                 stats[RX_REPLAY_DROP] += 1
-                return True
-            if crypto_status == 0:
+                drop = True
+            elif crypto_status == 0:
                 stats[RX_CRYPTO_OK] += 1
                 if packet_offload:
                     wb_flags |= _DECAPSULATED
@@ -490,49 +534,28 @@ class Datapath:
         if result.sa_delete_req:
             wb_flags |= _SA_DELETE_REQ
             self._cause(_SA_DELETE_CAUSE)
-        dma = self.ctx.dma  # type: ignore[union-attr]
-        qid = ring.queue_id
+        if drop:
+            # Nothing to indicate: the secured descriptor stays with the driver for the next frame.
+            head = (head - 1) % size
+            mem[rb + _Q_HEAD] = head
+            if completed:
+                self._cause(regs.cause_rx(ring.index))
+            return True
         n = len(out)
-        completed = False  # some descriptor was written back: the driver has something to look at
-        while head != tail:
-            addr = base + head * _RXD_SIZE
-            try:
-                (buf_addr, buf_len, reserved0, _l, _f, _c, reserved1, _h, _n, _p, reserved2,
-                 reserved3) = _RXD_UNPACK(dma.read(addr, _RXD_SIZE))
-            except DmaError:
-                self.dma_fault(qid)
-                break  # the ring itself is unreachable: HEAD stays, the frame is lost (counted)
-            head = (head + 1) % size
-            try:
-                if reserved0 or reserved1 or reserved2 or reserved3 or not buf_len:
-                    stats[BAD_DESCRIPTOR] += 1
-                    dma.write(addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0))
-                    completed = True
-                    continue  # try the frame on the next descriptor
-                flags = wb_flags
-                if n > buf_len:
-                    flags |= _RX_ERROR
-                    data: bytes | memoryview = memoryview(out)[:buf_len]
-                else:
-                    data = out
-                try:
-                    dma.write(buf_addr, data)
-                except DmaError:
-                    self.dma_fault(qid)
-                    dma.write(addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0))
-                    completed = True
-                    break
-                dma.write(addr + _RX_WB_AT, _RX_WB.pack(min(n, 0xFFFF), flags, crypto_status, 0,
-                                                        result.handle, next_header, pad_length))
-            except DmaError:  # the descriptor is readable but not writable
-                self.dma_fault(qid)
-                break
+        if n > buf_len:
+            wb_flags |= _RX_ERROR
+            data: bytes | memoryview = memoryview(out)[:buf_len]
+        else:
+            data = out
+        try:
+            dma.write(buf_addr, data)
+            dma.write(addr + _RX_WB_AT, _RX_WB.pack(min(n, 0xFFFF), wb_flags, crypto_status, 0,
+                                                    result.handle, next_header, pad_length))
             completed = True
             stats[RX_PACKETS] += 1
             stats[RX_BYTES] += n
-            break
-        else:
-            stats[RX_NO_BUFFER] += 1  # only malformed descriptors were left
+        except DmaError:  # unmapped between the check and the write: the client changed its map
+            self.dma_fault(qid)
         mem[rb + _Q_HEAD] = head
         if completed:
             self._cause(regs.cause_rx(ring.index))

@@ -46,11 +46,6 @@ class RingRegs(Protocol):
     def set_head(self, value: int) -> None: ...
 
 
-def ready_count(head: int, tail: int, size: int) -> int:
-    """Descriptors the driver made ready (HEAD..TAIL-1)."""
-    return (tail - head) % size if size else 0
-
-
 def fetch_block(dma: DmaAccess, base: int, size: int, head: int, count: int, desc_size: int) -> tuple[bytes, int]:
     """Read up to ``count`` descriptors from ``head`` without wrapping: (bytes, descriptors read).
     Raises DmaError if the ring memory is unreachable."""

@@ -347,6 +347,8 @@ class StreamWire(Wire):
             ctx.add_reader(self.listener.fileno(), self._accept)
         if self.conn is not None:
             ctx.add_reader(self.conn.fileno(), self._readable)
+            if self._tx:  # queued before a detach cancelled the flush timer: keep draining
+                self._schedule_flush()
         elif not self.server:
             self._connect()
 

@@ -182,17 +182,7 @@ class VfioUserConnection:
                     ev = p.RegionWrite(msg_id, flags & p.FLAG_NO_REPLY != 0, region, offset,
                                        bytes(buf[pos + 32 : pos + size]))
             if ev is not None:
-                end = pos + size
-                if end == len(buf):
-                    buf.clear()
-                    self._base += end
-                    self._pos = 0
-                elif end > _COMPACT_AT:
-                    del buf[:end]
-                    self._base += end
-                    self._pos = 0
-                else:
-                    self._pos = end
+                self._consume(pos + size)
                 return ev
         if avail < p.HEADER_SIZE:
             if self._eof:
@@ -214,16 +204,7 @@ class VfioUserConnection:
         stream_start = self._base + pos
         end = pos + size
         body = bytes(buf[pos + p.HEADER_SIZE : end]) if size > p.HEADER_SIZE else b""
-        if end == len(buf):  # common case: everything consumed, recycle the buffer
-            buf.clear()
-            self._base += end
-            self._pos = 0
-        elif end > _COMPACT_AT:
-            del buf[:end]
-            self._base += end
-            self._pos = 0
-        else:
-            self._pos = end
+        self._consume(end)
         fds: tuple[int, ...] = ()
         truncated = False
         if self._fd_marks:
@@ -256,6 +237,20 @@ class VfioUserConnection:
             return BadRequest(msg_id, command, no_reply, errno.ENOTSUP,
                               f"unsupported protocol version {msg.major}.{msg.minor} (we speak 0.0)")
         return msg
+
+    def _consume(self, end: int) -> None:
+        """``_buf[:end]`` has been read: advance past it, recycling the buffer when possible."""
+        buf = self._buf
+        if end == len(buf):  # common case: everything consumed
+            buf.clear()
+            self._base += end
+            self._pos = 0
+        elif end > _COMPACT_AT:  # a long pipelined backlog: drop what was read
+            del buf[:end]
+            self._base += end
+            self._pos = 0
+        else:
+            self._pos = end
 
     def _take_fds(self, stream_start: int, stream_end: int) -> tuple[tuple[int, ...], bool]:
         """fds of the chunks whose last byte lies in the message [stream_start, stream_end)."""

@@ -92,7 +92,7 @@ def _mmap_fd(fd: int, offset: int, size: int, writable: bool) -> tuple[mmap.mmap
             length = -(-length // align) * align
         try:
             return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=aligned), delta
-        except ValueError as exc:  # Python's own check: the file is shorter than offset+size
+        except (ValueError, OverflowError) as exc:  # Python's own checks: file too short, size/offset too big
             raise DmaError(f"cannot map fd at offset {offset:#x} size {size:#x}: {exc}", errno.EINVAL) from None
         except OSError as exc:
             last_error = exc

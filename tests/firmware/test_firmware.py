@@ -193,6 +193,21 @@ def test_v1_udpesp_receive_through_parser_entry():
     assert not fw.receive(ike).crypto_done
 
 
+def test_nat_keepalive_in_a_padded_ethernet_frame_is_not_esp():
+    """RFC 3948 §2.3: a NAT-keepalive is one 0xFF byte of UDP payload. On Ethernet it arrives padded to
+    the 60-byte minimum frame; the padding after the IP packet must not turn it into an ESP header
+    (SPI 0xFF000000 here, which an SA may well use)."""
+    fw = Firmware(Capabilities())
+    add(fw, 0xFF00_0000, inbound=True, udp=ndis.UdpEspEncapsulation.TRANSPORT)
+    keepalive = bytes(Ether() / IP(src=A, dst=B) / UDP(sport=4500, dport=4500) / Raw(b"\xff"))
+    padded = keepalive + bytes(60 - len(keepalive))
+    for frame in (keepalive, padded):
+        rx = fw.receive(frame)
+        assert (rx.crypto_done, rx.handle, rx.frame) == (False, 0, frame)
+    st = fw.stats()
+    assert (st.rx_not_processed, st.rx_no_sa) == (2, 0)
+
+
 def test_v1_add_sa_key_order_is_confidentiality_then_integrity():
     """Datasheet decision 1, checked with scapy as the sender (3DES-CBC + HMAC-SHA1-96)."""
     from firmware_model.algorithms import ENC_INFO
@@ -374,6 +389,9 @@ def test_list_sas_pages():
         seen += [r.offload_handle for r in rows]
         start = head.next_index
     assert seen == handles
+    # A page too small for one whole bundle (ESP+AH is two rows) could never advance: refused.
+    status, _ = fw.execute(Opcode.LIST_SAS, ndis.ListSasRequest(0, 1).pack())
+    assert status == NdisStatus.INVALID_PARAMETER
 
 
 def test_reset_clears_everything():
@@ -461,3 +479,21 @@ def test_esp_then_ah_bundle_reports_which_layer_failed():
     tampered = bytearray(sent_by(bytes(range(32))))
     tampered[-1] ^= 1
     assert fw.receive(bytes(tampered)).crypto_status == CryptoStatus.TRANSPORT_AH_AUTH_FAILED
+
+
+def test_ipv6_chain_of_eight_extension_headers_is_walked():
+    """Datasheet §7.5: only IPv6 with *more than* 8 extension headers goes unprocessed."""
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
+
+    def frame(n: int) -> bytes:
+        pkt = IPv6(src="2001:db8::1", dst="2001:db8::2")
+        for _ in range(n):
+            pkt = pkt / IPv6ExtHdrDestOpt()
+        return bytes(Ether() / pkt / ESP(spi=0x1234, seq=1) / Raw(bytes(32)))
+
+    fw = Firmware(Capabilities())
+    for n in (1, 8):
+        fw.receive(frame(n))
+    assert (fw.stats().rx_no_sa, fw.stats().rx_not_processed) == (2, 0)
+    fw.receive(frame(9))
+    assert (fw.stats().rx_no_sa, fw.stats().rx_not_processed) == (2, 1)

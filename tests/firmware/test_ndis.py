@@ -173,3 +173,31 @@ def test_execute_mutated_commands_never_hit_internal_errors(command, flips):
     assert not fw.last_error.startswith("internal error"), fw.last_error
     if status != NdisStatus.SUCCESS and opcode != Opcode.V2_DELETE_SA:
         assert len(fw.sadb) == 0  # a failed add leaves nothing behind
+
+
+def test_key_bytes_never_in_request_reprs():
+    """Requests carry key material (key_mat / key_data): a repr in a log, a traceback or a pytest
+    failure message must not show it."""
+    secret = bytes.fromhex("deadbeefcafef00d" * 3)
+    v1 = ndis.V1AddSa(*(bytes(4),) * 4, 0, 0, 0, bytes(4), bytes(4), 2, 1, (ndis.SaV1(),) * 3, len(secret),
+                      key_mat=secret)
+    requests = [
+        ndis.V2AddSaEx.unpack(add_sa_ex(0x1001, inbound=False, key=secret[:20])),
+        *ndis.unpack_v2_add_sa_list(ndis.pack_v2_add_sa_list([v2_entry(0x1001, inbound=False, key=secret[:20])])),
+        ndis.V1AddSa.unpack(v1.pack()),
+    ]
+    for r in requests:
+        assert secret[:20] in (r.key_mat if isinstance(r, ndis.V1AddSa) else r.key_data)
+        text = repr(r)
+        assert "deadbeef" not in text and "\\xde\\xad" not in text, type(r).__name__
+
+
+def test_wire_identifiers_agree_with_sa_parameter_enums():
+    """The firmware decodes NDIS identifiers straight into params enums (_ENC_BY_ID / _AUTH_BY_ID, SaMode
+    -> Mode), so the values must be the same; names differ only where NDIS calls AES-GMAC AES_GCM_*."""
+    from firmware_model.params import AuthAlg, EncAlg, Mode
+
+    # (__members__: iterating an IntFlag skips its zero member)
+    assert {n: int(m) for n, m in ndis.EncryptionId.__members__.items()} == {m.name: int(m) for m in EncAlg}
+    assert sorted(map(int, ndis.AuthenticationId.__members__.values())) == sorted(int(m) for m in AuthAlg)
+    assert {m.name: int(m) for m in ndis.SaMode} == {m.name: int(m) for m in Mode}

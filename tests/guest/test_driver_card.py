@@ -157,3 +157,11 @@ def test_bad_mode_is_refused(rig):
     _, card = rig
     with pytest.raises(CardError, match="not an outbound crypto-offload"):
         card.send(frame(card), 0x1234, "crypto")
+
+
+def test_key_material_is_wiped_from_the_admin_buffer(rig):
+    """Datasheet §5.1: once DONE is set the driver may wipe the request buffer -- and it should, so an
+    SA's keys do not linger in DMA memory until a later, shorter command overwrites part of them."""
+    _, card = rig
+    card.add_sa(sa(Direction.INBOUND, 0x1002))
+    assert KEY not in bytes(card.aq_req.view) and KEY[:8] not in bytes(card.aq_req.view)

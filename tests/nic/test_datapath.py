@@ -272,7 +272,7 @@ def test_malicious_rx_descriptors(rig):
                    dict(addr=GUEST_BASE + GUEST_SIZE - 8, buf_len=2048), dict(addr=good_buf, buf_len=30)):
         drv.post("rx", 0, regs.RX_DESC.pack(**fields), ring_doorbell=False)
     drv.doorbell("rx")
-    frame1, frame2 = udp_frame(b"one"), udp_frame(b"two")
+    frame1, frame2 = udp_frame(b"one"), udp_frame(b"second frame")
     drv.send(frame1, flags=int(TxFlags.EOP))
     rig.ctx.run()
     drv.send(frame2, flags=int(TxFlags.EOP))
@@ -280,13 +280,47 @@ def test_malicious_rx_descriptors(rig):
     d = [drv.rx(i)[0] for i in range(4)]
     assert d[0].wb_flags == RxWbFlags.DD | RxWbFlags.ERROR and d[0].length == 0
     assert d[1].wb_flags == RxWbFlags.DD | RxWbFlags.ERROR
-    assert d[2].wb_flags == RxWbFlags.DD | RxWbFlags.ERROR  # frame1's buffer was unreachable
+    assert d[2].wb_flags == RxWbFlags.DD | RxWbFlags.ERROR  # its buffer runs past guest memory
     assert drv.stat("BAD_DESCRIPTOR") == 2 and drv.stat("DMA_ERROR") == 1
-    # frame2 lands in a 30-byte buffer: cut, flagged, original length reported.
-    assert d[3].wb_flags & RxWbFlags.ERROR and d[3].length == len(frame2)
-    assert drv.peek(good_buf, 30) == frame2[:30]
+    # frame1 skips the unusable descriptors and lands in the 30-byte buffer: cut, flagged, original length.
+    assert d[3].wb_flags & RxWbFlags.ERROR and d[3].length == len(frame1)
+    assert drv.peek(good_buf, 30) == frame1[:30]
     assert drv.peek(good_buf + 30, 8) == bytes([GUARD]) * 8
     assert drv.stat("RX_PACKETS") == 1
+    # frame2 found no descriptor: it waits in the backlog (not lost) until the driver posts one.
+    (i,) = drv.post_rx(1)
+    rig.ctx.run()
+    desc, data = drv.rx(i)
+    assert desc.wb_flags & RxWbFlags.DD and data == frame2
+    assert drv.stat("RX_PACKETS") == 2 and drv.stat("RX_NO_BUFFER") == 0
+
+
+def test_frame_without_a_usable_descriptor_leaves_the_sa_untouched(tmp_path):
+    """A packet-offload frame that finds only unusable RX descriptors must not reach the firmware: if it
+    did, its sequence number would enter the replay window and the frame itself would be lost."""
+    r = make_rig(wire={"type": "loopback"})
+    drv = r.drv
+    drv.bus_master()
+    drv.enable()
+    for kind in ("admin", "tx", "rx"):
+        drv.setup_ring(kind, 0, 16)
+    handles = []
+    for inbound in (False, True):
+        wb, resp = drv.admin(ndis.Opcode.ADD_SA_PACKET, add_sa_packet(0x2002, inbound))
+        assert wb.fw_status == 0, r.firmware.last_error
+        handles.append(ndis.HandleResponse.unpack(resp).offload_handle)
+    out_h, in_h = handles
+    drv.post("rx", 0, regs.RX_DESC.pack(addr=GUEST_BASE + GUEST_SIZE - 8, buf_len=2048))  # unreachable buffer
+    drv.send(udp_frame(b"first"), flags=int(TxFlags.EOP | TxFlags.IPSEC_PACKET), handle=out_h)
+    r.ctx.run()
+    inbound = r.firmware.sadb.get(in_h).runtime()
+    assert inbound.stats.packets == 0  # the firmware never saw it; the frame waits in the backlog
+    rx = drv.post_rx(2)
+    r.ctx.run()
+    desc, data = drv.rx(rx[0])
+    assert desc.crypto_status == CryptoStatus.SUCCESS and bytes(Ether(data)[UDP].payload) == b"first"
+    assert inbound.stats.packets == 1 and drv.stat("RX_REPLAY_DROP") == 0
+    r.datapath.close()
 
 
 def test_tx_ring_unreachable_reports_queue_id(rig):

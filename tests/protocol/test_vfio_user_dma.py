@@ -103,6 +103,19 @@ def test_map_with_fd_beyond_file_size_is_refused(client, ram):
     assert m.is_error and m.error == 22
 
 
+@pytest.mark.parametrize("iova, size, offset", [
+    (0, 1 << 63, 0),  # a length no mmap can take
+    (RAM_IOVA, 0x1000, 1 << 63),  # a file offset beyond what mmap accepts
+    (RAM_IOVA, 0x1000, (1 << 64) - 0x1000),
+])
+def test_map_with_absurd_size_or_offset_is_refused_with_einval(client, ram, caplog, iova, size, offset):
+    fd, _mm = ram
+    m = client.dma_map(iova, size, fd=fd, offset=offset)
+    assert m.is_error and m.error == errno.EINVAL
+    assert "device failed" not in caplog.text  # a refused request, not a crash in the handler
+    assert not client.dma_map(RAM_IOVA, 0x1000, fd=fd).is_error  # and the connection still serves
+
+
 def test_dma_map_fds_do_not_leak(client, ram):
     fd, _mm = ram
     before = open_fds()
