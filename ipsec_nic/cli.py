@@ -33,7 +33,8 @@ def cmd_vm_setup(args: argparse.Namespace) -> int:
     from qemu import toolchain
 
     tc = toolchain.setup(force=args.force)
-    print(f"VM toolchain ready: {tc.root} (QEMU {tc.qemu_version})")
+    version = ".".join(map(str, tc.qemu_version)) if isinstance(tc.qemu_version, tuple) else tc.qemu_version
+    print(f"VM toolchain ready: {tc.root} (QEMU {version}, from {tc.qemu_source})")
     return 0
 
 
