@@ -480,7 +480,8 @@ class EspEngine(SaEngine):
             # fast path (see __init__): option-less IPv4, AES-GCM-16, no ESN, transport, no UDP-ESP
             vt, total, idf, ttl, nh, _, src, dst = _V4_FIELDS_UNPACK_FROM(ip_packet)
             seq = self._seq + 1
-            if 20 <= total <= n and total <= _V4_FAST_MAX and seq <= self._seq_limit:
+            # (a fragment, MF or offset set in idf's low bits, takes the general path, which refuses it)
+            if 20 <= total <= n and total <= _V4_FAST_MAX and seq <= self._seq_limit and not idf & 0x3FFF:
                 if seq >= self._seq_warn:
                     self.seq_nearly_exhausted = True
                 # IV = sequence number, forced strictly increasing (module docstring); below 2^33 without
@@ -533,6 +534,9 @@ class EspEngine(SaEngine):
             nh = IPPROTO_IPV4 if ver == 4 else IPPROTO_IPV6
             payload = ip_packet
         elif ver == 4:
+            # RFC 4303 §3.1.1: transport mode protects whole datagrams only, never a fragment
+            if ip_packet[6] & 0x3F or ip_packet[7]:
+                return self._fail(_BAD_SYNTAX), b""
             nh = ip_packet[9]
             payload = ip_packet[hl:]
         else:

@@ -147,6 +147,21 @@ def test_sequence_overflow_without_esn() -> None:
     assert verdict == Verdict.OK and wire[24:28] == b"\0\0\0\0" and not esn.seq_nearly_exhausted
 
 
+@pytest.mark.parametrize("make", [gcm, cbc])
+def test_transport_mode_refuses_ipv4_fragments(make) -> None:
+    """RFC 4303 §3.1.1: transport mode applies to whole datagrams; tunnel mode carries fragments as they are."""
+    whole = bytes(IP(src="192.0.2.1", dst="192.0.2.2") / UDP() / Raw(b"x" * 40))
+    first = bytes(IP(src="192.0.2.1", dst="192.0.2.2", flags="MF") / UDP() / Raw(b"x" * 40))
+    later = bytes(IP(src="192.0.2.1", dst="192.0.2.2", frag=3, proto=17) / Raw(b"x" * 40))
+    tx = SaEngine(make(mode=Mode.TRANSPORT))
+    assert tx.encapsulate(first) == (Verdict.BAD_SYNTAX, b"")
+    assert tx.encapsulate(later) == (Verdict.BAD_SYNTAX, b"")
+    verdict, wire = tx.encapsulate(whole)
+    assert verdict == Verdict.OK and struct.unpack_from("!I", wire, 24)[0] == 1  # refusals used no number
+    tunnel = SaEngine(make(mode=Mode.TUNNEL))
+    assert tunnel.encapsulate(first)[0] == Verdict.OK
+
+
 def test_soft_and_hard_limits() -> None:
     tx = SaEngine(gcm(soft_packets=2, hard_packets=3))
     assert tx.encapsulate(packet())[0] == Verdict.OK and not tx.soft_expired
