@@ -18,7 +18,7 @@ from device.nic.regs import CryptoStatus, RxWbFlags, TxFlags, TxStatus, TxWbFlag
 from device.vfio_user.device_api import IRQ_MSIX
 from firmware_model import ndis
 
-from .conftest import GUARD, GUEST_BASE, GUEST_SIZE, make_rig
+from .conftest import GUARD, GUEST_BASE, GUEST_SIZE, Rig, make_rig
 from .test_adminq import KEY, add_sa_ex
 
 CARD_MAC = "02:49:50:4e:43:00"  # the default profile's MAC
@@ -295,10 +295,9 @@ def test_malicious_rx_descriptors(rig):
     assert drv.stat("RX_PACKETS") == 2 and drv.stat("RX_NO_BUFFER") == 0
 
 
-def test_frame_without_a_usable_descriptor_leaves_the_sa_untouched(tmp_path):
-    """A packet-offload frame that finds only unusable RX descriptors must not reach the firmware: if it
-    did, its sequence number would enter the replay window and the frame itself would be lost."""
-    r = make_rig(wire={"type": "loopback"})
+def packet_offload_rig(wire: dict) -> tuple[Rig, int, int]:
+    """An enabled card with admin/TX/RX rings and a packet-offload SA pair (SPI 0x2002) on ``wire``."""
+    r = make_rig(wire=wire)
     drv = r.drv
     drv.bus_master()
     drv.enable()
@@ -309,7 +308,14 @@ def test_frame_without_a_usable_descriptor_leaves_the_sa_untouched(tmp_path):
         wb, resp = drv.admin(ndis.Opcode.ADD_SA_PACKET, add_sa_packet(0x2002, inbound))
         assert wb.fw_status == 0, r.firmware.last_error
         handles.append(ndis.HandleResponse.unpack(resp).offload_handle)
-    out_h, in_h = handles
+    return r, handles[0], handles[1]
+
+
+def test_frame_without_a_usable_descriptor_leaves_the_sa_untouched():
+    """A packet-offload frame that finds only unusable RX descriptors must not reach the firmware: if it
+    did, its sequence number would enter the replay window and the frame itself would be lost."""
+    r, out_h, in_h = packet_offload_rig({"type": "loopback"})
+    drv = r.drv
     drv.post("rx", 0, regs.RX_DESC.pack(addr=GUEST_BASE + GUEST_SIZE - 8, buf_len=2048))  # unreachable buffer
     drv.send(udp_frame(b"first"), flags=int(TxFlags.EOP | TxFlags.IPSEC_PACKET), handle=out_h)
     r.ctx.run()
@@ -429,18 +435,8 @@ def add_sa_packet(spi: int, inbound: bool) -> bytes:
 
 
 def test_packet_offload_roundtrip_and_replay_drop(tmp_path):
-    r = make_rig(wire={"type": "loopback", "pcap": str(tmp_path / "w.pcap")})
+    r, out_h, in_h = packet_offload_rig({"type": "loopback", "pcap": str(tmp_path / "w.pcap")})
     drv = r.drv
-    drv.bus_master()
-    drv.enable()
-    for kind in ("admin", "tx", "rx"):
-        drv.setup_ring(kind, 0, 16)
-    handles = []
-    for inbound in (False, True):
-        wb, resp = drv.admin(ndis.Opcode.ADD_SA_PACKET, add_sa_packet(0x2002, inbound))
-        assert wb.fw_status == 0, r.firmware.last_error
-        handles.append(ndis.HandleResponse.unpack(resp).offload_handle)
-    out_h, in_h = handles
     rx = drv.post_rx(4)
     plain = udp_frame(b"packet offload payload")
     i = drv.send(plain, flags=int(TxFlags.EOP | TxFlags.REPORT_STATUS | TxFlags.IPSEC_PACKET), handle=out_h)
