@@ -13,8 +13,6 @@ import os
 import signal
 import struct
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IP, UDP
@@ -36,9 +34,10 @@ from firmware_model import ndis
 from firmware_model.ndis import Opcode, SaListFlags
 from firmware_model.status import NdisStatus
 from guest_tools.checks.common import encode_spec, run_check
-from ipsec_nic.runner import CardServer, run_dir, write_profile
 from qemu.launch import VfioUserCard, Vm, VmConfig
 from tests.protocol.client import VfioUserClient
+
+from .card_vm import CardVm, card_vm
 
 pytestmark = pytest.mark.vm
 
@@ -51,27 +50,14 @@ KEYS = {name: bytes(range(i, i + 16)) + bytes.fromhex(f"c0ffee{i:02x}") for i, n
         enumerate(("tamper", "replay", "out", "in", "req_out", "req_in", "cap", "flood"), 1)}
 
 
-@dataclass
-class Rig:
-    vm: Vm
-    card: CardServer
-    socket: Path
-    logs: Path
+Rig = CardVm
 
 
 @pytest.fixture(scope="module")
 def rig(toolchain, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("robustness-logs")
-    with run_dir() as d:
-        profile = write_profile(d / "card.yaml", overrides={
-            "nic": {"mac": CARD_MAC}, "firmware": {"sa_capacity": CAPACITY}, "wire": {"type": "loopback"}})
-        with CardServer(d / "card.sock", profile, logs / "card.log") as card:
-            cfg = VmConfig(cards=(VfioUserCard(d / "card.sock"),), timeout_s=240, log_dir=logs / "vm")
-            with Vm(cfg, toolchain) as vm:
-                print(f"VM up in {vm.boot_seconds:.1f} s")
-                yield Rig(vm, card, d / "card.sock", logs)
-            assert card.alive(), card.log_tail()
-            assert "Traceback" not in (logs / "card.log").read_text()
+    overrides = {"nic": {"mac": CARD_MAC}, "firmware": {"sa_capacity": CAPACITY}, "wire": {"type": "loopback"}}
+    with card_vm(toolchain, tmp_path_factory.mktemp("robustness-logs"), overrides, timeout_s=240) as rig:
+        yield rig
 
 
 def check(rig: Rig, name: str, spec: dict, vm: Vm | None = None) -> dict:

@@ -9,8 +9,7 @@ import re
 
 import pytest
 
-from ipsec_nic.runner import CardServer, run_dir, write_profile
-from qemu.launch import VfioUserCard, Vm, VmConfig
+from .card_vm import card_vm
 
 pytestmark = pytest.mark.vm
 
@@ -36,13 +35,10 @@ sas:
 
 @pytest.fixture(scope="module")
 def vm(toolchain, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("guest-cli")
-    with run_dir() as d:
-        profile = write_profile(d / "card.yaml", overrides={"wire": {"type": "loopback"}})
-        with CardServer(d / "card.sock", profile, logs / "card.log"), \
-                Vm(VmConfig(cards=(VfioUserCard(d / "card.sock"),), timeout_s=300, log_dir=logs), toolchain) as vm:
-            vm.run(f"cat > /tmp/sas.yaml <<'EOF'\n{SA_FILE}EOF", check=True)
-            yield vm
+    with card_vm(toolchain, tmp_path_factory.mktemp("guest-cli"), {"wire": {"type": "loopback"}},
+                 timeout_s=300) as rig:
+        rig.vm.run(f"cat > /tmp/sas.yaml <<'EOF'\n{SA_FILE}EOF", check=True)
+        yield rig.vm
 
 
 def cli(vm, args: str, expect: int = 0) -> str:

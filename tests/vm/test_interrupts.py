@@ -10,8 +10,6 @@ loopback: every frame sent comes back as a received frame. The checks run in the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
@@ -19,8 +17,8 @@ from scapy.layers.l2 import Ether
 from device.nic.regs import AdminStatus, Cause, IntMode, RxWbFlags, TxStatus
 from firmware_model.status import NdisStatus
 from guest_tools.checks.common import run_check
-from ipsec_nic.runner import CardServer, run_dir, write_profile
-from qemu.launch import VfioUserCard, Vm, VmConfig
+
+from .card_vm import CardVm, card_vm
 
 pytestmark = pytest.mark.vm
 
@@ -31,25 +29,15 @@ RX0 = 1 << 16
 TX0 = 1 << 8
 
 
-@dataclass
-class Rig:
-    vm: Vm
-    card: CardServer
+Rig = CardVm
 
 
 @pytest.fixture(scope="module")
 def rig(toolchain, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("irq-logs")
-    with run_dir() as d:
-        profile = write_profile(d / "card.yaml", overrides={
-            "nic": {"mac": CARD_MAC}, "firmware": {"sa_capacity": SA_CAPACITY}, "wire": {"type": "loopback"}})
-        with CardServer(d / "card.sock", profile, logs / "card.log") as card:
-            cfg = VmConfig(cards=(VfioUserCard(d / "card.sock"),), intel_iommu=True, cmdline_extra=("iommu=pt",),
-                           modules=("vfio-pci", "uio_pci_generic"), timeout_s=240, log_dir=logs / "vm")
-            with Vm(cfg, toolchain) as vm:
-                print(f"VM up in {vm.boot_seconds:.1f} s")
-                yield Rig(vm, card)
-            assert card.alive(), card.log_tail()
+    overrides = {"nic": {"mac": CARD_MAC}, "firmware": {"sa_capacity": SA_CAPACITY}, "wire": {"type": "loopback"}}
+    with card_vm(toolchain, tmp_path_factory.mktemp("irq-logs"), overrides, intel_iommu=True,
+                 cmdline_extra=("iommu=pt",), modules=("vfio-pci", "uio_pci_generic"), timeout_s=240) as rig:
+        yield rig
 
 
 def frames(count: int, size: int = 200) -> list[bytes]:
