@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from device.nic import regs
+from device.contract import regs
 
 DEFAULT_PROFILE = "default.yaml"
 WIRE_TYPES = ("none", "loopback", "dgram", "stream", "cable")

@@ -21,16 +21,10 @@ import struct
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from firmware_model.algorithms import GCM_SALT_LEN, auth_info
-from firmware_model.esp import (
-    IPV6_DSTOPTS,
-    IPV6_FRAGMENT,
-    IPV6_HOPOPTS,
-    IPV6_ROUTING,
-    U32,
-    hmac_base,
-)
-from firmware_model.params import SaParams
+from device.contract.algorithms import GCM_SALT_LEN
+from device.contract.sa import SaParams
+from firmware_model.algorithms import auth_info
+from firmware_model.esp import IPV6_DSTOPTS, IPV6_FRAGMENT, IPV6_HOPOPTS, IPV6_ROUTING, U32, hmac_base
 
 AH_FIXED = struct.Struct("!BBHII")  # next header, payload len, reserved, SPI, Seq
 AH_FIXED_LEN = 12

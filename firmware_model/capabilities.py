@@ -29,14 +29,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from device.contract.enums import AuthAlg, EncAlg, UdpEspEncapsulation
+from device.contract.ndis import NDIS_ENCAPSULATION_IEEE_802_3, CapsWire, V1UdpEspParseFlags
+from device.contract.sa import MAX_REPLAY_WINDOW
 from firmware_model.algorithms import AUTH_INFO, ENC_INFO
-from firmware_model.ndis import (
-    NDIS_ENCAPSULATION_IEEE_802_3,
-    CapsWire,
-    UdpEspEncapsulation,
-    V1UdpEspParseFlags,
-)
-from firmware_model.params import MAX_REPLAY_WINDOW, AuthAlg, EncAlg
 
 MAX_SA_CAPACITY = (1 << 20) - 1  # handle slot field is 20 bits (see sadb.py)
 

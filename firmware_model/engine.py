@@ -32,6 +32,9 @@ from dataclasses import dataclass, replace
 
 from cryptography.exceptions import InvalidTag
 
+from device.contract.algorithms import esp_align
+from device.contract.enums import IpProto, Mode
+from device.contract.sa import SaParams, effective_icv_len
 from firmware_model.ah import (
     AH_FIXED,
     AH_FIXED_LEN,
@@ -40,7 +43,7 @@ from firmware_model.ah import (
     zero_mutable_ipv4,
     zero_mutable_ipv6,
 )
-from firmware_model.algorithms import effective_icv_len
+from firmware_model.algorithms import check_sa
 from firmware_model.esp import (
     _HDR_WORDS,
     ESP_HDR,
@@ -62,7 +65,6 @@ from firmware_model.esp import (
     Verdict,
     build_esp_transform,
     classify_udp_payload,
-    esp_align,
     fold_checksum,
     ipv4_checksum,
     ipv6_find_header,
@@ -70,7 +72,6 @@ from firmware_model.esp import (
     strip_trailer,
     trailer_table,
 )
-from firmware_model.params import IpProto, Mode, SaParams
 from firmware_model.replay import REJECT, ReplayWindow
 
 SEQ_WARN_MARGIN = 1 << 20
@@ -152,7 +153,7 @@ class SaEngine:
         return super().__new__(cls)
 
     def _init_common(self, params: SaParams) -> None:
-        params.validate()
+        check_sa(params)
         self.params = params
         self.stats = SaStats()
         self.soft_expired = False

@@ -21,15 +21,11 @@ from cryptography.hazmat.primitives import hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from firmware_model.algorithms import (
-    GCM_SALT_LEN,
-    HASHES,
-    _triple_des,
-    auth_info,
-    effective_icv_len,
-    enc_info,
-)
-from firmware_model.params import EncAlg, SaParams
+from device.contract.algorithms import GCM_SALT_LEN
+from device.contract.enums import EncAlg
+from device.contract.sa import SaParams, effective_icv_len
+from device.contract.status import CryptoStatus
+from firmware_model.algorithms import HASHES, _triple_des, auth_info, enc_info
 
 
 class Verdict(IntEnum):
@@ -44,6 +40,37 @@ class Verdict(IntEnum):
     HARD_LIMIT = 6  # hard packet/byte lifetime reached; SA must be replaced
     DUMMY = 7  # next header 59: dummy/TFC packet, discard silently (RFC 4303 §2.6)
     NOT_ESP = 8  # not IPsec at all: NAT keepalive, IKE (non-ESP marker), other protocol -> pass on
+
+
+_AUTH_FAILED = {
+    # (is_ah, is_tunnel) -> status
+    (False, False): CryptoStatus.TRANSPORT_ESP_AUTH_FAILED,
+    (True, False): CryptoStatus.TRANSPORT_AH_AUTH_FAILED,
+    (False, True): CryptoStatus.TUNNEL_ESP_AUTH_FAILED,
+    (True, True): CryptoStatus.TUNNEL_AH_AUTH_FAILED,
+}
+_CRYPTO_STATUS: dict[int, CryptoStatus | None] = {
+    # A dummy packet (next header 59) passed its ICV: RFC 4303 §2.6.
+    Verdict.OK: CryptoStatus.SUCCESS,
+    Verdict.DUMMY: CryptoStatus.SUCCESS,
+    Verdict.AUTH_FAILED: None,  # depends on AH/ESP and transport/tunnel
+    Verdict.BAD_SYNTAX: CryptoStatus.INVALID_PACKET_SYNTAX,
+    Verdict.WRONG_PROTOCOL: CryptoStatus.INVALID_PROTOCOL,
+    # Every other verdict (REPLAY, HARD_LIMIT, SEQ_OVERFLOW, ...) is an outcome NDIS has no code for (NDIS
+    # leaves anti-replay to the host): GENERIC_ERROR; the precise reason travels separately as the verdict.
+}
+
+
+def crypto_status_for(verdict: int, *, ah: bool, tunnel: bool) -> CryptoStatus:
+    """Map an engine ``Verdict`` for a received packet to the NDIS CryptoStatus.
+
+    ``ah`` says which header failed (AH or ESP), ``tunnel`` whether the SA is a tunnel-mode SA
+    (NDIS distinguishes CRYPTO_TRANSPORT_* from CRYPTO_TUNNEL_* auth failures).
+    """
+    status = _CRYPTO_STATUS.get(int(verdict), CryptoStatus.GENERIC_ERROR)
+    if status is None:
+        return _AUTH_FAILED[(ah, tunnel)]
+    return status
 
 
 IPPROTO_IPV4 = 4
@@ -86,14 +113,6 @@ def trailer_table(align: int) -> list[list[bytes]]:
             table.append(row)
         _TRAILER_TABLES[align] = table
     return table
-
-
-def esp_align(block: int) -> int:
-    """RFC 4303 §2.4: ciphertext a multiple of the block size and the trailer 4-byte aligned."""
-    align = 4
-    while align % block:
-        align += 4
-    return align
 
 
 def strip_trailer(plaintext: bytes) -> tuple[int, int]:

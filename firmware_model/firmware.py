@@ -7,7 +7,7 @@ CryptoDone says a payload was checked, CryptoStatus how it went; SaDeleteReq ask
 the SA (and its paired outbound SA) and may be set on any frame of that SA.
 
 Transmit (sending-network-data-with-ipsec-offload-version-2): handle 0 means no offload (the frame goes
-out unchanged); an unknown handle fails the send (NDIS_STATUS_FAILURE, TxStatus.BAD_HANDLE).
+out unchanged); an unknown handle fails the send (NDIS_STATUS_FAILURE, TxOutcome.BAD_HANDLE).
 Packet-offload transmit (beyond NDIS) takes a plain IP frame and finds its SA by handle or selector.
 """
 
@@ -18,18 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import IntEnum
 
-from firmware_model import ndis
-from firmware_model.capabilities import Capabilities
-from firmware_model.esp import UdpPayloadKind, Verdict, classify_udp_payload
-from firmware_model.ndis import (
-    AuthenticationId,
-    EncryptionId,
+from device.contract import ndis
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode, UdpEspEncapsulation
+from device.contract.ndis import (
     NdisStatus,
     Opcode,
     ParseError,
     RejectReason,
     SaListFlags,
-    UdpEspEncapsulation,
     V1ConfAlgo,
     V1IntegrityAlgo,
     V1Operation,
@@ -38,11 +34,13 @@ from firmware_model.ndis import (
     V2Operation,
     V2SaFlags,
 )
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams, UdpEncap
+from device.contract.regs import ETH_HLEN
+from device.contract.sa import SaParams, UdpEncap
+from device.contract.status import CryptoStatus
+from firmware_model.capabilities import Capabilities
+from firmware_model.esp import UdpPayloadKind, Verdict, classify_udp_payload, crypto_status_for
 from firmware_model.sadb import Sadb, SadbEntry, SaRejected, Selector
-from firmware_model.status import CryptoStatus, crypto_status_for
 
-ETH_HLEN = 14
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 ETH_P_8021Q = 0x8100
@@ -56,7 +54,7 @@ _U16 = struct.Struct("!H")
 _U32X2 = struct.Struct("!II")
 
 
-class TxStatus(IntEnum):
+class TxOutcome(IntEnum):
     OK = 0
     NO_OFFLOAD = 1  # handle 0: passed through unchanged
     BAD_HANDLE = 2  # unknown/stale handle, inbound SA, or offload type mismatch -> NDIS_STATUS_FAILURE
@@ -69,12 +67,12 @@ class TxStatus(IntEnum):
 
 
 _TX_FROM_VERDICT = {
-    Verdict.OK: TxStatus.OK,
-    Verdict.BAD_SYNTAX: TxStatus.BAD_SYNTAX,
-    Verdict.WRONG_PROTOCOL: TxStatus.WRONG_PROTOCOL,
-    Verdict.NOT_ESP: TxStatus.WRONG_PROTOCOL,
-    Verdict.SEQ_OVERFLOW: TxStatus.SEQ_OVERFLOW,
-    Verdict.HARD_LIMIT: TxStatus.HARD_LIMIT,
+    Verdict.OK: TxOutcome.OK,
+    Verdict.BAD_SYNTAX: TxOutcome.BAD_SYNTAX,
+    Verdict.WRONG_PROTOCOL: TxOutcome.WRONG_PROTOCOL,
+    Verdict.NOT_ESP: TxOutcome.WRONG_PROTOCOL,
+    Verdict.SEQ_OVERFLOW: TxOutcome.SEQ_OVERFLOW,
+    Verdict.HARD_LIMIT: TxOutcome.HARD_LIMIT,
 }
 
 
@@ -86,7 +84,7 @@ class TxResult:
 
     @property
     def ndis_status(self) -> NdisStatus:
-        return NdisStatus.SUCCESS if self.status in (TxStatus.OK, TxStatus.NO_OFFLOAD) else NdisStatus.FAILURE
+        return NdisStatus.SUCCESS if self.status in (TxOutcome.OK, TxOutcome.NO_OFFLOAD) else NdisStatus.FAILURE
 
 
 @dataclass(slots=True)  # one per frame: slots make it cheaper to build
@@ -111,8 +109,8 @@ _GCM = {EncAlg.AES_GCM_128, EncAlg.AES_GCM_192, EncAlg.AES_GCM_256}
 HMAC_96 = 12  # HMAC-MD5-96 / HMAC-SHA1-96 ICV bytes (RFC 2403/2404)
 
 # Enum members read through their class cost ~0.3 us each on Python 3.11; the per-frame paths use these.
-_TX_OK = TxStatus.OK
-_TX_NO_OFFLOAD = TxStatus.NO_OFFLOAD
+_TX_OK = TxOutcome.OK
+_TX_NO_OFFLOAD = TxOutcome.NO_OFFLOAD
 _OUTBOUND = Direction.OUTBOUND
 _INBOUND = Direction.INBOUND
 _AH = IpProto.AH
@@ -444,7 +442,7 @@ class Firmware:
         return out
 
     def _v2_auth(self, key: bytes, info: ndis.AlgoInfoV2, i: int) -> tuple[AuthAlg, bytes]:
-        if info.identifier == AuthenticationId.NONE:
+        if info.identifier == AuthAlg.NONE:
             if info.key_length:
                 raise self._count(RejectReason.BAD_KEY, f"sec_assoc[{i}]: key for authentication NONE")
             return AuthAlg.NONE, b""
@@ -596,19 +594,19 @@ class Firmware:
         l3, _ = _l3_offset(frame)
         if l3 < 0:
             st.tx_errors += 1
-            return TxResult(TxStatus.BAD_SYNTAX, None)
+            return TxResult(TxOutcome.BAD_SYNTAX, None)
         if packet_offload:
             return self._tx_packet(frame, l3, handle)
         sa = self.sadb.get(handle)
         if sa is None or sa.direction != _OUTBOUND or sa.packet_offload:
             st.tx_bad_handle += 1
-            return TxResult(TxStatus.BAD_HANDLE, None)
+            return TxResult(TxOutcome.BAD_HANDLE, None)
         buf = bytearray(frame)
         rt = sa.runtime()
         verdict = rt.crypto_encrypt(buf, l3)
         if verdict:  # anything but Verdict.OK (0)
             st.tx_errors += 1
-            return TxResult(_TX_FROM_VERDICT.get(verdict, TxStatus.ERROR), None)
+            return TxResult(_TX_FROM_VERDICT.get(verdict, TxOutcome.ERROR), None)
         st.tx_crypto += 1
         if not sa.params[0].esn and self._seq_near_end(buf, l3, sa):
             self.sadb.request_delete(sa)
@@ -621,18 +619,18 @@ class Firmware:
             sa = self.sadb.get(handle)
             if sa is None or sa.direction != _OUTBOUND or not sa.packet_offload:
                 st.tx_bad_handle += 1
-                return TxResult(TxStatus.BAD_HANDLE, None)
+                return TxResult(TxOutcome.BAD_HANDLE, None)
         else:
             key = _selector_key(ip)
             sa = self.sadb.lookup_selector(*key) if key else None
             if sa is None:
                 st.tx_errors += 1
-                return TxResult(TxStatus.NO_SA, None)
+                return TxResult(TxOutcome.NO_SA, None)
         rt = sa.runtime()
         verdict, out = rt.encapsulate(ip)
         if verdict:  # anything but Verdict.OK (0)
             st.tx_errors += 1
-            return TxResult(_TX_FROM_VERDICT.get(verdict, TxStatus.ERROR), None, self._check_lifetime(sa, rt))
+            return TxResult(_TX_FROM_VERDICT.get(verdict, TxOutcome.ERROR), None, self._check_lifetime(sa, rt))
         st.tx_packet_offload += 1
         return TxResult(_TX_OK, _reframe(frame, l3, out), self._check_lifetime(sa, rt))
 
@@ -882,5 +880,5 @@ def _default_selector(p: SaParams) -> Selector | None:
 
 
 __all__ = [
-    "Firmware", "GlobalStats", "RxResult", "TxResult", "TxStatus", "EncryptionId", "AuthenticationId",
+    "Firmware", "GlobalStats", "RxResult", "TxResult", "TxOutcome", "EncAlg", "AuthAlg",
 ]

@@ -22,14 +22,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from device.contract.enums import AuthAlg, Direction
+from device.contract.sa import MAX_REPLAY_WINDOW, SaParams
+from device.contract.sa_file import SaFileError, load_sa_file
+from device.contract.status import CryptoStatus
 from firmware_model.algorithms import AUTH_INFO, ENC_INFO
 from firmware_model.capabilities import MAX_SA_CAPACITY, Capabilities, UdpEspEncapsulation
 from firmware_model.esp import Verdict
-from firmware_model.firmware import Firmware, TxStatus
-from firmware_model.params import MAX_REPLAY_WINDOW, AuthAlg, Direction, SaParams
-from firmware_model.sa_file import SaFileError, load_sa_file
+from firmware_model.firmware import Firmware, TxOutcome
 from firmware_model.sadb import SaRejected
-from firmware_model.status import CryptoStatus
 
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = 101
@@ -169,8 +170,8 @@ def run(action: str, sa_path: str, in_path: str, out_path: str, out=None) -> int
             continue
         if action == "encap":
             res = fw.transmit(frame, 0, packet_offload=True)
-            counts[TxStatus(res.status).name.lower()] += 1
-            if res.status == TxStatus.OK and res.frame is not None:
+            counts[TxOutcome(res.status).name.lower()] += 1
+            if res.status == TxOutcome.OK and res.frame is not None:
                 written.append(replace(rec, data=_from_frame(res.frame, header.linktype)))
         else:
             rx = fw.receive(frame)
@@ -206,7 +207,7 @@ def add_fw_subparser(subparsers) -> argparse.ArgumentParser:
     for action, text in (("encap", "protect plain packets with the outbound SAs"),
                          ("decap", "check and strip ESP with the inbound SAs")):
         p = actions.add_parser(action, help=text, description=text)
-        p.add_argument("--sa", required=True, help="SA file (YAML, see firmware_model/sa_file.py)")
+        p.add_argument("--sa", required=True, help="SA file (YAML, see device/contract/sa_file.py)")
         p.add_argument("--in", dest="input", required=True, help="input pcap")
         p.add_argument("--out", dest="output", required=True, help="output pcap")
         p.set_defaults(func=handle)

@@ -26,11 +26,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from firmware_model.algorithms import ENC_INFO, UnsupportedAlgorithm
+from device.contract.enums import Direction, IpProto, Mode
+from device.contract.ndis import RejectReason
+from device.contract.sa import SaInvalid, SaParams, parse_address
+from device.contract.status import NdisStatus
+from firmware_model.algorithms import ENC_INFO, check_sa
 from firmware_model.capabilities import Capabilities
-from firmware_model.ndis import RejectReason
-from firmware_model.params import MIN_SPI, Direction, IpProto, Mode, SaParams, parse_address
-from firmware_model.status import NdisStatus
 
 VALID = 1 << 31
 SLOT_BITS = 20
@@ -282,15 +283,10 @@ class Sadb:
 
     def _check_one(self, p: SaParams, packet_offload: bool) -> None:
         caps = self.caps
-        if not MIN_SPI <= p.spi <= 0xFFFF_FFFF:
-            raise SaRejected(RejectReason.BAD_SPI, f"SPI {p.spi:#x} outside {MIN_SPI}..0xffffffff (RFC 4303 §2.1)")
         try:
-            src_version = _parse(p.src)[0]
             dst_version = _parse(p.dst)[0]
-        except (ValueError, TypeError) as exc:
-            raise SaRejected(RejectReason.BAD_ADDRESS, f"bad SA address: {exc}") from None
-        if src_version != dst_version:
-            raise SaRejected(RejectReason.BAD_ADDRESS, "SA src and dst differ in IP family")
+        except (ValueError, TypeError):
+            dst_version = 0  # validate_sa below names the bad address
         if dst_version == 6 and not caps.ipv6:
             raise SaRejected(RejectReason.UNSUPPORTED_FEATURE, "IPv6 SAs are not enabled")
         if p.proto == _ESP and not caps.esp:
@@ -317,17 +313,14 @@ class Sadb:
                              "is not enabled")
         if p.auth_alg and p.auth_alg not in caps.integrity:
             raise SaRejected(RejectReason.UNSUPPORTED_ALGORITHM, f"integrity {p.auth_alg.name} is not enabled")
-        enc_kind = ENC_INFO[p.enc_alg].kind if p.enc_alg in ENC_INFO else ""
-        if p.proto == _ESP and enc_kind == "cbc" and not p.auth_alg:
+        if p.proto == _ESP and ENC_INFO[p.enc_alg].kind == "cbc" and not p.auth_alg:
             # datasheet decision: NDIS says no IPsec packet may go without authentication; only combined
             # modes (AES-GCM) carry their own.
             raise SaRejected(RejectReason.UNSUPPORTED_ALGORITHM, "CBC encryption without integrity is refused")
         try:
-            p.validate()
-        except UnsupportedAlgorithm as exc:
-            raise SaRejected(RejectReason.UNSUPPORTED_ALGORITHM, str(exc)) from None
-        except ValueError as exc:
-            raise SaRejected(_classify(str(exc)), str(exc)) from None
+            check_sa(p)  # the card-independent checks: one reason per refusal
+        except SaInvalid as exc:
+            raise SaRejected(exc.reason, str(exc)) from None
 
     @staticmethod
     def _inbound_key(p: SaParams) -> tuple:
@@ -464,18 +457,3 @@ class Sadb:
             self._parser_ports[entry.port] = left
         else:
             self._parser_ports.pop(entry.port, None)
-
-
-def _classify(message: str) -> RejectReason:
-    low = message.lower()
-    if "icv" in low:
-        return RejectReason.BAD_ICV_LENGTH
-    if "key" in low:
-        return RejectReason.BAD_KEY
-    if "spi" in low:
-        return RejectReason.BAD_SPI
-    if "address" in low or "family" in low or "inner_" in low:
-        return RejectReason.BAD_ADDRESS
-    if "encapsulation" in low or "udp" in low:
-        return RejectReason.BAD_ENCAPSULATION
-    return RejectReason.BAD_PARAMETER

@@ -143,9 +143,9 @@ def _alg_key(text: str, what: str) -> tuple[str, bytes]:
 
 def params_from_args(a: argparse.Namespace):
     """SaParams from `sa add` flags; UsageError with a one-line reason."""
-    from firmware_model.algorithms import UnsupportedAlgorithm
-    from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams, UdpEncap
-    from firmware_model.sa_file import AUTH_BY_NAME, ENC_BY_NAME
+    from device.contract.algorithms import AUTH_BY_NAME, ENC_BY_NAME
+    from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+    from device.contract.sa import SaInvalid, SaParams, UdpEncap, validate_sa
 
     missing = [n for n in ("spi", "dir", "src", "dst") if getattr(a, n) is None]
     if missing:
@@ -172,7 +172,7 @@ def params_from_args(a: argparse.Namespace):
             raise UsageError(f"unknown integrity algorithm {name!r} (one of {', '.join(AUTH_BY_NAME)})")
         auth_alg = AUTH_BY_NAME[name]
         if not a.aead:
-            from firmware_model.algorithms import AUTH_INFO
+            from device.contract.algorithms import AUTH_INFO
 
             icv = AUTH_INFO[auth_alg].icv_len
     encap = None
@@ -193,8 +193,8 @@ def params_from_args(a: argparse.Namespace):
         seq=a.seq, replay_window=a.replay_window, encap=encap, inner_src=a.inner_src, inner_dst=a.inner_dst,
     )
     try:
-        params.validate()
-    except (UnsupportedAlgorithm, ValueError) as exc:
+        validate_sa(params)
+    except SaInvalid as exc:
         raise UsageError(f"SA {a.spi:#x}: {exc}") from None
     return params
 
@@ -257,7 +257,7 @@ class Session:
 
     # -- identity / stats
     def cmd_caps(self, a):
-        from device.nic.regs import Features
+        from device.contract.regs import Features
 
         card = self.open(a)
         i = card.ident
@@ -295,7 +295,7 @@ class Session:
     # -- SAs
     def cmd_sa_add(self, a):
         if a.sa:
-            from firmware_model.sa_file import load_sa_file
+            from device.contract.sa_file import load_sa_file
 
             try:
                 all_params = load_sa_file(a.sa)
@@ -328,7 +328,7 @@ class Session:
         self.print(f"{a.handle:#010x}: ESN high half {a.seq_hi:#x}")
 
     def cmd_sa_list(self, a):
-        from firmware_model.ndis import SaListFlags
+        from device.contract.ndis import SaListFlags
 
         rows = self.open(a).list_sas()
         self.print(f"{len(rows)} SA(s)")

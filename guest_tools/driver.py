@@ -1,7 +1,7 @@
 """User-space driver for the ipsec-nic card (runs in the guest on its python3, or in host tests).
 
 Shape follows ixy: :meth:`Card.init` is a straight sequence of steps, one method per step, each named
-after the registers it programs (device/nic/regs.py is the register contract; docs/datasheet.md renders
+after the registers it programs (device/contract/regs.py is the register contract; docs/datasheet.md renders
 it). DMA memory comes as :class:`~guest_tools.dma.DmaBuffer` (view, iova) pairs; register access goes
 through :class:`~guest_tools.mmio.Mmio`. Both are injected, so tests run this very driver against the
 device model in one process (tests/guest/harness.py).
@@ -26,8 +26,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from device.nic import regs
-from device.nic.regs import (
+from device.contract import ndis, regs
+from device.contract import sa as sa_codec
+from device.contract.enums import Direction, IpProto
+from device.contract.ndis import Opcode
+from device.contract.regs import (
     ADMIN_DESC,
     RX_DESC,
     TX_DESC,
@@ -46,10 +49,8 @@ from device.nic.regs import (
     TxStatus,
     TxWbFlags,
 )
-from firmware_model import ndis
-from firmware_model.ndis import Opcode
-from firmware_model.params import Direction, IpProto, SaParams
-from firmware_model.status import NdisStatus
+from device.contract.sa import SaParams
+from device.contract.status import NdisStatus
 from guest_tools import packets
 from guest_tools import sa as sa_wire
 from guest_tools.dma import DmaMemory
@@ -615,15 +616,15 @@ class Card:
             if offload == "packet":
                 if v1:
                     raise ValueError("v1 commands have no packet offload")
-                opcode, request = Opcode.ADD_SA_PACKET, sa_wire.add_sa_packet(params)
+                opcode, request = Opcode.ADD_SA_PACKET, sa_codec.add_sa_packet(params)
             elif offload != "crypto":
                 raise ValueError(f"offload must be 'crypto' or 'packet', not {offload!r}")
             elif v1 and params.encap is not None:
-                opcode, request = Opcode.V1_ADD_UDPESP_SA, sa_wire.v1_add_udpesp_sa(params)
+                opcode, request = Opcode.V1_ADD_UDPESP_SA, sa_codec.v1_add_udpesp_sa(params)
             elif v1:
-                opcode, request = Opcode.V1_ADD_SA, sa_wire.v1_add_sa(params)
+                opcode, request = Opcode.V1_ADD_SA, sa_codec.v1_add_sa(params)
             else:
-                opcode, request = Opcode.V2_ADD_SA_EX, sa_wire.v2_add_sa_ex(params)
+                opcode, request = Opcode.V2_ADD_SA_EX, sa_codec.v2_add_sa_ex(params)
         except ValueError as exc:
             raise CardError(f"SA {params.spi:#x} cannot be offloaded: {exc}") from None
         response = self.command(opcode, request)
@@ -641,7 +642,7 @@ class Card:
         return handle
 
     def delete_sa(self, handles: list[int]) -> None:
-        self.command(Opcode.V2_DELETE_SA, sa_wire.v2_delete(handles))
+        self.command(Opcode.V2_DELETE_SA, sa_codec.v2_delete(handles))
         for h in handles:
             self.host.sas.pop(h, None)
         self.host.save()
@@ -682,7 +683,7 @@ class Card:
                 spi, proto = match[0].spi, IpProto(match[0].proto)
             else:
                 spi = known.spi
-        self.command(Opcode.V2_UPDATE_SA, sa_wire.v2_update_sa(handle, spi, seq_hi, proto))
+        self.command(Opcode.V2_UPDATE_SA, sa_codec.v2_update_sa(handle, spi, seq_hi, proto))
         known = self.host.get(handle)
         if known is not None:
             known.seq_hi_pushed = seq_hi

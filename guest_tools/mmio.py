@@ -1,7 +1,7 @@
 """Register access to the card's BAR0: one small interface, several backends.
 
 The driver only ever calls ``read32(offset)`` / ``write32(offset, value)`` (all registers are 32-bit,
-little-endian, device/nic/regs.py). Backends:
+little-endian, device/contract/regs.py). Backends:
 
 * :class:`MappedMmio` - a mmap of BAR0 (sysfs ``resource0`` or a vfio region): each access is one
   fixed-width load/store through ctypes, so the CPU issues exactly one 32-bit MMIO (a Python slice of

@@ -15,9 +15,10 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from device.contract.regs import ETH_HLEN
+
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
-ETH_HLEN = 14
 IPPROTO_IPIP = 4
 IPPROTO_UDP = 17
 IPPROTO_IPV6 = 41
@@ -121,7 +122,7 @@ def pattern_payload(size: int, counter: int) -> bytes:
 
 @dataclass(frozen=True)
 class EspGeometry:
-    """What the host needs to frame ESP for one SA (from firmware_model.algorithms facts)."""
+    """What the host needs to frame ESP for one SA (from device.contract.algorithms facts)."""
 
     spi: int
     iv_len: int

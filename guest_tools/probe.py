@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from device.nic import regs
+from device.contract import regs
+from device.contract.enums import UdpEspEncapsulation
 from guest_tools import pci
 
 # Registers the probe reads: everything in the identity, capability and control blocks, plus the
@@ -70,7 +71,7 @@ def decode(values: Mapping[str, int]) -> dict[str, Any]:
         "sa_capacity": v["SA_CAPACITY"],
         "encryption": flag_names(regs.EncAlg, v["ENC_ALGOS"]),
         "integrity": flag_names(regs.AuthAlg, v["AUTH_ALGOS"]),
-        "udp_esp": flag_names(regs.UdpEsp, v["UDP_ESP"]),
+        "udp_esp": flag_names(UdpEspEncapsulation, v["UDP_ESP"]),
         "max_replay_window": v["MAX_REPLAY_WINDOW"],
         "tx_queues": v["NUM_TXQ"],
         "rx_queues": v["NUM_RXQ"],

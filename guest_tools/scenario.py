@@ -12,7 +12,7 @@ card's frames and reads what the card received. The peer's sockets are opened in
 (os.setns), so a single process drives both ends: the peer kernel works asynchronously when a socket
 sends or a frame arrives.
 
-A scenario: SAs for both directions built from one spec, in the SA-file shape (firmware_model.sa_file)
+A scenario: SAs for both directions built from one spec, in the SA-file shape (device.contract.sa_file)
 with keys drawn here (they never leave the guest); the card gets them through the admin queue, the
 peer gets the mirrored states and policies. Traffic: ``count`` UDP datagrams card -> peer (the card
 encrypts) and peer -> card (the card decrypts); payloads are a pure function of (name, direction,
@@ -445,7 +445,7 @@ def _peer_to_card(card, spec: Spec, handle: int, addrs: tuple[str, str], tx: soc
 
 def run(spec: Spec) -> dict[str, Any]:
     """Run one scenario; returns the result (JSON-able). Raises ScenarioError if it cannot be set up."""
-    from firmware_model.sa_file import parse_sa_document
+    from device.contract.sa_file import parse_sa_document
     from guest_tools.driver import open_card
 
     t0 = time.monotonic()

@@ -24,7 +24,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.sa import SaParams
 
 DEFAULT_NETNS = "peer"
 DEFAULT_REPLAY_WINDOW = 128  # the peer's inbound window when the card's SA does not say (ESN needs one)

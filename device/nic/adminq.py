@@ -23,8 +23,8 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from device.nic import regs
-from device.nic.regs import AdminFlags, AdminStatus
+from device.contract import regs
+from device.contract.regs import AdminFlags, AdminStatus
 from device.nic.rings import STAT, RingRegs
 from device.vfio_user.device_api import DmaAccess, DmaError
 

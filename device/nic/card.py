@@ -1,7 +1,7 @@
 """The NIC's BAR0 register file (identity, capabilities, control, interrupts, ring registers, stats).
 
 Structure follows QEMU's igb (hw/net/igb_core.c): register values live in one array indexed by
-offset/4, reset is a copy of a reset image built from the register table in device/nic/regs.py, and
+offset/4, reset is a copy of a reset image built from the register table in device/contract/regs.py, and
 registers with behaviour are named in sparse read/write dispatch dicts; everything else shares a
 generic store. Unknown or read-only writes are counted and logged once, never fatal.
 
@@ -21,9 +21,9 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from device.nic import regs
+from device.contract import regs
+from device.contract.regs import Access, Cause, Ctrl, ErrCode, IntMode, QueueCtrl, QueueId, Status
 from device.nic.datapath import Datapath
-from device.nic.regs import Access, Cause, Ctrl, ErrCode, IntMode, QueueCtrl, QueueId, Status
 from device.nic.wire import wire_from_profile
 from device.pci.capabilities import eui64_from_mac
 from device.pci.config_space import BarLayout, BarType

@@ -46,17 +46,16 @@ from collections import deque
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from device.nic import regs
+from device.contract import regs
+from device.contract.enums import IpProto
+from device.contract.regs import ETH_HLEN, Ctrl, ErrCode, RxWbFlags, TxFlags, TxStatus, TxWbFlags
 from device.nic.adminq import AdminQueue
-from device.nic.regs import Ctrl, ErrCode, RxWbFlags, TxFlags, TxStatus, TxWbFlags
 from device.nic.rings import STAT, RingRegs, fetch_block
 from device.nic.wire import Wire
 from device.pci.config_space import Command
 from device.vfio_user.device_api import DeviceContext, DmaError
 from firmware_model.esp import Verdict
-from firmware_model.firmware import Firmware
-from firmware_model.firmware import TxStatus as FwTxStatus
-from firmware_model.params import IpProto
+from firmware_model.firmware import Firmware, TxOutcome
 
 if TYPE_CHECKING:
     from device.nic.card import NicCard
@@ -67,7 +66,6 @@ TX_BUDGET = 256  # descriptors per TX pass before yielding to the loop
 TX_MAX_FRAGS = 64  # descriptors one frame may span
 RX_BACKLOG = 64  # frames waiting for an RX descriptor
 RX_BACKLOG_BYTES = 256 * 1024
-ETH_HLEN = 14
 VLAN_HLEN = 4
 
 # Statistics counter indices (card.Stat order).
@@ -385,9 +383,9 @@ class Datapath:
             fw_status = result.status
             if result.sa_delete_req:
                 self._cause(_SA_DELETE_CAUSE)
-            if fw_status != FwTxStatus.OK or result.frame is None:
+            if fw_status != TxOutcome.OK or result.frame is None:
                 stats[TX_OFFLOAD_ERROR] += 1
-                return (TxStatus.BAD_HANDLE if fw_status == FwTxStatus.BAD_HANDLE else TxStatus.OFFLOAD_FAILED), rs
+                return (TxStatus.BAD_HANDLE if fw_status == TxOutcome.BAD_HANDLE else TxStatus.OFFLOAD_FAILED), rs
             frame = result.frame
             stats[TX_CRYPTO_OK] += 1
         if self.wire.send(frame):

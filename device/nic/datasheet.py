@@ -6,8 +6,8 @@
 Blocks, each between its own BEGIN/END markers (tests/unit/test_regs_datasheet.py and
 tests/unit/test_datasheet_commands.py check that the document holds exactly this text):
 
-- registers (§3): ``device.nic.regs.datasheet_tables()``, with regs' own markers;
-- admin commands (§5): ``firmware_model.ndis.COMMANDS`` and every ``Layout``;
+- registers (§3): ``device.contract.regs.datasheet_tables()``, with regs' own markers;
+- admin commands (§5): ``device.contract.ndis.COMMANDS`` and every ``Layout``;
 - status codes (§6): NdisStatus, RejectReason, AdminStatus, TxStatus, CryptoStatus and what produces each;
 - algorithms (§7): key, IV, padding and ICV sizes from ``firmware_model.algorithms``;
 - card profile (§11): every profile key with its default, read from the dataclasses the loader fills.
@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device import profile as card_profile
-from device.nic import regs
-from firmware_model import ndis
+from device.contract import ndis, regs
+from device.contract.algorithms import esp_align
+from device.contract.enums import AuthAlg, EncAlg, Mode, UdpEspEncapsulation
+from device.contract.status import NdisStatus
 from firmware_model.algorithms import AUTH_INFO, ENC_INFO
 from firmware_model.capabilities import UDP_ESP_NAMES, Capabilities
-from firmware_model.esp import esp_align
-from firmware_model.params import AuthAlg, EncAlg
 from firmware_model.sadb import SaRejected
-from firmware_model.status import NdisStatus
 
 # ---------------------------------------------------------------------------------------------------
 # §6 texts: the situations that produce each value (keyed by member name)
@@ -221,9 +220,9 @@ def admin_command_tables() -> str:
                   ((f"0x{int(c.opcode):04X}", c.opcode.name, c.ndis, c.request, c.response, c.semantics)
                    for c in ndis.COMMANDS))
     out += ["", "### 5.4 Constants", ""]
-    constants = (ndis.EncryptionId, ndis.AuthenticationId, ndis.UdpEspEncapsulation, ndis.V2AddFlags,
+    constants = (EncAlg, AuthAlg, UdpEspEncapsulation, ndis.V2AddFlags,
                  ndis.V2SaFlags, ndis.V2Operation, ndis.V1Operation, ndis.V1ConfAlgo, ndis.V1IntegrityAlgo,
-                 ndis.V1SaFlags, ndis.UdpEncapType, ndis.V1UdpEspParseFlags, ndis.SaMode, ndis.SaListFlags)
+                 ndis.V1SaFlags, ndis.UdpEncapType, ndis.V1UdpEspParseFlags, Mode, ndis.SaListFlags)
     out += _table(("Type", "Values"), ((c.__name__, _flag_values(c)) for c in constants))
     out += ["", "### 5.5 Structures", "",
             "Offsets are from the start of the structure; `u8[N]` fields are raw bytes, everything else is "
@@ -369,8 +368,8 @@ def _block(name: str, source: str, render: Callable[[], str]) -> Block:
 
 BLOCKS: tuple[Block, ...] = (
     Block("registers", regs.DATASHEET_BEGIN, regs.DATASHEET_END, regs.datasheet_tables),
-    _block("admin commands", "firmware_model/ndis.py", admin_command_tables),
-    _block("status codes", "firmware_model/status.py + device/nic/regs.py", status_code_tables),
+    _block("admin commands", "device/contract/ndis.py", admin_command_tables),
+    _block("status codes", "device/contract/status.py + device/contract/regs.py", status_code_tables),
     _block("algorithms", "firmware_model/algorithms.py", algorithm_tables),
     _block("card profile", "device/profile.py + firmware_model/capabilities.py", profile_table),
 )

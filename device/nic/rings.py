@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from device.nic import regs
+from device.contract import regs
 from device.vfio_user.device_api import DmaAccess
 
 # Index of each statistics counter (regs.STATISTICS order = card.Stat values = register order).

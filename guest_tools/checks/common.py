@@ -20,9 +20,10 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from device.nic import regs
-from device.nic.regs import ADMIN_DESC, RX_DESC, TX_DESC, AdminFlags, TxWbFlags
-from firmware_model.params import Direction, EncAlg, IpProto, Mode, SaParams
+from device.contract import regs
+from device.contract.enums import Direction, EncAlg, IpProto, Mode
+from device.contract.regs import ADMIN_DESC, RX_DESC, TX_DESC, AdminFlags, TxWbFlags
+from device.contract.sa import SaParams
 from guest_tools.driver import Card
 
 RESULT_PREFIX = "@@check-result "

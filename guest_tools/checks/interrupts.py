@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device.nic import regs
-from device.nic.regs import Cause, Ctrl, IntMode, RxWbFlags
-from firmware_model import ndis
-from firmware_model.ndis import Opcode
+from device.contract import ndis, regs
+from device.contract.ndis import Opcode
+from device.contract.regs import Cause, Ctrl, IntMode, RxWbFlags
 from guest_tools import pci
 from guest_tools.checks.common import admin_done, admin_result, main, post_admin, recv_n, stats_delta
 from guest_tools.dma import PagemapMemory

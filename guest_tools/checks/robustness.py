@@ -14,13 +14,13 @@ import sys
 import time
 from typing import Any
 
-from device.nic import regs
-from device.nic.regs import TX_DESC, Ctrl, Status, TxFlags, TxWbFlags
-from firmware_model import ndis
-from firmware_model.ndis import Opcode
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams, UdpEncap
+from device.contract import ndis, regs
+from device.contract import sa as sa_codec
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.ndis import Opcode
+from device.contract.regs import TX_DESC, Ctrl, Status, TxFlags, TxWbFlags
+from device.contract.sa import SaParams, UdpEncap
 from guest_tools import packets
-from guest_tools import sa as sa_wire
 from guest_tools.checks.common import (
     admin_result,
     gcm_sa,
@@ -129,7 +129,7 @@ def check_sa_delete(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _v2_list_entry(p: SaParams) -> ndis.V2AddSa:
-    fields = sa_wire._v2_common(p, allow_any_port=False)
+    fields = sa_codec._v2_common(p, allow_any_port=False)
     fields.pop("key_offset")
     return ndis.V2AddSa(next_offset=0, **fields)
 
@@ -158,10 +158,10 @@ def check_capacity(spec: dict[str, Any]) -> dict[str, Any]:
         first = [card.add_sa(sa(0x5001 + i)) for i in range(capacity - 2)]
         out: dict[str, Any] = {"capacity": capacity, "first": first}
         out["list_partial"] = _v2_add_list(card, [sa(0x5101 + i) for i in range(4)])
-        fw_status, response = card.admin(Opcode.V2_ADD_SA_EX, sa_wire.v2_add_sa_ex(sa(0x5201)))
+        fw_status, response = card.admin(Opcode.V2_ADD_SA_EX, sa_codec.v2_add_sa_ex(sa(0x5201)))
         out["single_full"] = {"fw_status": fw_status, "response": response.hex()}
         parsers_before = card.firmware_stats().parser_entries
-        udp_request = sa_wire.v1_add_udpesp_sa(_udpesp_sa(0x5301))
+        udp_request = sa_codec.v1_add_udpesp_sa(_udpesp_sa(0x5301))
         fw_status, response = card.admin(Opcode.V1_ADD_UDPESP_SA, udp_request)
         out["v1_udpesp_full"] = {"fw_status": fw_status, "response": response.hex(),
                                  "parsers_before": parsers_before,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from device.nic import regs
+from device.contract import regs
 from guest_tools import pci
 from guest_tools.checks.common import gcm_sa, main, recv_n, stats_delta
 from guest_tools.driver import Card, open_card

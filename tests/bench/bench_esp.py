@@ -23,11 +23,12 @@ import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from device.contract.enums import Direction, EncAlg, IpProto, Mode
+from device.contract.sa import SaParams
+from device.contract.status import CryptoStatus
 from firmware_model.capabilities import Capabilities
 from firmware_model.engine import SaEngine
-from firmware_model.firmware import Firmware, TxStatus
-from firmware_model.params import Direction, EncAlg, IpProto, Mode, SaParams
-from firmware_model.status import CryptoStatus
+from firmware_model.firmware import Firmware, TxOutcome
 
 ETH_HEAD = bytes.fromhex("020000000002" "020000000001" "0800")
 SRC, DST = "10.0.0.1", "10.0.0.2"
@@ -111,7 +112,7 @@ def main() -> None:
         plain_frame = ETH_HEAD + pkt
         crypto_wire = tx_fw.transmit(crypto_frame, h_crypto, False)
         packet_wire = tx_fw.transmit(plain_frame, h_packet, True)
-        assert crypto_wire.status == packet_wire.status == TxStatus.OK
+        assert crypto_wire.status == packet_wire.status == TxOutcome.OK
         got = rx_fw.receive(crypto_wire.frame)
         assert got.crypto_status == CryptoStatus.SUCCESS and got.frame[50:30 + size] == crypto_frame[50:30 + size]
         assert rx_fw.receive(packet_wire.frame).frame == plain_frame

@@ -17,8 +17,9 @@ import resource
 import time
 from dataclasses import replace
 
+from device.contract.enums import Direction, EncAlg, IpProto, Mode
+from device.contract.sa import SaParams
 from firmware_model.capabilities import Capabilities
-from firmware_model.params import Direction, EncAlg, IpProto, Mode, SaParams
 from firmware_model.sadb import Sadb
 
 BASE = SaParams(spi=0x1000, proto=IpProto.ESP, direction=Direction.INBOUND, mode=Mode.TRANSPORT,

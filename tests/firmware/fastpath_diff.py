@@ -16,8 +16,9 @@ import sys
 from collections import Counter
 from dataclasses import astuple
 
+from device.contract.enums import Direction, EncAlg, IpProto, Mode
+from device.contract.sa import SaParams
 from firmware_model.engine import SaEngine
-from firmware_model.params import Direction, EncAlg, IpProto, Mode, SaParams
 
 KEY = bytes(range(16)) + b"salt"
 

@@ -1,4 +1,4 @@
-"""Request builders shared by the SADB/command tests (built from firmware_model.ndis layouts)."""
+"""Request builders shared by the SADB/command tests (built from device.contract.ndis layouts)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from firmware_model import ndis
-from firmware_model.ndis import AlgoInfoV2, EncryptionId, SaV2, V2AddFlags, V2Operation, V2SaFlags
+from device.contract import ndis
+from device.contract.enums import EncAlg
+from device.contract.ndis import AlgoInfoV2, SaV2, V2AddFlags, V2Operation, V2SaFlags
 
 GCM_KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 SALT = bytes.fromhex("cafebabe")
@@ -21,13 +22,13 @@ def gcm_sa(spi: int, key: bytes = GCM_KEY + SALT, *, icv: int = 16, esn: bool = 
            offset: int = 0) -> SaV2:
     return SaV2(
         flags=V2SaFlags.ESN_SA if esn else 0, operation=V2Operation.ESP, spi=spi,
-        encryption_algorithm=AlgoInfoV2(EncryptionId.AES_GCM_128, len(key), offset, icv),
+        encryption_algorithm=AlgoInfoV2(EncAlg.AES_GCM_128, len(key), offset, icv),
         sequence_number_high_order=hi,
     )
 
 
 def v2_entry(spi: int, *, inbound: bool, src: str = A, dst: str = B, key: bytes = GCM_KEY + SALT,
-             enc_id: int = EncryptionId.AES_GCM_128, esn: bool = False, hi: int = 0, udp: int = 0) -> ndis.V2AddSa:
+             enc_id: int = EncAlg.AES_GCM_128, esn: bool = False, hi: int = 0, udp: int = 0) -> ndis.V2AddSa:
     sa = SaV2(flags=V2SaFlags.ESN_SA if esn else 0, operation=V2Operation.ESP, spi=spi,
               encryption_algorithm=AlgoInfoV2(enc_id, len(key), 0, 16), sequence_number_high_order=hi)
     ipv6 = ":" in dst

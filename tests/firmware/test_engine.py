@@ -13,10 +13,10 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.packet import Raw, raw
 
-from firmware_model.algorithms import UnsupportedAlgorithm
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.sa import SaParams, UdpEncap, UnsupportedAlgorithm
 from firmware_model.engine import SEQ_WARN_MARGIN, AhEngine, EspEngine, SaBundle, SaEngine
 from firmware_model.esp import UdpPayloadKind, Verdict, classify_udp_payload
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams, UdpEncap
 
 SRC, DST = "198.51.100.1", "198.51.100.2"
 

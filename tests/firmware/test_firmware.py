@@ -10,11 +10,12 @@ from scapy.layers.ipsec import ESP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from firmware_model import ndis
+from device.contract import ndis
+from device.contract.enums import EncAlg, Mode, UdpEspEncapsulation
+from device.contract.ndis import NdisStatus, Opcode, SaListFlags
+from device.contract.status import CryptoStatus
 from firmware_model.capabilities import Capabilities
-from firmware_model.firmware import Firmware, TxStatus
-from firmware_model.ndis import NdisStatus, Opcode, SaListFlags
-from firmware_model.status import CryptoStatus
+from firmware_model.firmware import Firmware, TxOutcome
 
 from .fw_builders import GCM_KEY, SALT, A, B, add_sa_ex, esp_frame, scapy_gcm, v2_entry
 
@@ -40,7 +41,7 @@ def test_v2_add_sa_partial_success_gives_null_handle_for_failed_entries():
     fw = Firmware(Capabilities())
     req = ndis.pack_v2_add_sa_list([
         v2_entry(0x1001, inbound=True),
-        v2_entry(0x1002, inbound=True, enc_id=ndis.EncryptionId.DES_CBC, key=bytes(8)),  # DES is refused
+        v2_entry(0x1002, inbound=True, enc_id=EncAlg.DES_CBC, key=bytes(8)),  # DES is refused
         v2_entry(0x1003, inbound=True, key=GCM_KEY),  # key without salt: wrong length
         v2_entry(0x1004, inbound=True),
     ])
@@ -198,7 +199,7 @@ def test_nat_keepalive_in_a_padded_ethernet_frame_is_not_esp():
     the 60-byte minimum frame; the padding after the IP packet must not turn it into an ESP header
     (SPI 0xFF000000 here, which an SA may well use)."""
     fw = Firmware(Capabilities())
-    add(fw, 0xFF00_0000, inbound=True, udp=ndis.UdpEspEncapsulation.TRANSPORT)
+    add(fw, 0xFF00_0000, inbound=True, udp=UdpEspEncapsulation.TRANSPORT)
     keepalive = bytes(Ether() / IP(src=A, dst=B) / UDP(sport=4500, dport=4500) / Raw(b"\xff"))
     padded = keepalive + bytes(60 - len(keepalive))
     for frame in (keepalive, padded):
@@ -210,8 +211,8 @@ def test_nat_keepalive_in_a_padded_ethernet_frame_is_not_esp():
 
 def test_v1_add_sa_key_order_is_confidentiality_then_integrity():
     """Datasheet decision 1, checked with scapy as the sender (3DES-CBC + HMAC-SHA1-96)."""
+    from device.contract.enums import EncAlg
     from firmware_model.algorithms import ENC_INFO
-    from firmware_model.params import EncAlg
 
     if ENC_INFO[EncAlg.TDES_CBC].unavailable:
         pytest.skip(ENC_INFO[EncAlg.TDES_CBC].unavailable)
@@ -268,7 +269,7 @@ def test_receive_rules_unknown_spi_bad_icv_wrong_destination():
 
 def test_tunnel_auth_failure_status():
     fw = Firmware(Capabilities())
-    add(fw, 0x1001, inbound=True, udp=ndis.UdpEspEncapsulation.TUNNEL)
+    add(fw, 0x1001, inbound=True, udp=UdpEspEncapsulation.TUNNEL)
     sa = scapy_gcm(0x1001, tunnel_header=IP(src=A, dst=B), nat_t_header=UDP(sport=4500, dport=4500))
     frame = bytearray(esp_frame(0x1001, src="10.0.0.1", dst="10.0.0.2", sa=sa))
     frame[-1] ^= 0x40
@@ -290,15 +291,15 @@ def host_built_gcm_frame(spi: int, seq: int, payload: bytes) -> bytes:
 def test_crypto_offload_transmit_checked_by_scapy():
     fw = Firmware(Capabilities())
     frame = host_built_gcm_frame(0x1001, 3, b"offloaded")
-    assert fw.transmit(frame, 0, False).status == TxStatus.NO_OFFLOAD
+    assert fw.transmit(frame, 0, False).status == TxOutcome.NO_OFFLOAD
     assert fw.transmit(frame, 0, False).frame == frame
     bad = fw.transmit(frame, 0x80000123, False)
-    assert bad.status == TxStatus.BAD_HANDLE and bad.ndis_status == NdisStatus.FAILURE
+    assert bad.status == TxOutcome.BAD_HANDLE and bad.ndis_status == NdisStatus.FAILURE
     inbound = add(fw, 0x1001, inbound=True)
-    assert fw.transmit(frame, inbound, False).status == TxStatus.BAD_HANDLE  # wrong direction
+    assert fw.transmit(frame, inbound, False).status == TxOutcome.BAD_HANDLE  # wrong direction
     h = add(fw, 0x1001, inbound=False)
     res = fw.transmit(frame, h, False)
-    assert res.status == TxStatus.OK
+    assert res.status == TxOutcome.OK
     clear = scapy_gcm(0x1001).decrypt(Ether(res.frame)[IP])
     assert clear[Raw].load == b"offloaded" and clear[UDP].dport == 9
 
@@ -325,7 +326,7 @@ def packet_sa(spi: int, *, inbound: bool, soft_packets: int = 0, seq: int = 0, w
     size = ndis.ADD_SA_PACKET.size
     key = GCM_KEY + SALT
     return ndis.AddSaPacket(1, e.flags, e.src_addr, e.dest_addr, 0, e.sec_assoc, len(key), size, 0, 0,
-                            ndis.SaMode.TRANSPORT, 0, 0, window, seq, soft_packets=soft_packets, key_data=key).pack()
+                            Mode.TRANSPORT, 0, 0, window, seq, soft_packets=soft_packets, key_data=key).pack()
 
 
 def test_packet_offload_roundtrip_replay_and_soft_lifetime():
@@ -335,13 +336,13 @@ def test_packet_offload_roundtrip_replay_and_soft_lifetime():
     out_handle = ndis.HandleResponse.unpack(resp).offload_handle
     plain = bytes(Ether() / IP(src=A, dst=B) / UDP(sport=5, dport=6) / Raw(b"packet offload"))
     res = fw.transmit(plain, 0, True)  # found by selector (the SA endpoints)
-    assert res.status == TxStatus.OK
+    assert res.status == TxOutcome.OK
     esp = Ether(res.frame)[ESP]
     assert esp.seq == 42  # the card numbers packets: initial_seq + 1
     assert scapy_gcm(0x7001).decrypt(Ether(res.frame)[IP])[Raw].load == b"packet offload"
-    assert fw.transmit(plain, out_handle, True).status == TxStatus.OK
+    assert fw.transmit(plain, out_handle, True).status == TxOutcome.OK
     other = bytes(Ether() / IP(src=A, dst="192.0.2.77") / UDP() / Raw(b"x"))
-    assert fw.transmit(other, 0, True).status == TxStatus.NO_SA
+    assert fw.transmit(other, 0, True).status == TxOutcome.NO_SA
 
     rx_fw = Firmware(Capabilities())
     assert rx_fw.execute(Opcode.ADD_SA_PACKET, packet_sa(0x7001, inbound=True, soft_packets=2))[0] == OK
@@ -363,8 +364,8 @@ def test_get_caps_stats_and_list_never_leak_keys():
     status, resp = fw.execute(Opcode.GET_CAPS, b"")
     wire = ndis.CapsWire.unpack(resp)
     assert status == OK and wire.sa_offload_capacity == 77 and wire.extended_sequence_numbers == 0
-    assert wire.encryption_algorithms & ndis.EncryptionId.AES_GCM_128
-    assert not wire.encryption_algorithms & ndis.EncryptionId.DES_CBC
+    assert wire.encryption_algorithms & EncAlg.AES_GCM_128
+    assert not wire.encryption_algorithms & EncAlg.DES_CBC
     # ESN SA refused when the card does not offer ESN
     assert fw.execute(Opcode.V2_ADD_SA_EX, add_sa_ex(0x1001, inbound=True, esn=True))[0] == NdisStatus.NOT_SUPPORTED
     add(fw, 0x1002, inbound=True)
@@ -424,13 +425,13 @@ def test_salt_placement_matches_scapy():
 
 
 def test_capabilities_from_profile_validates_and_names_the_key():
+    from device.contract.enums import EncAlg
     from firmware_model.capabilities import ProfileError
-    from firmware_model.params import EncAlg
 
     caps = Capabilities.from_profile({"sa_capacity": 1_000_000, "encryption": ["aes-gcm-256"], "udp_esp": ["tunnel"],
                                       "esn": False})
     assert caps.sa_capacity == 1_000_000 and caps.encryption == frozenset({EncAlg.AES_GCM_256})
-    assert caps.udp_esp == ndis.UdpEspEncapsulation.TUNNEL and not caps.esn
+    assert caps.udp_esp == UdpEspEncapsulation.TUNNEL and not caps.esn
     for bad, where in (({"sa_capacity": 0}, "firmware.sa_capacity"), ({"encryption": ["des-cbc"]}, "refused"),
                        ({"integrity": ["hmac-sha512"]}, "firmware.integrity: unknown algorithm"),
                        ({"esn": "yes"}, "firmware.esn"), ({"capacity": 5}, "firmware.capacity: unknown key"),
@@ -440,11 +441,11 @@ def test_capabilities_from_profile_validates_and_names_the_key():
 
 
 def test_guest_side_modules_import_without_the_engine():
-    """ndis.py is imported by guest tools on the guest's python3: stdlib only."""
+    """The contract package is imported by guest tools on the guest's python3: stdlib only."""
     import subprocess
     import sys
 
-    code = "import sys, firmware_model.ndis; bad = [m for m in ('cryptography', 'yaml', 'scapy') if m in sys.modules]; print(bad)"
+    code = "import sys, device.contract.sa, device.contract.sa_file; bad = [m for m in ('cryptography', 'yaml', 'scapy') if m in sys.modules]; print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -454,8 +455,9 @@ def test_esp_then_ah_bundle_reports_which_layer_failed():
     while the inner ESP fails (here: the sender used another ESP integrity key); a flipped byte fails AH first."""
     from dataclasses import replace
 
+    from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+    from device.contract.sa import SaParams
     from firmware_model.engine import SaBundle
-    from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams
 
     esp = SaParams(spi=0x2001, proto=IpProto.ESP, direction=Direction.INBOUND, mode=Mode.TRANSPORT, src=A, dst=B,
                    enc_alg=EncAlg.AES_CBC_128, enc_key=bytes(range(16)),

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from firmware_model import ndis
+from device.contract import ndis
+from device.contract.ndis import NdisStatus, Opcode, ParseError
+from device.contract.status import CryptoStatus
 from firmware_model.capabilities import Capabilities
 from firmware_model.firmware import Firmware
-from firmware_model.ndis import NdisStatus, Opcode, ParseError
-from firmware_model.status import CryptoStatus
 
 from .fw_builders import add_sa_ex, v2_entry
 
@@ -106,7 +106,8 @@ def test_status_values_are_the_ndis_ones():
     assert NdisStatus.INVALID_PARAMETER == 0xC000000D
     assert NdisStatus.RESOURCES == 0xC000009A and NdisStatus.NOT_SUPPORTED == 0xC00000BB
     assert NdisStatus.FAILURE == 0xC0000001 and NdisStatus.INVALID_LENGTH == 0xC0010014
-    assert [s.value for s in CryptoStatus] == list(range(8))
+    # the NDIS enum is 0..7; the card's own values (RX descriptor) start at 0x100
+    assert [s.value for s in CryptoStatus if s < 0x100] == list(range(8)) and CryptoStatus.REPLAY == 0x100
 
 
 _FIXED_PARSERS = [layout.unpack_exact for layout in ndis.LAYOUTS.values()]
@@ -192,12 +193,17 @@ def test_key_bytes_never_in_request_reprs():
         assert "deadbeef" not in text and "\\xde\\xad" not in text, type(r).__name__
 
 
-def test_wire_identifiers_agree_with_sa_parameter_enums():
-    """The firmware decodes NDIS identifiers straight into params enums (_ENC_BY_ID / _AUTH_BY_ID, SaMode
-    -> Mode), so the values must be the same; names differ only where NDIS calls AES-GMAC AES_GCM_*."""
-    from firmware_model.params import AuthAlg, EncAlg, Mode
+def test_algorithm_identifiers_are_the_wdk_values():
+    """One enum per algorithm family serves as NDIS identifier, capability bit and SaParams field; its values
+    are the WDK's IPSEC_OFFLOAD_V2_ENCRYPTION_* / _AUTHENTICATION_* (ndis.h), where AES_GCM_* authentication
+    means AES-GMAC."""
+    from device.contract.enums import AuthAlg, EncAlg, Mode
 
+    wdk_enc = {"NONE": 0x1, "DES_CBC": 0x2, "TDES_CBC": 0x4, "AES_GCM_128": 0x8, "AES_GCM_192": 0x10,
+               "AES_GCM_256": 0x20, "AES_CBC_128": 0x40, "AES_CBC_192": 0x80, "AES_CBC_256": 0x100}
+    wdk_auth = {"NONE": 0x0, "MD5": 0x1, "SHA_1": 0x2, "SHA_256": 0x4, "AES_GCM_128": 0x8, "AES_GCM_192": 0x10,
+                "AES_GCM_256": 0x20}
     # (__members__: iterating an IntFlag skips its zero member)
-    assert {n: int(m) for n, m in ndis.EncryptionId.__members__.items()} == {m.name: int(m) for m in EncAlg}
-    assert sorted(map(int, ndis.AuthenticationId.__members__.values())) == sorted(int(m) for m in AuthAlg)
-    assert {m.name: int(m) for m in ndis.SaMode} == {m.name: int(m) for m in Mode}
+    assert {n: int(m) for n, m in EncAlg.__members__.items()} == wdk_enc
+    assert sorted(map(int, AuthAlg.__members__.values())) == sorted(wdk_auth.values())
+    assert {m.name: int(m) for m in Mode} == {"TRANSPORT": 0, "TUNNEL": 1}

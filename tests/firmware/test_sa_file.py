@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, UdpEncap
-from firmware_model.sa_file import SaFileError, load_sa_file, parse_sa_document
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.sa import UdpEncap
+from device.contract.sa_file import SaFileError, load_sa_file, parse_sa_document
 
 EXAMPLE = """
 sas:

@@ -9,11 +9,12 @@ from dataclasses import replace
 
 import pytest
 
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.ndis import RejectReason
+from device.contract.sa import SaParams
+from device.contract.status import NdisStatus
 from firmware_model.capabilities import Capabilities
-from firmware_model.ndis import RejectReason
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams
 from firmware_model.sadb import SLOT_MASK, VALID, Sadb, SaRejected, Selector
-from firmware_model.status import NdisStatus
 
 KEY = bytes(range(20))
 BASE = SaParams(spi=0x1000, proto=IpProto.ESP, direction=Direction.INBOUND, mode=Mode.TRANSPORT,

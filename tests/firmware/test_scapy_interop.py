@@ -15,10 +15,11 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.ipsec import AH, ESP, SecurityAssociation
 from scapy.packet import Raw, raw
 
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.sa import SaParams, UdpEncap
 from firmware_model.algorithms import ENC_INFO
 from firmware_model.engine import SaBundle, SaEngine
 from firmware_model.esp import Verdict
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams, UdpEncap
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.sa import SaParams
 from firmware_model.engine import SaEngine
 from firmware_model.esp import (
     CbcHmacTransform,
@@ -18,7 +20,6 @@ from firmware_model.esp import (
     hmac_base,
     strip_trailer,
 )
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams
 
 DATA = Path(__file__).parent / "data"
 

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from device.nic import regs
+from device.contract import regs
 from device.vfio_user.device_api import REGION_BAR0, REGION_CONFIG, DmaError
 from guest_tools.dma import ArrayMemory
 from guest_tools.mmio import CallbackMmio

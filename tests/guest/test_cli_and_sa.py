@@ -7,11 +7,13 @@ from dataclasses import replace
 
 import pytest
 
+from device.contract import sa as sa_codec
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.ndis import Opcode
+from device.contract.sa import SaParams, UdpEncap
+from device.contract.status import NdisStatus
 from firmware_model.capabilities import Capabilities
 from firmware_model.firmware import Firmware
-from firmware_model.ndis import Opcode
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams, UdpEncap
-from firmware_model.status import NdisStatus
 from guest_tools import cli
 from guest_tools import sa as sa_wire
 
@@ -38,7 +40,7 @@ def _firmware_view(opcode, request) -> SaParams:
 
 @pytest.mark.parametrize("p", [GCM, CBC6, GMAC, AH], ids=["gcm-esn", "cbc-v6-tunnel-udp", "gmac", "ah"])
 def test_v2_add_sa_ex_decodes_to_the_same_sa(p):
-    got = _firmware_view(Opcode.V2_ADD_SA_EX, sa_wire.v2_add_sa_ex(p))
+    got = _firmware_view(Opcode.V2_ADD_SA_EX, sa_codec.v2_add_sa_ex(p))
     # crypto offload carries no replay window or low sequence half (NDIS: the host numbers packets)
     want = replace(p, replay_window=0, seq=p.seq & ~0xFFFF_FFFF if p.esn else 0)
     assert got == want
@@ -48,19 +50,19 @@ def test_v2_add_sa_ex_decodes_to_the_same_sa(p):
 def test_add_sa_packet_keeps_ports_window_and_selector():
     p = replace(CBC6, encap=UdpEncap(4501, 4502), replay_window=256, inner_src="2001:db8:9::1",
                 inner_dst="2001:db8:9::2", seq=77)
-    assert _firmware_view(Opcode.ADD_SA_PACKET, sa_wire.add_sa_packet(p)) == p
+    assert _firmware_view(Opcode.ADD_SA_PACKET, sa_codec.add_sa_packet(p)) == p
 
 
 def test_v1_add_sa_decodes():
     p = replace(AH, replay_window=0)
-    assert _firmware_view(Opcode.V1_ADD_SA, sa_wire.v1_add_sa(p)) == p
+    assert _firmware_view(Opcode.V1_ADD_SA, sa_codec.v1_add_sa(p)) == p
     with pytest.raises(ValueError, match="IPv4"):
-        sa_wire.v1_add_sa(replace(CBC6, encap=None))
+        sa_codec.v1_add_sa(replace(CBC6, encap=None))
 
 
 def test_crypto_offload_refuses_other_nat_ports():
     with pytest.raises(ValueError, match="4500"):
-        sa_wire.v2_add_sa_ex(replace(CBC6, encap=UdpEncap(4500, 4600)))
+        sa_codec.v2_add_sa_ex(replace(CBC6, encap=UdpEncap(4500, 4600)))
 
 
 def test_status_messages_name_what_to_check():

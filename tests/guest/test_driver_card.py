@@ -7,8 +7,9 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.layers.l2 import Ether
 
-from device.nic.regs import CryptoStatus, TxStatus
-from firmware_model.params import Direction, EncAlg, IpProto, Mode, SaParams
+from device.contract.enums import Direction, EncAlg, IpProto, Mode
+from device.contract.regs import CryptoStatus, TxStatus
+from device.contract.sa import SaParams
 from guest_tools import packets
 from guest_tools.driver import AdminError, CardError, FirmwareError
 

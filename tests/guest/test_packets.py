@@ -7,9 +7,10 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.ipsec import ESP, SecurityAssociation
 
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.sa import SaParams
 from firmware_model.engine import SaEngine
 from firmware_model.esp import Verdict
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams
 from guest_tools import packets
 from guest_tools.sa import esp_geometry
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from device.nic import regs
+from device.contract import regs
 from device.nic.card import build_card
 from device.nic.datapath import Datapath
 from device.nic.wire import Wire

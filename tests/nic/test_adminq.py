@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from device.nic import regs
-from device.nic.regs import AdminFlags, AdminStatus
+from device.contract import ndis, regs
+from device.contract.enums import EncAlg
+from device.contract.regs import AdminFlags, AdminStatus
+from device.contract.status import NdisStatus
 from device.vfio_user.device_api import IRQ_INTX
-from firmware_model import ndis
-from firmware_model.status import NdisStatus
 
 from .conftest import GUEST_BASE, GUEST_SIZE, make_rig
 
@@ -17,7 +17,7 @@ KEY = bytes.fromhex("4c80cdefbb5d10da906ac73c3613a634") + bytes.fromhex("2e443b6
 
 def add_sa_ex(spi: int, inbound: bool, key: bytes = KEY) -> bytes:
     sa = ndis.SaV2(operation=ndis.V2Operation.ESP, spi=spi,
-                   encryption_algorithm=ndis.AlgoInfoV2(identifier=ndis.EncryptionId.AES_GCM_128,
+                   encryption_algorithm=ndis.AlgoInfoV2(identifier=EncAlg.AES_GCM_128,
                                                         key_length=len(key), additional_info=16))
     return ndis.V2AddSaEx(
         num_ext_hdrs=1, flags=ndis.V2AddFlags.INBOUND if inbound else 0,

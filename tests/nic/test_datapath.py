@@ -12,11 +12,11 @@ from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
+from device.contract import ndis, regs
+from device.contract.enums import EncAlg, Mode
+from device.contract.regs import CryptoStatus, RxWbFlags, TxFlags, TxStatus, TxWbFlags
 from device.nic import datapath as dp_module
-from device.nic import regs
-from device.nic.regs import CryptoStatus, RxWbFlags, TxFlags, TxStatus, TxWbFlags
 from device.vfio_user.device_api import IRQ_MSIX
-from firmware_model import ndis
 
 from .conftest import GUARD, GUEST_BASE, GUEST_SIZE, Rig, make_rig
 from .test_adminq import KEY, add_sa_ex
@@ -423,13 +423,13 @@ def test_mtu_limit(rig, mtu):
 
 def add_sa_packet(spi: int, inbound: bool) -> bytes:
     sa = ndis.SaV2(operation=ndis.V2Operation.ESP, spi=spi,
-                   encryption_algorithm=ndis.AlgoInfoV2(identifier=ndis.EncryptionId.AES_GCM_128,
+                   encryption_algorithm=ndis.AlgoInfoV2(identifier=EncAlg.AES_GCM_128,
                                                         key_length=len(KEY), additional_info=16))
     return ndis.AddSaPacket(
         num_ext_hdrs=1, flags=ndis.V2AddFlags.INBOUND if inbound else 0,
         src_addr=bytes([10, 0, 0, 1]) + bytes(12), dest_addr=bytes([10, 0, 0, 2]) + bytes(12),
         udp_esp_encapsulation=0, sec_assoc=(sa, ndis.SaV2()), key_length=len(KEY),
-        key_offset=ndis.AddSaPacket.LAYOUT.size, source_switch_port_id=0, vlan_id=0, mode=ndis.SaMode.TRANSPORT,
+        key_offset=ndis.AddSaPacket.LAYOUT.size, source_switch_port_id=0, vlan_id=0, mode=Mode.TRANSPORT,
         encap_sport=0, encap_dport=0, replay_window=64, initial_seq=0, key_data=KEY,
     ).pack()
 

@@ -12,12 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from device.nic import regs
+from device.contract import ndis, regs
 from device.nic.card import build_card
 from device.pci.config_space import COMMAND, Command
 from device.profile import profile_from_dict
 from device.vfio_user.server import VfioUserServer
-from firmware_model import ndis
 
 from ..protocol.client import VfioUserClient
 from ..protocol.conftest import wait_for

@@ -10,8 +10,9 @@ import struct
 import pytest
 from scapy.utils import rdpcap
 
-from device.nic import regs, wire
-from device.nic.regs import RxWbFlags, TxFlags, TxStatus
+from device.contract import regs
+from device.contract.regs import RxWbFlags, TxFlags, TxStatus
+from device.nic import wire
 
 from .conftest import FakeContext, make_rig
 from .test_datapath import udp_frame

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from device.nic import regs
+from device.contract import regs
+from device.contract.regs import Cause, Ctrl, ErrCode, IntMode, Status
 from device.nic.card import QueueKind, Stat, firmware_capabilities
-from device.nic.regs import Cause, Ctrl, ErrCode, IntMode, Status
 from device.pci import capabilities as caps
 from device.pci.config_space import COMMAND, STATUS, StatusBits
 from device.vfio_user.device_api import IRQ_INTX, IRQ_MSIX, REGION_CONFIG, VfioUserError

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from device.nic import regs
+from device.contract import regs
 from device.pci import capabilities as caps
 from device.pci.config_space import (
     BAR0,

@@ -21,13 +21,14 @@ from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from device.nic import datasheet, regs
+from device.contract import ndis, regs
+from device.contract.enums import AuthAlg, EncAlg, Mode
+from device.contract.ndis import AlgoInfoV2, NdisStatus, Opcode, SaV2
+from device.contract.status import CryptoStatus
+from device.nic import datasheet
 from device.profile import load_profile, profile_from_dict
-from firmware_model import ndis
 from firmware_model.capabilities import Capabilities
-from firmware_model.firmware import Firmware, TxStatus
-from firmware_model.ndis import AlgoInfoV2, AuthenticationId, EncryptionId, NdisStatus, Opcode, SaV2
-from firmware_model.status import CryptoStatus
+from firmware_model.firmware import Firmware, TxOutcome
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASHEET = ROOT / "docs" / "datasheet.md"
@@ -141,7 +142,7 @@ def _udp_payload(text: bytes) -> bytes:
 
 def _gcm_sa(spi: int, icv_info: int, *, esn: bool = False, hi: int = 0) -> SaV2:
     return SaV2(flags=ndis.V2SaFlags.ESN_SA if esn else 0, operation=ndis.V2Operation.ESP, spi=spi,
-                encryption_algorithm=AlgoInfoV2(EncryptionId.AES_GCM_128, 20, 0, icv_info),
+                encryption_algorithm=AlgoInfoV2(EncAlg.AES_GCM_128, 20, 0, icv_info),
                 sequence_number_high_order=hi)
 
 
@@ -154,7 +155,7 @@ def test_gcm_additional_info_is_icv_bytes(icv_info, icv_len):
     payload = _udp_payload(b"icv length in bytes")
     frame = _host_built(0x3001, 9, payload, 8, 4, icv_len)
     res = fw.transmit(frame, handle, False)
-    assert res.status == TxStatus.OK and len(res.frame) == len(frame)
+    assert res.status == TxOutcome.OK and len(res.frame) == len(frame)
     esp = res.frame[14 + 20:]
     iv, sealed = esp[8:16], esp[16:]
     plaintext = frame[14 + 20 + 16:len(frame) - icv_len]
@@ -176,13 +177,13 @@ def test_sha256_icv_is_16_bytes():
     (which implements RFC 4868 SHA2-256-128); the 12-byte truncation of older drafts would not."""
     enc_key, auth_key = bytes(range(32, 48)), bytes(range(64, 96))
     sa = SaV2(operation=ndis.V2Operation.ESP, spi=0x3003,
-              authentication_algorithm=AlgoInfoV2(AuthenticationId.SHA_256, 32, 16, 0),
-              encryption_algorithm=AlgoInfoV2(EncryptionId.AES_CBC_128, 16, 0, 0))
+              authentication_algorithm=AlgoInfoV2(AuthAlg.SHA256, 32, 16, 0),
+              encryption_algorithm=AlgoInfoV2(EncAlg.AES_CBC_128, 16, 0, 0))
     fw = Firmware(Capabilities())
     handle = _add_ex(fw, sa, enc_key + auth_key)
     frame = _host_built(0x3003, 4, _udp_payload(b"sha-256-128"), 16, 16, 16)
     res = fw.transmit(frame, handle, False)
-    assert res.status == TxStatus.OK
+    assert res.status == TxOutcome.OK
     peer = SecurityAssociation(ESP, spi=0x3003, crypt_algo="AES-CBC", crypt_key=enc_key,
                                auth_algo="SHA2-256-128", auth_key=auth_key)
     assert peer.decrypt(Ether(res.frame)[IP])[Raw].load == b"sha-256-128"
@@ -194,7 +195,7 @@ def test_esn_high_half_is_32_bits_on_transmit():
     fw = Firmware(Capabilities())
     handle = _add_ex(fw, _gcm_sa(0x3004, 16, esn=True, hi=hi), GCM_KEY + SALT)
     res = fw.transmit(_host_built(0x3004, 2, _udp_payload(b"esn"), 8, 4, 16), handle, False)
-    assert res.status == TxStatus.OK
+    assert res.status == TxOutcome.OK
 
     def scapy_rx(high: int) -> SecurityAssociation:
         return SecurityAssociation(ESP, spi=0x3004, crypt_algo="AES-GCM", crypt_key=GCM_KEY + SALT,
@@ -235,12 +236,12 @@ def test_inbound_packet_offload_sa_is_never_chosen_by_selector():
     key = GCM_KEY + SALT
     sa = _gcm_sa(0x5001, 16)
     req = ndis.AddSaPacket(1, ndis.V2AddFlags.INBOUND, ndis.addr16(A), ndis.addr16(B), 0, (sa, SaV2()), len(key),
-                           ndis.ADD_SA_PACKET.size, 0, 0, ndis.SaMode.TRANSPORT, 0, 0, 64, 0,
+                           ndis.ADD_SA_PACKET.size, 0, 0, Mode.TRANSPORT, 0, 0, 64, 0,
                            sel_src=ndis.addr16(A), sel_dst=ndis.addr16(B), sel_src_prefix=32, sel_dst_prefix=32,
                            sel_flags=ndis.SEL_PRESENT, key_data=key).pack()
     assert fw.execute(Opcode.ADD_SA_PACKET, req)[0] == NdisStatus.SUCCESS
     plain = bytes(Ether() / IP(src=A, dst=B) / UDP(sport=5, dport=6) / Raw(b"must not leave encrypted"))
-    assert fw.transmit(plain, 0, True).status == TxStatus.NO_SA
+    assert fw.transmit(plain, 0, True).status == TxOutcome.NO_SA
 
 
 def test_forged_high_sequence_number_does_not_ask_for_a_rekey():

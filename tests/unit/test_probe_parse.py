@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from device.nic import regs
+from device.contract import regs
 from guest_tools import pci, probe
 
 

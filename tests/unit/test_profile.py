@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from device.nic import regs
+from device.contract import regs
 from device.profile import ProfileError, default_profile_path, load_profile, profile_from_dict
 
 

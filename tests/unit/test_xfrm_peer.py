@@ -16,8 +16,9 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from firmware_model.params import AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams, UdpEncap
-from firmware_model.sa_file import parse_sa_document
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.sa import SaParams, UdpEncap
+from device.contract.sa_file import parse_sa_document
 from guest_tools import scenario, xfrm_peer
 from guest_tools.scenario import Spec
 from guest_tools.xfrm_peer import (

@@ -19,8 +19,9 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.layers.l2 import Ether
 
-from device.nic import regs
-from device.nic.regs import (
+from device.contract import ndis, regs
+from device.contract.ndis import Opcode, SaListFlags
+from device.contract.regs import (
     ADMIN_DESC,
     AdminFlags,
     AdminStatus,
@@ -30,9 +31,7 @@ from device.nic.regs import (
     Status,
     TxStatus,
 )
-from firmware_model import ndis
-from firmware_model.ndis import Opcode, SaListFlags
-from firmware_model.status import NdisStatus
+from device.contract.status import NdisStatus
 from guest_tools.checks.common import encode_spec, run_check
 from qemu.launch import VfioUserCard, Vm, VmConfig
 from tests.protocol.client import VfioUserClient

@@ -14,8 +14,8 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from device.nic.regs import AdminStatus, Cause, IntMode, RxWbFlags, TxStatus
-from firmware_model.status import NdisStatus
+from device.contract.regs import AdminStatus, Cause, IntMode, RxWbFlags, TxStatus
+from device.contract.status import NdisStatus
 from guest_tools.checks.common import run_check
 
 from .card_vm import CardVm, card_vm

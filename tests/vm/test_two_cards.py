@@ -19,7 +19,7 @@ from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
-from device.nic.regs import CryptoStatus, RxWbFlags, TxStatus
+from device.contract.regs import CryptoStatus, RxWbFlags, TxStatus
 from guest_tools.checks.common import run_check
 from ipsec_nic.runner import CardServer, run_dir, write_profile
 from qemu.launch import VfioUserCard, Vm, VmConfig

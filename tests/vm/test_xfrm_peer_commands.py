@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from firmware_model.params import Direction, Mode, UdpEncap
+from device.contract.enums import Direction, Mode
+from device.contract.sa import UdpEncap
 from guest_tools.xfrm_peer import batch_text, parse_state_stats, peer_commands
 
 from ..unit.test_xfrm_peer import cbc_sa, gcm_sa

@@ -1,11 +1,11 @@
 """The ipsec-nic register interface: BAR0 register map, bit fields and DMA descriptor layouts.
 
-This module is the card's contract with any driver. It is the one source for the device model
-(device/nic/card.py), the guest tools (guest_tools/) and the register tables in docs/datasheet.md
+Part of the card's programming interface (device/contract). It is the one source for the device model
+(device/nic/), the guest tools (guest_tools/) and the register tables in docs/datasheet.md
 (`datasheet_tables()` renders them; tests/unit/test_regs_datasheet.py checks the doc matches).
 
 Standard library only: the guest imports it on its own python3 from a read-only share of the
-checkout, so it must pull in nothing else (device/__init__.py and device/nic/__init__.py stay empty).
+checkout, so it must pull in nothing else (device/__init__.py and device/contract/__init__.py stay empty).
 
 Byte order: everything the card exposes is little-endian: registers, descriptors, admin buffers.
 All registers are 32 bits wide; 64-bit counters are LO/HI register pairs.
@@ -14,10 +14,11 @@ All registers are 32 bits wide; 64-bit counters are LO/HI register pairs.
 from __future__ import annotations
 
 import enum
-import struct
-from collections import namedtuple
 from dataclasses import dataclass
-from typing import Any
+
+from device.contract.enums import AuthAlg, DocFlag, EncAlg, UdpEspEncapsulation
+from device.contract.layout import Layout, wire_class
+from device.contract.status import CryptoStatus
 
 # ---------------------------------------------------------------------------------------------
 # Geometry
@@ -48,6 +49,7 @@ DOORBELL_PAGE = 0x3000  # reserved: a 4 KiB page that a later revision may make 
 RING_ALIGN = 64  # ring base addresses must be multiples of this (one cache line)
 MIN_RING_SIZE = 2  # entries; ring sizes are powers of two between MIN and the MAX_RING_SIZE register
 MIN_MTU = 68  # RFC 791: every IPv4 host must accept 68-byte datagrams
+ETH_HLEN = 14  # Ethernet header (IEEE 802.3): a frame may be MTU + ETH_HLEN bytes long
 
 
 def encode_version(major: int, minor: int = 0, patch: int = 0) -> int:
@@ -62,18 +64,6 @@ def decode_version(value: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # Bit fields. Each member carries its datasheet description; multi-bit members are field masks.
 # ---------------------------------------------------------------------------------------------
-
-
-class DocFlag(enum.IntFlag):
-    """An IntFlag whose members also carry a one-line description (``.doc``) for the datasheet."""
-
-    doc: str
-
-    def __new__(cls, value: int, doc: str = "") -> DocFlag:
-        member = int.__new__(cls, value)
-        member._value_ = value
-        member.doc = doc
-        return member
 
 
 class Features(DocFlag):
@@ -97,40 +87,6 @@ class Features(DocFlag):
     LSO = 1 << 15, "Large send offload also for IPsec traffic (NDIS LsoSupported)"
     MSIX = 1 << 16, "MSI-X interrupts (NUM_MSIX vectors)"
     INTX = 1 << 17, "Legacy INTx interrupt (pin A)"
-
-
-class EncAlg(DocFlag):
-    """ENC_ALGOS (0x018): bit values are the NDIS IPSEC_OFFLOAD_V2_ENCRYPTION_* identifiers."""
-
-    NONE = 0x001, "NULL encryption (ESP with integrity only)"
-    DES_CBC = 0x002, "DES-CBC (RFC 2405)"
-    TDES_CBC = 0x004, "3DES-CBC (RFC 2451)"
-    AES_GCM_128 = 0x008, "AES-GCM-128 (RFC 4106, combined mode)"
-    AES_GCM_192 = 0x010, "AES-GCM-192 (RFC 4106, combined mode)"
-    AES_GCM_256 = 0x020, "AES-GCM-256 (RFC 4106, combined mode)"
-    AES_CBC_128 = 0x040, "AES-CBC-128 (RFC 3602)"
-    AES_CBC_192 = 0x080, "AES-CBC-192 (RFC 3602)"
-    AES_CBC_256 = 0x100, "AES-CBC-256 (RFC 3602)"
-
-
-class AuthAlg(DocFlag):
-    """AUTH_ALGOS (0x01C): bit values are the NDIS IPSEC_OFFLOAD_V2_AUTHENTICATION_* identifiers."""
-
-    MD5 = 0x01, "HMAC-MD5-96 (RFC 2403)"
-    SHA1 = 0x02, "HMAC-SHA1-96 (RFC 2404)"
-    SHA256 = 0x04, "HMAC-SHA-256-128 (RFC 4868)"
-    AES_GMAC_128 = 0x08, "AES-GMAC-128 (RFC 4543)"
-    AES_GMAC_192 = 0x10, "AES-GMAC-192 (RFC 4543)"
-    AES_GMAC_256 = 0x20, "AES-GMAC-256 (RFC 4543)"
-
-
-class UdpEsp(DocFlag):
-    """UDP_ESP (0x020): supported UDP-ESP encapsulations, values of NDIS v2 UdpEspEncapsulation."""
-
-    TRANSPORT = 0x1, "UDP-encapsulated transport"
-    TUNNEL = 0x2, "UDP-encapsulated tunnel"
-    TRANSPORT_OVER_UDP_TUNNEL = 0x4, "Transport over UDP-encapsulated tunnel"
-    UDP_TRANSPORT_OVER_TUNNEL = 0x8, "UDP-encapsulated transport over tunnel"
 
 
 class Ctrl(DocFlag):
@@ -372,8 +328,8 @@ REGISTERS: tuple[Register, ...] = (
              reset_from="firmware.encryption", fields=EncAlg),
     Register("AUTH_ALGOS", 0x01C, Access.RO, _C, "Integrity algorithms (AuthAlg mask)",
              reset_from="firmware.integrity", fields=AuthAlg),
-    Register("UDP_ESP", 0x020, Access.RO, _C, "UDP-ESP encapsulations (UdpEsp mask)",
-             reset_from="firmware.udp_esp", fields=UdpEsp),
+    Register("UDP_ESP", 0x020, Access.RO, _C, "UDP-ESP encapsulations (UdpEspEncapsulation mask)",
+             reset_from="firmware.udp_esp", fields=UdpEspEncapsulation),
     Register("MAX_REPLAY_WINDOW", 0x024, Access.RO, _C, "Largest anti-replay window in packets (0 = none)",
              reset_from="firmware.max_replay_window"),
     Register("NUM_TXQ", 0x028, Access.RO, _C, "TX queues implemented (1..8)", reset_from="nic.tx_queues"),
@@ -444,24 +400,81 @@ def reg(name: str) -> int:
     return REGISTER_BY_NAME[name].offset
 
 
-def _export_offsets() -> None:
-    # Module constants ID = 0x000, CTRL = 0x100, ... for scalar registers, so both sides can write
-    # ``regs.CTRL``; arrays get their base (TXQ_TAIL) and use queue_reg() for an element.
-    namespace = globals()
-    for r in REGISTERS:
-        if r.name in namespace:
-            raise AssertionError(f"register name {r.name} collides with a module name")
-        namespace[r.name] = r.offset
-
-
-_export_offsets()
-del _export_offsets
-
-# Names defined through _export_offsets(), spelled out for readers and linters.
-ID: int
-CTRL: int
-STATUS: int
-ICR: int
+# Register offsets by name (arrays: element 0; use txq_reg()/rxq_reg() or Register.element_offset()).
+# Derived from REGISTERS, spelled out so readers, linters and the C header generator see every name.
+ID = reg("ID")
+REGMAP_VERSION = reg("REGMAP_VERSION")
+HW_VERSION = reg("HW_VERSION")
+FW_VERSION = reg("FW_VERSION")
+FEATURES = reg("FEATURES")
+SA_CAPACITY = reg("SA_CAPACITY")
+ENC_ALGOS = reg("ENC_ALGOS")
+AUTH_ALGOS = reg("AUTH_ALGOS")
+UDP_ESP = reg("UDP_ESP")
+MAX_REPLAY_WINDOW = reg("MAX_REPLAY_WINDOW")
+NUM_TXQ = reg("NUM_TXQ")
+NUM_RXQ = reg("NUM_RXQ")
+MAX_RING_SIZE = reg("MAX_RING_SIZE")
+NUM_MSIX = reg("NUM_MSIX")
+MAC_LO = reg("MAC_LO")
+MAC_HI = reg("MAC_HI")
+MAX_MTU = reg("MAX_MTU")
+AQ_MAX_LEN = reg("AQ_MAX_LEN")
+AQ_MAX_BUF = reg("AQ_MAX_BUF")
+CTRL = reg("CTRL")
+STATUS = reg("STATUS")
+ERR_CODE = reg("ERR_CODE")
+ERR_INFO = reg("ERR_INFO")
+MTU = reg("MTU")
+SCRATCH = reg("SCRATCH")
+ICR = reg("ICR")
+ICS = reg("ICS")
+IMS = reg("IMS")
+IMC = reg("IMC")
+ITR = reg("ITR")
+IVAR = reg("IVAR")
+AQ_BASE_LO = reg("AQ_BASE_LO")
+AQ_BASE_HI = reg("AQ_BASE_HI")
+AQ_LEN = reg("AQ_LEN")
+AQ_HEAD = reg("AQ_HEAD")
+AQ_TAIL = reg("AQ_TAIL")
+AQ_CTRL = reg("AQ_CTRL")
+TX_PACKETS_LO = reg("TX_PACKETS_LO")
+TX_PACKETS_HI = reg("TX_PACKETS_HI")
+TX_BYTES_LO = reg("TX_BYTES_LO")
+TX_BYTES_HI = reg("TX_BYTES_HI")
+RX_PACKETS_LO = reg("RX_PACKETS_LO")
+RX_PACKETS_HI = reg("RX_PACKETS_HI")
+RX_BYTES_LO = reg("RX_BYTES_LO")
+RX_BYTES_HI = reg("RX_BYTES_HI")
+TX_CRYPTO_OK_LO = reg("TX_CRYPTO_OK_LO")
+TX_CRYPTO_OK_HI = reg("TX_CRYPTO_OK_HI")
+RX_CRYPTO_OK_LO = reg("RX_CRYPTO_OK_LO")
+RX_CRYPTO_OK_HI = reg("RX_CRYPTO_OK_HI")
+RX_AUTH_FAIL_LO = reg("RX_AUTH_FAIL_LO")
+RX_AUTH_FAIL_HI = reg("RX_AUTH_FAIL_HI")
+RX_REPLAY_DROP_LO = reg("RX_REPLAY_DROP_LO")
+RX_REPLAY_DROP_HI = reg("RX_REPLAY_DROP_HI")
+RX_NO_BUFFER_LO = reg("RX_NO_BUFFER_LO")
+RX_NO_BUFFER_HI = reg("RX_NO_BUFFER_HI")
+TX_OFFLOAD_ERROR_LO = reg("TX_OFFLOAD_ERROR_LO")
+TX_OFFLOAD_ERROR_HI = reg("TX_OFFLOAD_ERROR_HI")
+BAD_DESCRIPTOR_LO = reg("BAD_DESCRIPTOR_LO")
+BAD_DESCRIPTOR_HI = reg("BAD_DESCRIPTOR_HI")
+DMA_ERROR_LO = reg("DMA_ERROR_LO")
+DMA_ERROR_HI = reg("DMA_ERROR_HI")
+TXQ_BASE_LO = reg("TXQ_BASE_LO")
+TXQ_BASE_HI = reg("TXQ_BASE_HI")
+TXQ_LEN = reg("TXQ_LEN")
+TXQ_HEAD = reg("TXQ_HEAD")
+TXQ_TAIL = reg("TXQ_TAIL")
+TXQ_CTRL = reg("TXQ_CTRL")
+RXQ_BASE_LO = reg("RXQ_BASE_LO")
+RXQ_BASE_HI = reg("RXQ_BASE_HI")
+RXQ_LEN = reg("RXQ_LEN")
+RXQ_HEAD = reg("RXQ_HEAD")
+RXQ_TAIL = reg("RXQ_TAIL")
+RXQ_CTRL = reg("RXQ_CTRL")
 
 
 def txq_reg(queue: int, rel: int) -> int:
@@ -489,55 +502,6 @@ def stat_offset(name: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LayoutField:
-    name: str
-    fmt: str  # one struct format code: B H I Q
-    description: str
-    offset: int
-    field_struct: struct.Struct  # for reading/writing just this field in place
-
-
-class Layout:
-    """A fixed little-endian record: one precompiled struct plus per-field structs for in-place access."""
-
-    def __init__(self, name: str, size: int, fields: tuple[tuple[str, str, str], ...]) -> None:
-        self.name = name
-        offset = 0
-        built: list[LayoutField] = []
-        for fname, fmt, description in fields:
-            fs = struct.Struct("<" + fmt)
-            built.append(LayoutField(fname, fmt, description, offset, fs))
-            offset += fs.size
-        if offset != size:
-            raise AssertionError(f"{name}: fields cover {offset} bytes, declared size {size}")
-        self.size = size
-        self.fields = tuple(built)
-        self.by_name = {f.name: f for f in built}
-        self.struct = struct.Struct("<" + "".join(f.fmt for f in built))
-        self.record = namedtuple(name, [f.name for f in built])  # type: ignore[misc]
-
-    def pack(self, **values: int) -> bytes:
-        unknown = set(values) - set(self.by_name)
-        if unknown:
-            raise TypeError(f"{self.name} has no field(s) {sorted(unknown)}")
-        return self.struct.pack(*(values.get(f.name, 0) for f in self.fields))
-
-    def unpack(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> Any:
-        return self.record._make(self.struct.unpack_from(buf, offset))
-
-    def offset_of(self, name: str) -> int:
-        return self.by_name[name].offset
-
-    def get(self, buf: bytes | bytearray | memoryview, base: int, name: str) -> int:
-        f = self.by_name[name]
-        return f.field_struct.unpack_from(buf, base + f.offset)[0]
-
-    def set(self, buf: bytearray | memoryview, base: int, name: str, value: int) -> None:
-        f = self.by_name[name]
-        f.field_struct.pack_into(buf, base + f.offset, value)
-
-
 class AdminFlags(DocFlag):
     """Admin descriptor ``flags``."""
 
@@ -563,7 +527,7 @@ class AdminStatus(enum.IntEnum):
 
 ADMIN_DESC = Layout(
     "AdminDesc",
-    64,
+    "",
     (
         ("opcode", "H", "Command (firmware opcode; see Admin commands)"),
         ("flags", "H", "AdminFlags: DONE/ERROR written by the card, INTERRUPT by the driver"),
@@ -610,7 +574,7 @@ class TxStatus(enum.IntEnum):
 
 TX_DESC = Layout(
     "TxDesc",
-    32,
+    "",
     (
         ("addr", "Q", "Buffer guest address"),
         ("length", "H", "Bytes in the buffer"),
@@ -640,23 +604,9 @@ class RxWbFlags(DocFlag):
     ERROR = 1 << 7, "Frame truncated to buf_len (length is the original size)"
 
 
-class CryptoStatus(enum.IntEnum):
-    """RX ``crypto_status``: the NDIS CryptoStatus enum, plus card values from 0x100 up."""
-
-    SUCCESS = 0
-    GENERIC_ERROR = 1
-    TRANSPORT_AH_AUTH_FAILED = 2
-    TRANSPORT_ESP_AUTH_FAILED = 3
-    TUNNEL_AH_AUTH_FAILED = 4
-    TUNNEL_ESP_AUTH_FAILED = 5
-    INVALID_PACKET_SYNTAX = 6
-    INVALID_PROTOCOL = 7
-    REPLAY = 0x100  # packet offload only: refused by the anti-replay window
-
-
 RX_DESC = Layout(
     "RxDesc",
-    32,
+    "",
     (
         ("addr", "Q", "Buffer guest address"),
         ("buf_len", "H", "Buffer size in bytes"),
@@ -674,13 +624,18 @@ RX_DESC = Layout(
 )
 
 LAYOUTS: tuple[Layout, ...] = (ADMIN_DESC, TX_DESC, RX_DESC)
+# The descriptors as records (what ``LAYOUT.unpack`` returns); each ends with its declared size.
+AdminDescRecord = wire_class(ADMIN_DESC, "AdminDesc", module=__name__)
+TxDescRecord = wire_class(TX_DESC, "TxDesc", module=__name__)
+RxDescRecord = wire_class(RX_DESC, "RxDesc", module=__name__)
+assert [d.size for d in LAYOUTS] == [64, 32, 32]
 
 
 # ---------------------------------------------------------------------------------------------
 # Datasheet tables
 # ---------------------------------------------------------------------------------------------
 
-DATASHEET_BEGIN = "<!-- BEGIN GENERATED from device/nic/regs.py: datasheet_tables() -->"
+DATASHEET_BEGIN = "<!-- BEGIN GENERATED from device/contract/regs.py: datasheet_tables() -->"
 DATASHEET_END = "<!-- END GENERATED -->"
 
 
@@ -702,6 +657,8 @@ def _fields_table(flags: type[DocFlag]) -> list[str]:
     lines = ["| Bits | Name | Meaning |", "|---|---|---|"]
     for name, member in flags.__members__.items():
         value = int(member)
+        if not value:
+            continue  # a zero member (NONE) names no bit
         low = (value & -value).bit_length() - 1
         high = value.bit_length() - 1
         bits = str(low) if low == high else f"{high}:{low}"
@@ -749,7 +706,7 @@ def datasheet_tables() -> str:
     for layout in LAYOUTS:
         out += ["", f"#### {layout.name} ({layout.size} bytes)", "", "| Offset | Size | Field | Meaning |",
                 "|---|---|---|---|"]
-        out += [f"| {f.offset} | {f.field_struct.size} | {f.name} | {f.description} |" for f in layout.fields]
+        out += [f"| {f.offset} | {f.size} | {f.name} | {f.desc} |" for f in layout.fields]
     for flags in (AdminFlags, TxFlags, TxWbFlags, RxWbFlags):
         out += ["", f"#### {flags.__name__}", ""] + _fields_table(flags)
     for title, e in (("AdminStatus", AdminStatus), ("TxStatus", TxStatus), ("CryptoStatus", CryptoStatus)):
@@ -772,7 +729,7 @@ def replace_datasheet_section(text: str) -> str:
 
 
 if __name__ == "__main__":
-    # python -m device.nic.regs docs/datasheet.md   -> rewrite the generated block in place
+    # python -m device.contract.regs docs/datasheet.md   -> rewrite the generated block in place
     import sys
 
     for path in sys.argv[1:]:

@@ -1,4 +1,4 @@
-"""The user's SA file (YAML) -> SaParams, with one-line errors that say where and what.
+"""The user's SA file (YAML) -> SaParams, with one-line errors that say where and what (host and guest).
 
 Shape (keys beyond these are refused, so typos do not pass silently)::
 
@@ -30,13 +30,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
+from device.contract.algorithms import AUTH_BY_NAME, AUTH_INFO, ENC_BY_NAME, ENC_INFO
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.sa import MIN_SPI, SaInvalid, SaParams, UdpEncap, validate_sa
 
-from firmware_model.algorithms import AUTH_INFO, ENC_INFO, UnsupportedAlgorithm
-from firmware_model.params import MIN_SPI, AuthAlg, Direction, EncAlg, IpProto, Mode, SaParams, UdpEncap
-
-ENC_BY_NAME = {info.name: alg for alg, info in ENC_INFO.items()}
-AUTH_BY_NAME = {info.name: alg for alg, info in AUTH_INFO.items() if alg != AuthAlg.NONE}
 _SA_KEYS = {"spi", "direction", "mode", "proto", "src", "dst", "tunnel", "encap", "aead", "cipher", "integrity",
             "esn", "seq", "replay_window", "lifetime"}
 _LIFETIME_KEYS = ("soft_packets", "hard_packets", "soft_bytes", "hard_bytes")
@@ -47,6 +44,10 @@ class SaFileError(ValueError):
 
 
 def load_sa_file(path: str | Path) -> list[SaParams]:
+    # PyYAML is the one import beyond the standard library in device/contract, and only when a file is
+    # read: both the host and the guest image have it, and the package stays importable without it.
+    import yaml
+
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -127,8 +128,8 @@ def parse_sa(entry: Any, where: str) -> SaParams:
         inner_src=inner_src, inner_dst=inner_dst, **limits,
     )
     try:
-        params.validate()
-    except (UnsupportedAlgorithm, ValueError) as exc:
+        validate_sa(params)
+    except SaInvalid as exc:
         raise SaFileError(f"{where}: {exc}") from None
     return params
 

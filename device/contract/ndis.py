@@ -1,4 +1,4 @@
-"""Admin-command wire formats of the card firmware (stdlib only: guest tools import this module).
+"""Admin-command wire formats of the card (part of device/contract: standard library only).
 
 The commands mirror the NDIS IPsec offload OIDs (v1 ``OID_TCP_TASK_IPSEC_*``, v2
 ``OID_TCP_TASK_IPSEC_OFFLOAD_V2_*``): same structures, field names (in snake_case), field order and
@@ -15,8 +15,8 @@ meaning, but with fixed-size, explicit little-endian encodings that fit a DMA bu
   a list can only move forward and always terminates;
 * reserved fields must be zero.
 
-Every structure is declared once as a ``Layout`` (a tuple of ``(name, struct format, description)``)
-from which both the packing code and the datasheet tables are produced, so the two cannot drift.
+Every structure is declared once as a ``Layout`` (device/contract/layout.py) from which the packing code,
+the wire dataclass and the datasheet tables are all produced, so they cannot drift.
 ``COMMANDS`` lists every opcode with its request/response structures and semantics.
 
 Decisions on the NDIS documentation defects (shared/reference/ipsec-offload-notes.md §1.10):
@@ -44,20 +44,12 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, IntFlag
-from typing import Any, ClassVar
+from typing import Any
 
-from firmware_model.status import NdisStatus
-
-
-class ParseError(ValueError):
-    """A command payload does not match its layout. ``status`` is the NDIS status to complete with."""
-
-    def __init__(self, message: str, status: NdisStatus = NdisStatus.INVALID_DATA) -> None:
-        super().__init__(message)
-        self.status = status
-
+from device.contract.layout import SIZE, Layout, ParseError, Wire, wire_class
+from device.contract.status import NdisStatus
 
 # ---------------------------------------------------------------------------------------------------
 # constants (numeric values from the WDK headers, see ipsec-offload-notes.md §1.2-§1.7)
@@ -131,14 +123,6 @@ class V2SaFlags(IntFlag):
     ESN_SA = 0x1  # IPSEC_OFFLOAD_V2_ESN_SA
 
 
-class UdpEspEncapsulation(IntFlag):  # IPSEC_OFFLOAD_V2_UDP_ESP_ENCAPSULATION_*
-    NONE = 0x0
-    TRANSPORT = 0x1
-    TUNNEL = 0x2
-    TRANSPORT_OVER_TUNNEL = 0x4  # IPSEC_OFFLOAD_V2_TRANSPORT_OVER_UDP_ESP_ENCAPSULATION_TUNNEL
-    UDP_ESP_TRANSPORT_OVER_TUNNEL = 0x8  # ..._UDP_ESP_ENCAPSULATION_TRANSPORT_OVER_TUNNEL
-
-
 class V1UdpEspParseFlags(IntFlag):  # NDIS_IPSEC_OFFLOAD_V1 Supported.Flags
     TPT_IKE = 0x01
     TUN_IKE = 0x02
@@ -150,34 +134,7 @@ class V1UdpEspParseFlags(IntFlag):  # NDIS_IPSEC_OFFLOAD_V1 Supported.Flags
     TPT_OVER_PURE_TUN_OTHER = 0x80
 
 
-class EncryptionId(IntFlag):  # IPSEC_OFFLOAD_V2_ENCRYPTION_* (identifier = capability bit)
-    NONE = 0x001
-    DES_CBC = 0x002
-    TDES_CBC = 0x004
-    AES_GCM_128 = 0x008
-    AES_GCM_192 = 0x010
-    AES_GCM_256 = 0x020
-    AES_CBC_128 = 0x040
-    AES_CBC_192 = 0x080
-    AES_CBC_256 = 0x100
-
-
-class AuthenticationId(IntFlag):  # IPSEC_OFFLOAD_V2_AUTHENTICATION_* (AES_GCM_* = AES-GMAC)
-    NONE = 0x00
-    MD5 = 0x01
-    SHA_1 = 0x02
-    SHA_256 = 0x04
-    AES_GCM_128 = 0x08
-    AES_GCM_192 = 0x10
-    AES_GCM_256 = 0x20
-
-
 NDIS_ENCAPSULATION_IEEE_802_3 = 0x2
-
-
-class SaMode(IntEnum):  # ADD_SA_PACKET.mode (beyond NDIS)
-    TRANSPORT = 0
-    TUNNEL = 1
 
 
 class SaListFlags(IntFlag):  # LIST_SAS entry flags (beyond NDIS)
@@ -208,152 +165,6 @@ class RejectReason(IntEnum):
 # ---------------------------------------------------------------------------------------------------
 # layouts
 
-_TYPE_NAMES = {"B": "u8", "H": "u16", "I": "u32", "Q": "u64", "h": "s16", "i": "s32"}
-SIZE = "SIZE"  # const placeholder: the size of the fixed part of the structure being defined
-
-
-@dataclass(frozen=True)
-class Field:
-    name: str
-    fmt: Any  # struct format ("I", "16s", ...) or a nested Layout
-    desc: str
-    const: Any = None  # value written on pack and required on unpack (not a dataclass field)
-    count: int = 1  # nested Layout repeated count times (value is a tuple when count > 1)
-
-
-class Layout:
-    """A fixed-size little-endian structure: field list -> struct.Struct, pack/unpack, doc rows."""
-
-    def __init__(self, name: str, ndis: str, fields_: Sequence[tuple], doc: str = "") -> None:
-        self.name = name
-        self.ndis = ndis
-        self.doc = doc
-        self.fields = tuple(Field(*f) for f in fields_)
-        self.cls: type | None = None
-        parts = []
-        for f in self.fields:
-            if isinstance(f.fmt, Layout):
-                parts.append(f.fmt.struct.format.lstrip("<") * f.count)
-            else:
-                parts.append(f.fmt)
-        self.struct = struct.Struct("<" + "".join(parts))
-        self.size = self.struct.size
-        self.value_names = tuple(f.name for f in self.fields if f.const is None)
-
-    # -- decoding/encoding
-    def _decode(self, flat: Iterator[Any], where: str) -> list[Any]:
-        out: list[Any] = []
-        for f in self.fields:
-            if isinstance(f.fmt, Layout):
-                sub = f.fmt
-                assert sub.cls is not None
-                items = tuple(sub.cls(*sub._decode(flat, f"{where}.{f.name}")) for _ in range(f.count))
-                out.append(items if f.count > 1 else items[0])
-                continue
-            value = next(flat)
-            if f.const is not None:
-                expected = self.size if f.const == SIZE else f.const
-                if value != expected:
-                    raise ParseError(f"{where}.{f.name} must be {expected:#x}, got {value:#x}")
-                continue
-            out.append(value)
-        return out
-
-    def _encode(self, obj: Any, flat: list[Any]) -> None:
-        for f in self.fields:
-            if isinstance(f.fmt, Layout):
-                value = getattr(obj, f.name)
-                items = value if f.count > 1 else (value,)
-                if len(items) != f.count:
-                    raise ValueError(f"{self.name}.{f.name} needs {f.count} entries, got {len(items)}")
-                for item in items:
-                    f.fmt._encode(item, flat)
-            elif f.const is not None:
-                flat.append(self.size if f.const == SIZE else f.const)
-            else:
-                value = getattr(obj, f.name)
-                if f.fmt.endswith("s") and len(value) > int(f.fmt[:-1]):
-                    raise ValueError(f"{self.name}.{f.name} holds at most {f.fmt[:-1]} bytes")
-                flat.append(value)
-
-    def unpack_from(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> Any:
-        if offset < 0 or len(buf) - offset < self.size:
-            raise ParseError(
-                f"{self.name}: need {self.size} bytes at offset {offset}, buffer has {len(buf)}",
-                NdisStatus.INVALID_LENGTH,
-            )
-        assert self.cls is not None
-        return self.cls(*self._decode(iter(self.struct.unpack_from(buf, offset)), self.name))
-
-    def unpack_exact(self, buf: bytes | bytearray | memoryview) -> Any:
-        if len(buf) != self.size:
-            raise ParseError(f"{self.name}: expected {self.size} bytes, got {len(buf)}", NdisStatus.INVALID_LENGTH)
-        return self.unpack_from(buf)
-
-    def pack(self, obj: Any) -> bytes:
-        flat: list[Any] = []
-        self._encode(obj, flat)
-        try:
-            return self.struct.pack(*flat)
-        except struct.error as exc:
-            raise ValueError(f"{self.name}: {exc}") from None
-
-    # -- documentation
-    def rows(self) -> list[tuple[int, int, str, str, str]]:
-        """(offset, size, name, type, description) for each field, for the datasheet."""
-        rows = []
-        offset = 0
-        for f in self.fields:
-            if isinstance(f.fmt, Layout):
-                size = f.fmt.size * f.count
-                typ = f.fmt.name + (f"[{f.count}]" if f.count > 1 else "")
-            else:
-                size = struct.calcsize("<" + f.fmt)
-                typ = f"u8[{f.fmt[:-1]}]" if f.fmt.endswith("s") else _TYPE_NAMES[f.fmt]
-            desc = f.desc
-            if f.const is not None:
-                value = self.size if f.const == SIZE else f.const
-                desc = f"{desc} (must be {value:#x})"
-            rows.append((offset, size, f.name, typ, desc))
-            offset += size
-        return rows
-
-    def markdown(self) -> str:
-        head = f"**{self.name}**" + (f" (mirrors `{self.ndis}`)" if self.ndis else "") + f", {self.size} bytes"
-        lines = [head, "", "| offset | size | field | type | description |", "|---|---|---|---|---|"]
-        lines += [f"| {o:#06x} | {s} | {n} | {t} | {d} |" for o, s, n, t, d in self.rows()]
-        return "\n".join(lines)
-
-
-LAYOUTS: dict[str, Layout] = {}
-
-
-def wire(layout: Layout):
-    """Bind a dataclass to its layout; the dataclass's leading fields must be the layout's value fields."""
-
-    def bind(cls):
-        names = tuple(f.name for f in fields(cls))[: len(layout.value_names)]
-        if names != layout.value_names:
-            raise TypeError(f"{cls.__name__} fields {names} do not match layout {layout.value_names}")
-        cls.LAYOUT = layout
-        layout.cls = cls
-        LAYOUTS[layout.name] = layout
-        return cls
-
-    return bind
-
-
-class Wire:
-    LAYOUT: ClassVar[Layout]
-
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self)
-
-    @classmethod
-    def unpack(cls, buf: bytes | bytearray | memoryview):
-        return cls.LAYOUT.unpack_exact(buf)
-
-
 def _header() -> list[tuple]:
     return [
         ("header_type", "B", "NDIS_OBJECT_HEADER.Type = NDIS_OBJECT_TYPE_DEFAULT", NDIS_OBJECT_TYPE_DEFAULT),
@@ -375,12 +186,7 @@ ALGO_INFO_V1 = Layout(
 )
 
 
-@wire(ALGO_INFO_V1)
-@dataclass(frozen=True)
-class AlgoInfoV1(Wire):
-    algo_identifier: int = 0
-    algo_keylen: int = 0
-    algo_rounds: int = 0
+AlgoInfoV1 = wire_class(ALGO_INFO_V1, "AlgoInfoV1")
 
 
 SA_V1 = Layout(
@@ -398,13 +204,7 @@ SA_V1 = Layout(
 )
 
 
-@wire(SA_V1)
-@dataclass(frozen=True)
-class SaV1(Wire):
-    operation: int = 0
-    spi: int = 0
-    integrity_algo: AlgoInfoV1 = AlgoInfoV1()
-    conf_algo: AlgoInfoV1 = AlgoInfoV1()
+SaV1 = wire_class(SA_V1, "SaV1")
 
 
 _V1_FILTER = [
@@ -431,30 +231,27 @@ V1_ADD_SA = Layout(
 )
 
 
-@wire(V1_ADD_SA)
-@dataclass(frozen=True)
-class V1AddSa(Wire):
-    src_addr: bytes
-    src_mask: bytes
-    dest_addr: bytes
-    dest_mask: bytes
-    protocol: int
-    src_port: int
-    dest_port: int
-    src_tunnel_addr: bytes
-    dest_tunnel_addr: bytes
-    flags: int
-    num_sas: int
-    sec_assoc: tuple[SaV1, ...]
-    key_len: int
-    key_mat: bytes = field(default=b"", repr=False)  # key material: never in a repr
+# Key material follows the fixed part; it never appears in a repr.
+_KEY_MAT = (("key_mat", bytes, field(default=b"", repr=False)),)
+_KEY_DATA = (("key_data", bytes, field(default=b"", repr=False)),)
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self) + self.key_mat
 
-    @classmethod
-    def unpack(cls, buf):
-        return _with_key_tail(cls, buf)
+def _pack_key_tail(self) -> bytes:
+    return self.LAYOUT.pack(self) + self.key_mat
+
+
+def _with_key_tail(cls, buf):
+    fixed = cls.LAYOUT.unpack_from(buf)
+    tail = bytes(buf[cls.LAYOUT.size :])
+    if fixed.key_len > MAX_KEY_BYTES * OFFLOAD_MAX_SAS or len(tail) != fixed.key_len:
+        raise ParseError(
+            f"{cls.LAYOUT.name}: key_len {fixed.key_len} but {len(tail)} key bytes follow", NdisStatus.INVALID_LENGTH
+        )
+    return replace(fixed, key_mat=tail)
+
+
+_KEY_TAIL = {"pack": _pack_key_tail, "unpack": classmethod(_with_key_tail)}
+V1AddSa = wire_class(V1_ADD_SA, "V1AddSa", extra=_KEY_MAT, methods=_KEY_TAIL)
 
 
 V1_ADD_UDPESP_SA = Layout(
@@ -472,49 +269,8 @@ V1_ADD_UDPESP_SA = Layout(
 )
 
 
-@wire(V1_ADD_UDPESP_SA)
-@dataclass(frozen=True)
-class V1AddUdpEspSa(Wire):
-    src_addr: bytes
-    src_mask: bytes
-    dest_addr: bytes
-    dest_mask: bytes
-    protocol: int
-    src_port: int
-    dest_port: int
-    src_tunnel_addr: bytes
-    dest_tunnel_addr: bytes
-    flags: int
-    num_sas: int
-    sec_assoc: tuple[SaV1, ...]
-    udp_encap_type: int
-    dst_encap_port: int
-    encap_type_entry_offld_handle: int
-    key_len: int
-    key_mat: bytes = field(default=b"", repr=False)  # key material: never in a repr
+V1AddUdpEspSa = wire_class(V1_ADD_UDPESP_SA, "V1AddUdpEspSa", extra=_KEY_MAT, methods=_KEY_TAIL)
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self) + self.key_mat
-
-    @classmethod
-    def unpack(cls, buf):
-        return _with_key_tail(cls, buf)
-
-
-def _with_key_tail(cls, buf):
-    fixed = cls.LAYOUT.unpack_from(buf)
-    tail = bytes(buf[cls.LAYOUT.size :])
-    if fixed.key_len > MAX_KEY_BYTES * OFFLOAD_MAX_SAS or len(tail) != fixed.key_len:
-        raise ParseError(
-            f"{cls.LAYOUT.name}: key_len {fixed.key_len} but {len(tail)} key bytes follow", NdisStatus.INVALID_LENGTH
-        )
-    return _replace(fixed, key_mat=tail)
-
-
-def _replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 HANDLE_RESPONSE = Layout(
@@ -522,10 +278,7 @@ HANDLE_RESPONSE = Layout(
 )
 
 
-@wire(HANDLE_RESPONSE)
-@dataclass(frozen=True)
-class HandleResponse(Wire):
-    offload_handle: int
+HandleResponse = wire_class(HANDLE_RESPONSE, "HandleResponse")
 
 
 V1_UDPESP_RESPONSE = Layout(
@@ -538,11 +291,7 @@ V1_UDPESP_RESPONSE = Layout(
 )
 
 
-@wire(V1_UDPESP_RESPONSE)
-@dataclass(frozen=True)
-class V1AddUdpEspResponse(Wire):
-    offload_handle: int
-    encap_type_entry_offld_handle: int
+V1AddUdpEspResponse = wire_class(V1_UDPESP_RESPONSE, "V1AddUdpEspResponse")
 
 
 V1_DELETE_SA = Layout(
@@ -550,10 +299,7 @@ V1_DELETE_SA = Layout(
 )
 
 
-@wire(V1_DELETE_SA)
-@dataclass(frozen=True)
-class V1DeleteSa(Wire):
-    offload_handle: int
+V1DeleteSa = wire_class(V1_DELETE_SA, "V1DeleteSa")
 
 
 V1_DELETE_UDPESP_SA = Layout(
@@ -566,11 +312,7 @@ V1_DELETE_UDPESP_SA = Layout(
 )
 
 
-@wire(V1_DELETE_UDPESP_SA)
-@dataclass(frozen=True)
-class V1DeleteUdpEspSa(Wire):
-    offload_handle: int
-    encap_type_entry_offld_handle: int
+V1DeleteUdpEspSa = wire_class(V1_DELETE_UDPESP_SA, "V1DeleteUdpEspSa")
 
 
 # ---- v2 ---------------------------------------------------------------------------------------------
@@ -579,7 +321,7 @@ ALGO_INFO_V2 = Layout(
     "ALGO_INFO_V2",
     "IPSEC_OFFLOAD_V2_ALGORITHM_INFO",
     [
-        ("identifier", "I", "EncryptionId / AuthenticationId value"),
+        ("identifier", "I", "EncAlg / AuthAlg identifier"),
         ("key_length", "I", "key bytes (AES-GCM/GMAC: key + 4-byte salt)"),
         ("key_offset_bytes", "I", "offset of the key inside the key buffer"),
         ("additional_info", "I", "AES-GCM encryption: ICV length in bytes (8/12/16, 0 = 16); else 0"),
@@ -587,13 +329,7 @@ ALGO_INFO_V2 = Layout(
 )
 
 
-@wire(ALGO_INFO_V2)
-@dataclass(frozen=True)
-class AlgoInfoV2(Wire):
-    identifier: int = 0
-    key_length: int = 0
-    key_offset_bytes: int = 0
-    additional_info: int = 0
+AlgoInfoV2 = wire_class(ALGO_INFO_V2, "AlgoInfoV2")
 
 
 SA_V2 = Layout(
@@ -610,15 +346,7 @@ SA_V2 = Layout(
 )
 
 
-@wire(SA_V2)
-@dataclass(frozen=True)
-class SaV2(Wire):
-    flags: int = 0
-    operation: int = 0
-    spi: int = 0
-    authentication_algorithm: AlgoInfoV2 = AlgoInfoV2()
-    encryption_algorithm: AlgoInfoV2 = AlgoInfoV2()
-    sequence_number_high_order: int = 0
+SaV2 = wire_class(SA_V2, "SaV2")
 
 
 _V2_COMMON = [
@@ -644,18 +372,7 @@ V2_ADD_SA = Layout(
 )
 
 
-@wire(V2_ADD_SA)
-@dataclass(frozen=True)
-class V2AddSa(Wire):
-    next_offset: int
-    num_ext_hdrs: int
-    flags: int
-    src_addr: bytes
-    dest_addr: bytes
-    udp_esp_encapsulation: int
-    sec_assoc: tuple[SaV2, ...]
-    key_length: int
-    key_data: bytes = field(default=b"", repr=False)  # key material: never in a repr
+V2AddSa = wire_class(V2_ADD_SA, "V2AddSa", extra=_KEY_DATA)
 
 
 V2_ADD_SA_EX = Layout(
@@ -674,30 +391,13 @@ V2_ADD_SA_EX = Layout(
 )
 
 
-@wire(V2_ADD_SA_EX)
-@dataclass(frozen=True)
-class V2AddSaEx(Wire):
-    num_ext_hdrs: int
-    flags: int
-    src_addr: bytes
-    dest_addr: bytes
-    udp_esp_encapsulation: int
-    sec_assoc: tuple[SaV2, ...]
-    key_length: int
-    key_offset: int
-    source_switch_port_id: int = 0
-    vlan_id: int = 0
-    key_data: bytes = field(default=b"", repr=False)  # key material: never in a repr
+def _pack_key_offset(self) -> bytes:
+    if self.key_offset < self.LAYOUT.size and self.key_data:
+        raise ValueError("key_offset must not overlap the fixed part")
+    gap = b"\0" * max(0, self.key_offset - self.LAYOUT.size)
+    return self.LAYOUT.pack(self) + gap + self.key_data
 
-    def pack(self) -> bytes:
-        if self.key_offset < self.LAYOUT.size and self.key_data:
-            raise ValueError("key_offset must not overlap the fixed part")
-        gap = b"\0" * max(0, self.key_offset - self.LAYOUT.size)
-        return self.LAYOUT.pack(self) + gap + self.key_data
 
-    @classmethod
-    def unpack(cls, buf):
-        return _with_key_offset(cls, buf)
 
 
 def _with_key_offset(cls, buf):
@@ -714,7 +414,11 @@ def _with_key_offset(cls, buf):
     if fixed.key_offset + fixed.key_length != len(buf):
         raise ParseError(f"{cls.LAYOUT.name}: key buffer {fixed.key_offset}+{fixed.key_length} does not end "
                          f"the {len(buf)}-byte request", NdisStatus.INVALID_LENGTH)
-    return _replace(fixed, key_data=bytes(buf[fixed.key_offset :]))
+    return replace(fixed, key_data=bytes(buf[fixed.key_offset :]))
+
+
+_KEY_OFFSET = {"pack": _pack_key_offset, "unpack": classmethod(_with_key_offset)}
+V2AddSaEx = wire_class(V2_ADD_SA_EX, "V2AddSaEx", extra=_KEY_DATA, methods=_KEY_OFFSET)
 
 
 ADD_SA_PACKET = Layout(
@@ -728,7 +432,7 @@ ADD_SA_PACKET = Layout(
         ("source_switch_port_id", "I", "reserved; ignored"),
         ("vlan_id", "H", "reserved; ignored"),
         ("reserved", "H", "alignment", 0),
-        ("mode", "I", "SaMode: 0 = transport, 1 = tunnel (src/dest_addr are then the tunnel endpoints)"),
+        ("mode", "I", "Mode: 0 = transport, 1 = tunnel (src/dest_addr are then the tunnel endpoints)"),
         ("encap_sport", "H", "UDP encapsulation source port (0 = 4500 if udp_esp_encapsulation != 0)"),
         ("encap_dport", "H", "UDP encapsulation destination port (0 = 4500)"),
         ("replay_window", "I", "inbound anti-replay window in packets (0 = off)"),
@@ -755,43 +459,7 @@ SEL_IPV6 = 0x1
 SEL_PRESENT = 0x2
 
 
-@wire(ADD_SA_PACKET)
-@dataclass(frozen=True)
-class AddSaPacket(Wire):
-    num_ext_hdrs: int
-    flags: int
-    src_addr: bytes
-    dest_addr: bytes
-    udp_esp_encapsulation: int
-    sec_assoc: tuple[SaV2, ...]
-    key_length: int
-    key_offset: int
-    source_switch_port_id: int
-    vlan_id: int
-    mode: int
-    encap_sport: int
-    encap_dport: int
-    replay_window: int
-    initial_seq: int
-    soft_packets: int = 0
-    hard_packets: int = 0
-    soft_bytes: int = 0
-    hard_bytes: int = 0
-    sel_src: bytes = b""
-    sel_dst: bytes = b""
-    sel_src_prefix: int = 0
-    sel_dst_prefix: int = 0
-    sel_proto: int = 0
-    sel_flags: int = 0
-    sel_sport: int = 0
-    sel_dport: int = 0
-    key_data: bytes = field(default=b"", repr=False)  # key material: never in a repr
-
-    pack = V2AddSaEx.pack
-
-    @classmethod
-    def unpack(cls, buf):
-        return _with_key_offset(cls, buf)
+AddSaPacket = wire_class(ADD_SA_PACKET, "AddSaPacket", extra=_KEY_DATA, methods=_KEY_OFFSET)
 
 
 V2_ADD_SA_RESULT = Layout(
@@ -804,11 +472,7 @@ V2_ADD_SA_RESULT = Layout(
 )
 
 
-@wire(V2_ADD_SA_RESULT)
-@dataclass(frozen=True)
-class V2AddSaResult(Wire):
-    offload_handle: int
-    status: int
+V2AddSaResult = wire_class(V2_ADD_SA_RESULT, "V2AddSaResult")
 
 
 LIST_HEADER = Layout(
@@ -818,10 +482,7 @@ LIST_HEADER = Layout(
 )
 
 
-@wire(LIST_HEADER)
-@dataclass(frozen=True)
-class ListHeader(Wire):
-    count: int
+ListHeader = wire_class(LIST_HEADER, "ListHeader")
 
 
 V2_DELETE_SA = Layout(
@@ -835,20 +496,13 @@ V2_DELETE_SA = Layout(
 )
 
 
-@wire(V2_DELETE_SA)
-@dataclass(frozen=True)
-class V2DeleteSa(Wire):
-    next_offset: int
-    offload_handle: int
+V2DeleteSa = wire_class(V2_DELETE_SA, "V2DeleteSa")
 
 
 STATUS_ENTRY = Layout("STATUS_ENTRY", "", [("status", "I", "NdisStatus of the matching request entry")])
 
 
-@wire(STATUS_ENTRY)
-@dataclass(frozen=True)
-class StatusEntry(Wire):
-    status: int
+StatusEntry = wire_class(STATUS_ENTRY, "StatusEntry")
 
 
 V2_UPDATE_SA = Layout(
@@ -864,13 +518,7 @@ V2_UPDATE_SA = Layout(
 )
 
 
-@wire(V2_UPDATE_SA)
-@dataclass(frozen=True)
-class V2UpdateSa(Wire):
-    offload_handle: int
-    operation: int
-    spi: int
-    sequence_number_high_order: int
+V2UpdateSa = wire_class(V2_UPDATE_SA, "V2UpdateSa")
 
 
 # ---- capabilities, stats, listing --------------------------------------------------------------------
@@ -893,8 +541,8 @@ CAPS = Layout(
         ("extended_sequence_numbers", "B", "BOOLEAN"),
         ("reserved0", "B", "alignment", 0),
         ("udp_esp", "I", "UdpEspEncapsulation types supported"),
-        ("authentication_algorithms", "I", "AuthenticationId mask"),
-        ("encryption_algorithms", "I", "EncryptionId mask"),
+        ("authentication_algorithms", "I", "AuthAlg mask"),
+        ("encryption_algorithms", "I", "EncAlg mask"),
         ("sa_offload_capacity", "I", "SA bundles the card can hold"),
         ("v1_udp_esp_flags", "I", "V1UdpEspParseFlags (NDIS_IPSEC_OFFLOAD_V1 Supported.Flags)"),
         ("packet_offload", "B", "BOOLEAN: ADD_SA_PACKET available (beyond NDIS)"),
@@ -905,28 +553,7 @@ CAPS = Layout(
 )
 
 
-@wire(CAPS)
-@dataclass(frozen=True)
-class CapsWire(Wire):
-    encapsulation: int
-    ipv6_supported: int
-    ipv4_options: int
-    ipv6_non_ipsec_extension_headers: int
-    ah: int
-    esp: int
-    ah_esp_combined: int
-    transport: int
-    tunnel: int
-    transport_tunnel_combined: int
-    lso_supported: int
-    extended_sequence_numbers: int
-    udp_esp: int
-    authentication_algorithms: int
-    encryption_algorithms: int
-    sa_offload_capacity: int
-    v1_udp_esp_flags: int
-    packet_offload: int
-    max_replay_window: int
+CapsWire = wire_class(CAPS, "CapsWire")
 
 
 _STATS_COUNTERS = [
@@ -966,52 +593,13 @@ GLOBAL_STATS = Layout(
 )
 
 
-@wire(GLOBAL_STATS)
-@dataclass
-class GlobalStats(Wire):
-    sa_bundles: int = 0
-    sa_capacity: int = 0
-    parser_entries: int = 0
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    tx_crypto: int = 0
-    tx_packet_offload: int = 0
-    tx_passthrough: int = 0
-    tx_bad_handle: int = 0
-    tx_errors: int = 0
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    rx_crypto_done: int = 0
-    rx_crypto_ok: int = 0
-    rx_auth_failed: int = 0
-    rx_syntax_errors: int = 0
-    rx_other_errors: int = 0
-    rx_no_sa: int = 0
-    rx_not_processed: int = 0
-    rx_sa_delete_req: int = 0
-    cmd_ok: int = 0
-    cmd_failed: int = 0
-    reject_capacity: int = 0
-    reject_unsupported_algorithm: int = 0
-    reject_bad_key: int = 0
-    reject_bad_icv_length: int = 0
-    reject_bad_spi: int = 0
-    reject_duplicate_spi: int = 0
-    reject_bad_bundle: int = 0
-    reject_bad_address: int = 0
-    reject_unsupported_feature: int = 0
-    reject_bad_encapsulation: int = 0
-    reject_bad_parser_entry: int = 0
-    reject_bad_parameter: int = 0
+GlobalStats = wire_class(GLOBAL_STATS, "GlobalStats", frozen=False)
 
 
 HANDLE_REQUEST = Layout("HANDLE_REQUEST", "", [("offload_handle", "I", "SA bundle")])
 
 
-@wire(HANDLE_REQUEST)
-@dataclass(frozen=True)
-class HandleRequest(Wire):
-    offload_handle: int
+HandleRequest = wire_class(HANDLE_REQUEST, "HandleRequest")
 
 
 SA_STATS_ENTRY = Layout(
@@ -1032,18 +620,7 @@ SA_STATS_ENTRY = Layout(
 )
 
 
-@wire(SA_STATS_ENTRY)
-@dataclass(frozen=True)
-class SaStatsEntry(Wire):
-    spi: int
-    proto: int
-    direction: int
-    packets: int = 0
-    bytes: int = 0
-    auth_failures: int = 0
-    replay_drops: int = 0
-    syntax_errors: int = 0
-    other_errors: int = 0
+SaStatsEntry = wire_class(SA_STATS_ENTRY, "SaStatsEntry")
 
 
 LIST_SAS_REQUEST = Layout(
@@ -1057,11 +634,7 @@ LIST_SAS_REQUEST = Layout(
 )
 
 
-@wire(LIST_SAS_REQUEST)
-@dataclass(frozen=True)
-class ListSasRequest(Wire):
-    start_index: int
-    max_entries: int
+ListSasRequest = wire_class(LIST_SAS_REQUEST, "ListSasRequest")
 
 
 LIST_SAS_RESPONSE = Layout(
@@ -1076,12 +649,7 @@ LIST_SAS_RESPONSE = Layout(
 )
 
 
-@wire(LIST_SAS_RESPONSE)
-@dataclass(frozen=True)
-class ListSasResponse(Wire):
-    total: int
-    next_index: int
-    count: int
+ListSasResponse = wire_class(LIST_SAS_RESPONSE, "ListSasResponse")
 
 
 SA_LIST_ENTRY = Layout(
@@ -1101,17 +669,16 @@ SA_LIST_ENTRY = Layout(
 )
 
 
-@wire(SA_LIST_ENTRY)
-@dataclass(frozen=True)
-class SaListEntry(Wire):
-    offload_handle: int
-    spi: int
-    proto: int
-    direction: int
-    mode: int
-    family: int
-    flags: int
-    paired_handle: int
+SaListEntry = wire_class(SA_LIST_ENTRY, "SaListEntry")
+
+
+# Every command structure, in declaration order (datasheet tables, tests).
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
+    ALGO_INFO_V1, SA_V1, V1_ADD_SA, V1_ADD_UDPESP_SA, HANDLE_RESPONSE, V1_UDPESP_RESPONSE, V1_DELETE_SA,
+    V1_DELETE_UDPESP_SA, ALGO_INFO_V2, SA_V2, V2_ADD_SA, V2_ADD_SA_EX, ADD_SA_PACKET, V2_ADD_SA_RESULT, LIST_HEADER,
+    V2_DELETE_SA, STATUS_ENTRY, V2_UPDATE_SA, CAPS, GLOBAL_STATS, HANDLE_REQUEST, SA_STATS_ENTRY, LIST_SAS_REQUEST,
+    LIST_SAS_RESPONSE, SA_LIST_ENTRY,
+)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1159,7 +726,7 @@ def unpack_v2_add_sa_list(buf: bytes | bytearray | memoryview) -> list[V2AddSa]:
         if entry.next_offset and (entry.next_offset % 4 or entry.next_offset < key_end - offset):
             raise ParseError(f"V2_ADD_SA entry at {offset}: next_offset {entry.next_offset} overlaps the entry "
                              "or is not a multiple of 4", NdisStatus.INVALID_PARAMETER)
-        out.append(_replace(entry, key_data=bytes(buf[key_start:key_end])))
+        out.append(replace(entry, key_data=bytes(buf[key_start:key_end])))
         end = key_end
     if len(buf) - end >= 4 or any(buf[end:]):
         raise ParseError(f"V2_ADD_SA: {len(buf) - end} bytes after the last entry", NdisStatus.INVALID_LENGTH)
