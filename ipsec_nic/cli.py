@@ -57,9 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ipsec_nic import runner
+    from ipsec_nic import demo
 
-    return runner.demo(profile=args.profile, out_dir=args.out, timeout=args.timeout, verbose=args.verbose)
+    return demo.run(profile=args.profile, out_dir=Path(args.out), timeout=args.timeout, verbose=args.verbose)
 
 
 def cmd_test(args: argparse.Namespace) -> int:

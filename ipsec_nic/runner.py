@@ -37,7 +37,7 @@ def _say(message: str) -> None:
 
 def serve(socket_path: str, profile: str | None = None, ready_file: str | None = None) -> int:
     """Serve the card a profile describes on ``socket_path`` until SIGTERM/SIGINT."""
-    from device.nic.card import build_card
+    from device.nic.assembly import build_card
     from device.profile import ProfileError, load_profile
     from device.vfio_user.server import serve as serve_socket
 
@@ -205,10 +205,3 @@ def vm_run(profile: str | None = None, guest_command: str | None = None, as_json
     _say(f"guest command exited with {result.exit_code}; time to guest command {result.boot_seconds:.1f} s, "
          f"VM wall time {result.wall_seconds:.1f} s, total {time.monotonic() - t0:.1f} s; logs in {log_dir}")
     return result.exit_code
-
-
-def demo(profile: str | None = None, out_dir: str = "out", timeout: float = 600.0, verbose: int = 0) -> int:
-    """The main job: boot a VM with the card and exercise it end to end."""
-    from ipsec_nic import demo as demo_module
-
-    return demo_module.run(profile=profile, out_dir=Path(out_dir), timeout=timeout, verbose=verbose)

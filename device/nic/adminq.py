@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from device.contract import regs
 from device.contract.regs import AdminFlags, AdminStatus
-from device.nic.rings import STAT, RingRegs
+from device.nic.rings import STAT, QueueEvents, RingRegs
 from device.vfio_user.device_api import DmaAccess, DmaError
-
-if TYPE_CHECKING:
-    from device.nic.datapath import Datapath
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +46,19 @@ assert _STATUS_FW.size == _DESC.offset_of("req_len") - _STATUS_AT
 
 
 class AdminQueue:
-    """Processes the admin ring of one card."""
+    """Processes the admin ring of one card: ``execute`` is the firmware's command entry point
+    (opcode, request) -> (NDIS status, response); ``events`` counts, faults and raises causes."""
 
-    def __init__(self, engine: Datapath, max_buf: int) -> None:
-        self.engine = engine
+    def __init__(self, execute: Callable[[int, bytes], tuple[int, bytes]], events: QueueEvents,
+                 max_buf: int) -> None:
+        self.execute = execute
+        self.events = events
         self.max_buf = max_buf
         self.commands = 0  # descriptors completed (any status)
 
     def process(self, ring: RingRegs, dma: DmaAccess) -> bool:
         """One bounded pass. Returns True when descriptors remain (caller schedules another pass)."""
-        eng = self.engine
+        events = self.events
         base, size, head, tail = ring.base_address, ring.length, ring.head, ring.tail
         qid = ring.queue_id
         interrupt = False
@@ -69,7 +69,7 @@ class AdminQueue:
             try:
                 desc = _UNPACK(dma.read(addr, _DESC_SIZE))
             except DmaError:
-                eng.dma_fault(qid)
+                events.dma_fault(qid)
                 break
             status, fw_status, resp_len = self._execute(dma, desc, qid)
             try:
@@ -80,40 +80,40 @@ class AdminQueue:
                     flags |= int(AdminFlags.ERROR)
                 dma.write(addr + _FLAGS_AT, _U16.pack(flags))
             except DmaError:  # readable but not writable (read-only mapping)
-                eng.dma_fault(qid)
+                events.dma_fault(qid)
             self.commands += 1
             if desc[1] & AdminFlags.INTERRUPT:
                 interrupt = True
             head = (head + 1) % size
         ring.set_head(head)
         if interrupt:
-            eng.card.set_cause(regs.Cause.ADMINQ)
+            events.set_cause(regs.Cause.ADMINQ)
         return head != tail and budget == 0
 
     def _execute(self, dma: DmaAccess, desc: tuple, qid: int) -> tuple[int, int, int]:
         """(AdminStatus, firmware status, resp_len write-back) for one descriptor."""
         (opcode, flags, _status, reserved0, _fw, req_len, req_addr, resp_addr, resp_cap, reserved1, _cookie,
          reserved2, reserved3) = desc
-        eng = self.engine
+        events = self.events
         if reserved0 or reserved1 or reserved2 or reserved3 or flags & ~_INPUT_FLAGS:
-            eng.count(BAD_DESCRIPTOR)
+            events.count(BAD_DESCRIPTOR)
             return AdminStatus.BAD_DESCRIPTOR, 0, 0
         if req_len > self.max_buf:
-            eng.count(BAD_DESCRIPTOR)
+            events.count(BAD_DESCRIPTOR)
             return AdminStatus.REQUEST_TOO_LONG, 0, 0
         if resp_cap > self.max_buf:
-            eng.count(BAD_DESCRIPTOR)
+            events.count(BAD_DESCRIPTOR)
             return AdminStatus.BAD_DESCRIPTOR, 0, 0
         try:
             request = dma.read(req_addr, req_len) if req_len else b""
         except DmaError:
-            eng.dma_fault(qid)
+            events.dma_fault(qid)
             return AdminStatus.DMA_ERROR, 0, 0
         try:
-            fw_status, response = eng.firmware.execute(opcode, request)
+            fw_status, response = self.execute(opcode, request)
         except Exception:  # the facade promises not to raise; a bug must not stop the card
             log.exception("firmware fault executing admin opcode %#06x", opcode)  # no request bytes logged
-            eng.card.report_error(regs.ErrCode.FIRMWARE_FAULT, opcode)
+            events.report_error(regs.ErrCode.FIRMWARE_FAULT, opcode)
             return AdminStatus.FIRMWARE_FAULT, 0, 0
         status = AdminStatus.OK
         n = len(response)
@@ -124,6 +124,6 @@ class AdminQueue:
             try:
                 dma.write(resp_addr, response)
             except DmaError:
-                eng.dma_fault(qid)
+                events.dma_fault(qid)
                 return AdminStatus.DMA_ERROR, fw_status & 0xFFFF_FFFF, 0
         return status, fw_status & 0xFFFF_FFFF, n

@@ -20,18 +20,14 @@ import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from device.contract import regs
 from device.contract.regs import Access, Cause, Ctrl, ErrCode, IntMode, QueueCtrl, QueueId, Status
-from device.nic.datapath import Datapath
-from device.nic.wire import wire_from_profile
-from device.pci.capabilities import eui64_from_mac
-from device.pci.config_space import BarLayout, BarType
-from device.pci.function import PciFunction, PciIds
+from device.pci.function import PciFunction
 from device.profile import Profile
 from device.vfio_user.device_api import DeviceContext
 from firmware_model.capabilities import Capabilities
-from firmware_model.firmware import Firmware
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +36,14 @@ FIRMWARE_VERSION = regs.encode_version(1, 0, 0)
 
 _DWORDS = regs.BAR0_SIZE // 4
 _CTRL_WRITABLE = Ctrl.ENABLE | Ctrl.PROMISC | Ctrl.INT_MODE
+
+class ClientHooks(Protocol):
+    """What the register file tells the data path about the vfio-user client (device/nic/datapath.py)."""
+
+    def attached(self, ctx: DeviceContext) -> None: ...
+
+    def detached(self) -> None: ...
+
 
 Stat = enum.IntEnum("Stat", [name for name, _ in regs.STATISTICS], start=0)  # type: ignore[misc]
 
@@ -206,7 +210,7 @@ class NicCard:
         self.ring_enable_hook: Callable[[QueueKind, int, bool], None] | None = None
         self.enable_hook: Callable[[bool], None] | None = None
         self.reset_hooks: list[Callable[[], None]] = []
-        self.datapath: Datapath | None = None  # set by build_card; attached/detached with the client
+        self.datapath: ClientHooks | None = None  # set by build_card; attached/detached with the client
 
         # Sparse dispatch tables (igb_macreg_readops / writeops): offset -> handler.
         self.read_ops: dict[int, Callable[[int], int]] = {}
@@ -533,33 +537,3 @@ class NicCard:
         """The driver moved a ring's TAIL (the data path processes the ring from here)."""
         if self.doorbell_hook is not None:
             self.doorbell_hook(kind, index)
-
-
-class NicFunction(PciFunction):
-    """The card as a PCI function; ``card`` is its BAR0 register file."""
-
-    card: NicCard
-
-
-def build_card(profile: Profile) -> NicFunction:
-    """Build the card a profile describes, ready for ``serve(socket_path, build_card(profile))``."""
-    caps = firmware_capabilities(profile)
-    card = NicCard(profile, caps)
-    pci = profile.pci
-    function = NicFunction(
-        PciIds(pci.vendor_id, pci.device_id, pci.subsystem_vendor_id, pci.subsystem_id, pci.class_code,
-               pci.revision),
-        bars={0: (BarLayout(0, regs.BAR0_SIZE, BarType.MEM32), card)},
-        msix_vectors=profile.nic.msix_vectors,
-        msix_bar=2,
-        msix_table_offset=regs.MSIX_TABLE_OFFSET,
-        msix_pba_offset=regs.MSIX_PBA_OFFSET,
-        serial_number=eui64_from_mac(profile.nic.mac),
-    )
-    if function.bar_layouts[2].size != regs.BAR2_SIZE:
-        raise AssertionError("BAR2 size disagrees with regs.BAR2_SIZE")
-    function.card = card
-    card.bind(function)
-    # The data path (admin queue, rings, firmware, wire) registers its hooks on the register file.
-    card.datapath = Datapath(card, Firmware(caps), wire_from_profile(profile.wire))
-    return function

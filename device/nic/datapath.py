@@ -152,7 +152,7 @@ class Datapath:
         self.wire = wire
         nic = card.profile.nic
         self.mac = bytes(nic.mac)
-        self.admin = AdminQueue(self, nic.admin_buffer_size)
+        self.admin = AdminQueue(firmware.execute, self, nic.admin_buffer_size)
         self.ctx: DeviceContext | None = None
         self.extra = DatapathStats()
         self._backlog: deque[bytes] = deque()
@@ -267,6 +267,12 @@ class Datapath:
     def dma_fault(self, queue_id: int) -> None:
         self.card.stats[DMA_ERROR] += 1
         self.card.report_error(ErrCode.DMA_FAULT, queue_id)
+
+    def set_cause(self, bits: int) -> None:
+        self.card.set_cause(bits)
+
+    def report_error(self, code: ErrCode, info: int = 0) -> None:
+        self.card.report_error(code, info)
 
     def _cause(self, bit: int) -> None:
         """Raise an interrupt cause unless it is still latched in ICR (then there is nothing new to say)."""

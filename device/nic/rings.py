@@ -46,6 +46,18 @@ class RingRegs(Protocol):
     def set_head(self, value: int) -> None: ...
 
 
+class QueueEvents(Protocol):
+    """What a queue engine reports back to its card (the data path implements it)."""
+
+    def count(self, stat: int, amount: int = 1) -> None: ...
+
+    def dma_fault(self, queue_id: int) -> None: ...
+
+    def set_cause(self, bits: int) -> None: ...
+
+    def report_error(self, code: regs.ErrCode, info: int = 0) -> None: ...
+
+
 def fetch_block(dma: DmaAccess, base: int, size: int, head: int, count: int, desc_size: int) -> tuple[bytes, int]:
     """Read up to ``count`` descriptors from ``head`` without wrapping: (bytes, descriptors read).
     Raises DmaError if the ring memory is unreachable."""

@@ -138,7 +138,7 @@ class Harness:
     """Device model (build_card + Datapath + Firmware) + guest memory + the driver's MMIO backend."""
 
     def __init__(self, profile_overrides: dict | None = None, memory_size: int = 8 << 20) -> None:
-        from device.nic.card import build_card
+        from device.nic.assembly import build_card
         from device.profile import profile_from_dict
 
         self.profile = profile_from_dict(profile_overrides or {})

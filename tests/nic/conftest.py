@@ -1,6 +1,6 @@
 """Test harness for the NIC: fake guest memory, a fake DeviceContext and a register-level driver.
 
-The card is the real one (device.nic.card.build_card + the data path + the real firmware model); only
+The card is the real one (device.nic.assembly.build_card + the data path + the real firmware model); only
 the vfio-user transport is replaced: guest RAM is a bytearray at GUEST_BASE (bounds-checked like
 device/vfio_user/dma.py: anything not wholly inside raises DmaError), call_soon work is queued and run
 by the test, call_later timers are recorded, interrupts are recorded instead of signalled.
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from device.contract import regs
-from device.nic.card import build_card
+from device.nic.assembly import build_card
 from device.nic.datapath import Datapath
 from device.nic.wire import Wire
 from device.pci import capabilities as pcicaps

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from device.contract import ndis, regs
-from device.nic.card import build_card
+from device.nic.assembly import build_card
 from device.pci.config_space import COMMAND, Command
 from device.profile import profile_from_dict
 from device.vfio_user.server import VfioUserServer

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from device.contract import regs
-from device.nic.card import NicFunction, build_card
+from device.nic.assembly import NicFunction, build_card
 from device.pci import capabilities as caps
 from device.profile import load_profile
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from device.nic.card import NicFunction, build_card
+from device.nic.assembly import NicFunction, build_card
 from device.profile import Profile, load_profile
 
 
