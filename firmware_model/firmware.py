@@ -34,16 +34,21 @@ from device.contract.ndis import (
     V2Operation,
     V2SaFlags,
 )
-from device.contract.regs import ETH_HLEN
 from device.contract.sa import SaParams, UdpEncap
 from device.contract.status import CryptoStatus
 from firmware_model.capabilities import Capabilities
 from firmware_model.esp import UdpPayloadKind, Verdict, classify_udp_payload, crypto_status_for
+from firmware_model.frames import (
+    IPV6_FRAGMENT,
+    esp_seq,
+    esp_trailer,
+    ipv6_upper,
+    l3_offset,
+    reframe,
+    selector_key,
+)
 from firmware_model.sadb import Sadb, SadbEntry, SaRejected, Selector
 
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-ETH_P_8021Q = 0x8100
 NAT_T_PORT = 4500  # RFC 3948; the only port NDIS v2 UDP-ESP uses
 # SaDeleteReq when fewer than this many sequence numbers are left on a non-ESN SA: leaves the host
 # time to rekey before RFC 4303 §3.3.3 forbids the counter to cycle.
@@ -97,6 +102,11 @@ class RxResult:
     handle: int = 0  # inbound SA bundle that matched (0 = none)
     verdict: int = -1  # engine Verdict, -1 when not processed (beyond NDIS, for diagnostics)
     discard: bool = False  # packet offload: dummy packet (RFC 4303 §2.6), not to be indicated
+    # The decisions the NIC writes back, so it never parses ESP nor looks into the SADB:
+    replay_drop: bool = False  # packet offload: refused by the anti-replay window, not to be indicated
+    decapsulated: bool = False  # packet offload removed the ESP (and tunnel / UDP) headers
+    next_header: int = -1  # crypto offload, check passed: the decrypted ESP trailer (-1 = not found)
+    pad_length: int = 0
 
 
 GlobalStats = ndis.GlobalStats
@@ -117,6 +127,7 @@ _AH = IpProto.AH
 _V_OK = Verdict.OK
 _V_DUMMY = Verdict.DUMMY
 _V_NOT_ESP = Verdict.NOT_ESP
+_V_REPLAY = Verdict.REPLAY
 _V_AUTH_FAILED = Verdict.AUTH_FAILED
 _AUTHENTIC = (Verdict.OK, Verdict.DUMMY)  # the ICV verified
 _CS_SUCCESS = CryptoStatus.SUCCESS
@@ -591,7 +602,7 @@ class Firmware:
         if handle == 0 and not packet_offload:
             st.tx_passthrough += 1
             return TxResult(_TX_NO_OFFLOAD, frame)
-        l3, _ = _l3_offset(frame)
+        l3, _ = l3_offset(frame)
         if l3 < 0:
             st.tx_errors += 1
             return TxResult(TxOutcome.BAD_SYNTAX, None)
@@ -621,7 +632,7 @@ class Firmware:
                 st.tx_bad_handle += 1
                 return TxResult(TxOutcome.BAD_HANDLE, None)
         else:
-            key = _selector_key(ip)
+            key = selector_key(ip)
             sa = self.sadb.lookup_selector(*key) if key else None
             if sa is None:
                 st.tx_errors += 1
@@ -632,7 +643,7 @@ class Firmware:
             st.tx_errors += 1
             return TxResult(_TX_FROM_VERDICT.get(verdict, TxOutcome.ERROR), None, self._check_lifetime(sa, rt))
         st.tx_packet_offload += 1
-        return TxResult(_TX_OK, _reframe(frame, l3, out), self._check_lifetime(sa, rt))
+        return TxResult(_TX_OK, reframe(frame, l3, out), self._check_lifetime(sa, rt))
 
     def _check_lifetime(self, sa: SadbEntry, rt) -> bool:
         """SaDeleteReq once the SA's soft lifetime passed or its counter nears the end; `rt` is
@@ -645,14 +656,14 @@ class Firmware:
     def _seq_near_end(buf: bytes | bytearray, l3: int, sa: SadbEntry) -> bool:
         # ESP in option-less IPv4 (the usual frame): Seq at a fixed offset, no header walk
         fixed = buf[l3] == 0x45 and buf[l3 + 9] == 50
-        seq = _U32.unpack_from(buf, l3 + 24)[0] if fixed else _esp_seq(buf, l3)
+        seq = _U32.unpack_from(buf, l3 + 24)[0] if fixed else esp_seq(buf, l3)
         return seq is not None and seq > U32_MAX - SEQ_SOFT_MARGIN
 
     def receive(self, frame: bytes) -> RxResult:
         st = self._stats
         st.rx_packets += 1
         st.rx_bytes += len(frame)
-        l3, ver = _l3_offset(frame)
+        l3, ver = l3_offset(frame)
         if l3 < 0:
             st.rx_not_processed += 1
             return RxResult(frame)
@@ -670,7 +681,7 @@ class Firmware:
             if verdict == _V_NOT_ESP:
                 st.rx_not_processed += 1
                 return RxResult(frame, handle=sa.handle)
-            out = _reframe(frame, l3, inner) if verdict == _V_OK else frame
+            out = reframe(frame, l3, inner) if verdict == _V_OK else frame
         else:
             buf = bytearray(frame)
             verdict = rt.crypto_decrypt(buf, l3)
@@ -701,9 +712,16 @@ class Firmware:
         delete_req = self._check_lifetime(sa, rt)
         if delete_req:
             st.rx_sa_delete_req += 1
+        po = sa.packet_offload
         # positional arguments in RxResult's field order: the keyword form costs more per frame
-        return RxResult(out, True, False, int(status), delete_req, sa.handle, int(verdict),
-                        sa.packet_offload and verdict == _V_DUMMY)
+        result = RxResult(out, True, False, int(status), delete_req, sa.handle, int(verdict),
+                          po and verdict == _V_DUMMY, po and verdict == _V_REPLAY, po and status == _CS_SUCCESS)
+        if not po and status == _CS_SUCCESS:
+            # crypto offload leaves the decrypted trailer in place: tell the host what it says
+            trailer = esp_trailer(out, sa.esp_icv_len)
+            if trailer is not None:
+                result.next_header, result.pad_length = trailer
+        return result
 
     def _rx_classify(self, frame: bytes, l3: int, ver: int):
         """None = not an IPsec frame we inspect; False = IPsec but no SA; else (entry, element, seq)."""
@@ -724,7 +742,7 @@ class Firmware:
         else:
             if n < l3 + 40 or not self.caps.ipv6:
                 return None
-            proto, off = _ipv6_upper(frame, l3, n)
+            proto, off = ipv6_upper(frame, l3, n)
             if proto < 0 or proto == IPV6_FRAGMENT:
                 return None
             dst = frame[l3 + 24 : l3 + 40]
@@ -779,94 +797,6 @@ def _key_slice(key: bytes, info: ndis.AlgoInfoV2, i: int, what: str, fw: Firmwar
 
 def _v1_filters(req) -> tuple:
     return (req.src_addr, req.src_mask, req.dest_addr, req.dest_mask, req.protocol, req.src_port, req.dest_port)
-
-
-IPV6_FRAGMENT = 44
-_IPV6_SKIPPED = (0, 43, 60)  # hop-by-hop, routing, destination options (RFC 8200 §4)
-
-
-def _ipv6_upper(packet: bytes | bytearray, start: int, limit: int) -> tuple[int, int]:
-    """(protocol, offset) of the first header after the IPv6 extension headers the card walks past;
-    a fragment header is returned as such (fragments are never offloaded); (-1, -1) if truncated."""
-    nh = packet[start + 6]
-    off = start + 40
-    for _ in range(9):  # bounded: up to 8 options headers, then the upper header (datasheet §7.5)
-        if nh not in _IPV6_SKIPPED:
-            return (nh, off) if off <= limit else (-1, -1)
-        if off + 8 > limit:
-            return -1, -1
-        nh, off = packet[off], off + (packet[off + 1] + 1) * 8
-    return -1, -1
-
-
-def _l3_offset(frame: bytes) -> tuple[int, int]:
-    """(offset of the IP header, IP version) of an Ethernet frame (one 802.1Q tag allowed), or (-1, 0)."""
-    if len(frame) < ETH_HLEN:
-        return -1, 0
-    etype = _U16.unpack_from(frame, 12)[0]
-    l3 = ETH_HLEN
-    if etype == ETH_P_8021Q:
-        if len(frame) < 18:
-            return -1, 0
-        etype = _U16.unpack_from(frame, 16)[0]
-        l3 = 18
-    if etype == ETH_P_IP and len(frame) > l3 and frame[l3] >> 4 == 4:
-        return l3, 4
-    if etype == ETH_P_IPV6 and len(frame) > l3 and frame[l3] >> 4 == 6:
-        return l3, 6
-    return -1, 0
-
-
-def _reframe(frame: bytes, l3: int, ip_packet: bytes) -> bytes:
-    """Ethernet header of `frame` around a new IP packet (ethertype follows the IP version)."""
-    etype = ETH_P_IPV6 if ip_packet and ip_packet[0] >> 4 == 6 else ETH_P_IP
-    if frame[l3 - 2] == etype >> 8 and frame[l3 - 1] == etype & 0xFF:
-        return b"".join((frame[:l3], ip_packet))  # the usual case: same IP version, header kept
-    head = bytearray(frame[:l3])
-    head[l3 - 2 : l3] = _U16.pack(etype)
-    return bytes(head) + ip_packet
-
-
-def _esp_seq(buf: bytes | bytearray, l3: int) -> int | None:
-    if buf[l3] >> 4 == 4:
-        ihl = (buf[l3] & 0x0F) * 4
-        proto, off = buf[l3 + 9], l3 + ihl
-    else:
-        proto, off = _ipv6_upper(buf, l3, len(buf))
-    if proto == 17:
-        off += 8
-    elif proto == 51:
-        off += 4
-    elif proto != 50:
-        return None
-    if off < 0 or len(buf) < off + 8:
-        return None
-    return _U32.unpack_from(buf, off + 4)[0]
-
-
-def _selector_key(ip: bytes) -> tuple[int, int, int, int, int, int] | None:
-    """(family, src, dst, proto, sport, dport) of a plain IP packet, for selector lookup."""
-    if len(ip) < 20:
-        return None
-    if ip[0] >> 4 == 4:
-        ihl = (ip[0] & 0x0F) * 4
-        proto = ip[9]
-        src, dst = int.from_bytes(ip[12:16], "big"), int.from_bytes(ip[16:20], "big")
-        off, family = ihl, 4
-        if _U16.unpack_from(ip, 6)[0] & 0x1FFF:
-            off = -1  # non-first fragment: no ports
-    elif ip[0] >> 4 == 6 and len(ip) >= 40:
-        src, dst = int.from_bytes(ip[8:24], "big"), int.from_bytes(ip[24:40], "big")
-        proto, off = _ipv6_upper(ip, 0, len(ip))
-        family = 6
-        if proto < 0:
-            return None
-    else:
-        return None
-    sport = dport = 0
-    if proto in (6, 17, 132) and off >= 0 and len(ip) >= off + 4:
-        sport, dport = struct.unpack_from("!HH", ip, off)
-    return family, src, dst, proto, sport, dport
 
 
 def _default_selector(p: SaParams) -> Selector | None:

@@ -132,6 +132,11 @@ class SadbEntry:
         first = self.params[0]
         return _packed(first.src), _packed(first.dst)
 
+    @property
+    def esp_icv_len(self) -> int:
+        """ICV length of the bundle's ESP element, -1 when it has none (AH only)."""
+        return next((p.icv_len for p in self.params if p.proto == _ESP), -1)
+
     def runtime(self):
         """The engine (EspEngine/AhEngine, or engine.SaBundle for ESP+AH), built on first use: cipher
         contexts are costly and most of a large table may sit idle."""

@@ -47,14 +47,12 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from device.contract import regs
-from device.contract.enums import IpProto
 from device.contract.regs import ETH_HLEN, Ctrl, ErrCode, RxWbFlags, TxFlags, TxStatus, TxWbFlags
 from device.nic.adminq import AdminQueue
 from device.nic.rings import STAT, RingRegs, fetch_block
 from device.nic.wire import Wire
 from device.pci.config_space import Command
 from device.vfio_user.device_api import DeviceContext, DmaError
-from firmware_model.esp import Verdict
 from firmware_model.firmware import Firmware, TxOutcome
 
 if TYPE_CHECKING:
@@ -123,7 +121,6 @@ _Q_BASE_LO, _Q_BASE_HI, _Q_LEN = regs.QREG_BASE_LO >> 2, regs.QREG_BASE_HI >> 2,
 _Q_HEAD, _Q_TAIL, _Q_CTRL = regs.QREG_HEAD >> 2, regs.QREG_TAIL >> 2, regs.QREG_CTRL >> 2
 _Q_ENABLE = int(regs.QueueCtrl.ENABLE)
 _SA_DELETE_CAUSE = int(regs.Cause.SA_DELETE_REQ)
-_U16BE = struct.Struct("!H")
 
 
 @dataclass
@@ -519,20 +516,16 @@ class Datapath:
             wb_flags |= _CRYPTO_DONE
             if result.next_crypto_done:
                 wb_flags |= _NEXT_CRYPTO_DONE
-            entry = self._sa_entry(result.handle)
-            packet_offload = entry is not None and entry.packet_offload
-            if packet_offload and result.verdict == Verdict.REPLAY:
+            if result.replay_drop:
                 stats[RX_REPLAY_DROP] += 1
                 drop = True
             elif crypto_status == 0:
                 stats[RX_CRYPTO_OK] += 1
-                if packet_offload:
+                if result.decapsulated:
                     wb_flags |= _DECAPSULATED
-                else:
-                    trailer = _esp_trailer(out, _esp_icv_len(entry))
-                    if trailer is not None:
-                        next_header, pad_length = trailer
-                        wb_flags |= _HEADER_INFO
+                elif result.next_header >= 0:
+                    next_header, pad_length = result.next_header, result.pad_length
+                    wb_flags |= _HEADER_INFO
             elif crypto_status in _AUTH_FAILED:
                 stats[RX_AUTH_FAIL] += 1
         if result.sa_delete_req:
@@ -564,40 +557,3 @@ class Datapath:
         if completed:
             self._cause(regs.cause_rx(ring.index))
         return True
-
-    def _sa_entry(self, handle: int) -> Any:
-        sadb = getattr(self.firmware, "sadb", None)
-        return sadb.get(handle) if sadb is not None and handle else None
-
-
-def _esp_icv_len(entry: Any) -> int:
-    if entry is None:
-        return -1
-    for p in entry.params:
-        if p.proto == IpProto.ESP:
-            return p.icv_len
-    return -1
-
-
-def _esp_trailer(frame: bytes, icv_len: int) -> tuple[int, int] | None:
-    """(next header, pad length) of the ESP trailer at the end of the frame's IP packet (RFC 4303 §2:
-    ... padding, pad length, next header, ICV). The IP length fields decide where the packet ends, so
-    Ethernet padding after a short packet is not mistaken for the trailer."""
-    if icv_len < 0:
-        return None
-    l3 = ETH_HLEN
-    etype = _U16BE.unpack_from(frame, 12)[0]
-    if etype == 0x8100:
-        l3 += VLAN_HLEN
-        etype = _U16BE.unpack_from(frame, 16)[0] if len(frame) >= 18 else 0
-    if etype == 0x0800 and len(frame) >= l3 + 20:
-        end = l3 + _U16BE.unpack_from(frame, l3 + 2)[0]
-    elif etype == 0x86DD and len(frame) >= l3 + 40:
-        end = l3 + 40 + _U16BE.unpack_from(frame, l3 + 4)[0]
-    else:
-        return None
-    at = end - icv_len - 2
-    if at < l3 or end > len(frame):
-        return None
-    return frame[at + 1], frame[at]
-
