@@ -19,22 +19,16 @@ from dataclasses import dataclass, replace
 from enum import IntEnum
 
 from device.contract import ndis
-from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode, UdpEspEncapsulation
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
 from device.contract.ndis import (
     NdisStatus,
     Opcode,
     ParseError,
     RejectReason,
     SaListFlags,
-    V1ConfAlgo,
-    V1IntegrityAlgo,
-    V1Operation,
-    V1SaFlags,
-    V2AddFlags,
     V2Operation,
-    V2SaFlags,
 )
-from device.contract.sa import SaParams, UdpEncap
+from device.contract.sa import NAT_T_PORT, SaInvalid, SaParams, UdpEncap, decode_v1, decode_v2
 from device.contract.status import CryptoStatus
 from firmware_model.capabilities import Capabilities
 from firmware_model.esp import UdpPayloadKind, Verdict, classify_udp_payload, crypto_status_for
@@ -49,7 +43,6 @@ from firmware_model.frames import (
 )
 from firmware_model.sadb import Sadb, SadbEntry, SaRejected, Selector
 
-NAT_T_PORT = 4500  # RFC 3948; the only port NDIS v2 UDP-ESP uses
 # SaDeleteReq when fewer than this many sequence numbers are left on a non-ESN SA: leaves the host
 # time to rekey before RFC 4303 §3.3.3 forbids the counter to cycle.
 SEQ_SOFT_MARGIN = 1 << 16
@@ -111,13 +104,6 @@ class RxResult:
 
 GlobalStats = ndis.GlobalStats
 
-_V1_CONF = {V1ConfAlgo.NONE: EncAlg.NONE, V1ConfAlgo.DES: EncAlg.DES_CBC, V1ConfAlgo.TRIPLE_DES: EncAlg.TDES_CBC}
-_V1_INTEGRITY = {V1IntegrityAlgo.NONE: AuthAlg.NONE, V1IntegrityAlgo.MD5: AuthAlg.MD5, V1IntegrityAlgo.SHA: AuthAlg.SHA1}
-_ENC_BY_ID = {int(a): a for a in EncAlg}
-_AUTH_BY_ID = {int(a): a for a in AuthAlg if a}
-_GCM = {EncAlg.AES_GCM_128, EncAlg.AES_GCM_192, EncAlg.AES_GCM_256}
-HMAC_96 = 12  # HMAC-MD5-96 / HMAC-SHA1-96 ICV bytes (RFC 2403/2404)
-
 # Enum members read through their class cost ~0.3 us each on Python 3.11; the per-frame paths use these.
 _TX_OK = TxOutcome.OK
 _TX_NO_OFFLOAD = TxOutcome.NO_OFFLOAD
@@ -133,10 +119,6 @@ _AUTHENTIC = (Verdict.OK, Verdict.DUMMY)  # the ICV verified
 _CS_SUCCESS = CryptoStatus.SUCCESS
 _CS_SYNTAX = (CryptoStatus.INVALID_PACKET_SYNTAX, CryptoStatus.INVALID_PROTOCOL)
 _CS_GENERIC = CryptoStatus.GENERIC_ERROR
-
-
-def _rej(reason: RejectReason, message: str) -> SaRejected:
-    return SaRejected(reason, message)
 
 
 class Firmware:
@@ -233,62 +215,12 @@ class Firmware:
         return NdisStatus.SUCCESS, snap.pack()
 
     # -- v1
-    def _v1_params(self, req, key_mat: bytes) -> list[SaParams]:
-        flags = req.flags
-        if flags not in (V1SaFlags.INBOUND, V1SaFlags.OUTBOUND):
-            raise self._count(RejectReason.BAD_PARAMETER, f"flags {flags:#x}: exactly one of inbound/outbound")
-        direction = Direction.INBOUND if flags == V1SaFlags.INBOUND else Direction.OUTBOUND
-        if req.num_sas not in (1, 2):
-            raise self._count(RejectReason.BAD_BUNDLE, f"num_sas {req.num_sas}: must be 1 or 2")
-        tunnel = any(req.src_tunnel_addr) or any(req.dest_tunnel_addr)
-        if tunnel:
-            src = ndis.addr_text(req.src_tunnel_addr, False) or "0.0.0.0"
-            dst = ndis.addr_text(req.dest_tunnel_addr, False) or "0.0.0.0"
-        else:
-            src = ndis.addr_text(req.src_addr, False) or "0.0.0.0"
-            dst = ndis.addr_text(req.dest_addr, False) or "0.0.0.0"
-        inner_src = inner_dst = None
-        if tunnel:  # full-mask filter addresses are the inner selector
-            if req.src_mask == b"\xff" * 4 and any(req.src_addr):
-                inner_src = ndis.addr_text(req.src_addr, False)
-            if req.dest_mask == b"\xff" * 4 and any(req.dest_addr):
-                inner_dst = ndis.addr_text(req.dest_addr, False)
-        out = []
-        pos = 0
-        for i, sa in enumerate(req.sec_assoc[: req.num_sas]):
-            conf, integ = sa.conf_algo, sa.integrity_algo
-            # KeyMat order (datasheet decision 1): confidentiality key, then integrity key, per entry
-            conf_key = key_mat[pos : pos + conf.algo_keylen]
-            pos += conf.algo_keylen
-            integ_key = key_mat[pos : pos + integ.algo_keylen]
-            pos += integ.algo_keylen
-            if pos > len(key_mat):
-                raise self._count(RejectReason.BAD_KEY, f"sec_assoc[{i}]: keys run past key_len {len(key_mat)}")
-            if sa.operation == V1Operation.ENCRYPT:
-                proto = IpProto.ESP
-                if conf.algo_identifier not in _V1_CONF:
-                    raise self._count(RejectReason.UNSUPPORTED_ALGORITHM,
-                                      f"sec_assoc[{i}]: confidentiality algorithm {conf.algo_identifier}")
-                enc = _V1_CONF[V1ConfAlgo(conf.algo_identifier)]
-            elif sa.operation == V1Operation.AUTHENTICATE:
-                proto = IpProto.AH
-                if conf.algo_identifier or conf.algo_keylen:
-                    raise self._count(RejectReason.BAD_BUNDLE, f"sec_assoc[{i}]: AH with a confidentiality algorithm")
-                enc = EncAlg.NONE
-            else:
-                raise self._count(RejectReason.BAD_BUNDLE, f"sec_assoc[{i}]: operation {sa.operation}")
-            if integ.algo_identifier not in _V1_INTEGRITY:
-                raise self._count(RejectReason.UNSUPPORTED_ALGORITHM,
-                                  f"sec_assoc[{i}]: integrity algorithm {integ.algo_identifier}")
-            auth = _V1_INTEGRITY[V1IntegrityAlgo(integ.algo_identifier)]
-            out.append(SaParams(
-                spi=sa.spi, proto=proto, direction=direction, mode=Mode.TUNNEL if tunnel else Mode.TRANSPORT,
-                src=src, dst=dst, enc_alg=enc, enc_key=bytes(conf_key), auth_alg=auth, auth_key=bytes(integ_key),
-                icv_len=HMAC_96, replay_window=0, inner_src=inner_src, inner_dst=inner_dst,
-            ))
-        if pos != len(key_mat):
-            raise self._count(RejectReason.BAD_KEY, f"key_len {len(key_mat)} but the algorithms use {pos} bytes")
-        return out
+    def _decoded(self, decode: Callable[..., list[SaParams]], *args, **kwargs) -> list[SaParams]:
+        """The SAs a command carries; a refusal is counted under its reason (validate, then commit)."""
+        try:
+            return decode(*args, **kwargs)
+        except SaInvalid as exc:
+            raise self._count(exc.reason, str(exc)) from None
 
     def _count(self, reason: RejectReason, message: str) -> SaRejected:
         self.sadb.rejects[reason] += 1
@@ -296,13 +228,13 @@ class Firmware:
 
     def _cmd_v1_add_sa(self, req_bytes: bytes) -> tuple[int, bytes]:
         req = ndis.V1AddSa.unpack(req_bytes)
-        params = self._v1_params(req, req.key_mat)
+        params = self._decoded(decode_v1, req, req.key_mat)
         entry = self.sadb.add(params, filters=_v1_filters(req))
         return NdisStatus.SUCCESS, ndis.HandleResponse(entry.handle).pack()
 
     def _cmd_v1_add_udpesp_sa(self, req_bytes: bytes) -> tuple[int, bytes]:
         req = ndis.V1AddUdpEspSa.unpack(req_bytes)
-        params = self._v1_params(req, req.key_mat)
+        params = self._decoded(decode_v1, req, req.key_mat)
         if any(p.proto != IpProto.ESP for p in params):
             raise self._count(RejectReason.BAD_ENCAPSULATION, "UDP-ESP SAs carry ESP only")
         if req.udp_encap_type != ndis.UdpEncapType.OTHER:
@@ -364,107 +296,8 @@ class Firmware:
         return NdisStatus.SUCCESS, b""
 
     # -- v2
-    def _v2_params(self, req, key: bytes, packet: ndis.AddSaPacket | None = None) -> list[SaParams]:
-        flags = req.flags
-        if flags & ~(V2AddFlags.INBOUND | V2AddFlags.IPV6):
-            raise self._count(RejectReason.BAD_PARAMETER, f"unknown flags {flags:#x}")
-        ipv6 = bool(flags & V2AddFlags.IPV6)
-        direction = Direction.INBOUND if flags & V2AddFlags.INBOUND else Direction.OUTBOUND
-        if not ipv6 and (any(req.src_addr[4:]) or any(req.dest_addr[4:])):
-            raise self._count(RejectReason.BAD_ADDRESS, "IPv4 address with non-zero bytes 4..15")
-        any_addr = "::" if ipv6 else "0.0.0.0"
-        src = ndis.addr_text(req.src_addr, ipv6) or any_addr
-        dst = ndis.addr_text(req.dest_addr, ipv6) or any_addr
-        if req.num_ext_hdrs not in (1, 2):
-            raise self._count(RejectReason.BAD_BUNDLE, f"num_ext_hdrs {req.num_ext_hdrs}: must be 1 or 2")
-        encap_flags = req.udp_esp_encapsulation
-        if encap_flags & ~0xF:
-            raise self._count(RejectReason.BAD_ENCAPSULATION, f"udp_esp_encapsulation {encap_flags:#x}")
-        if encap_flags & ~int(self.caps.udp_esp):
-            raise self._count(RejectReason.UNSUPPORTED_FEATURE,
-                              f"udp_esp_encapsulation {encap_flags:#x} not offered by this card")
-        mode = Mode.TUNNEL if encap_flags & (UdpEspEncapsulation.TUNNEL | UdpEspEncapsulation.TRANSPORT_OVER_TUNNEL) \
-            else Mode.TRANSPORT
-        encap = UdpEncap(NAT_T_PORT, NAT_T_PORT) if encap_flags else None
-        extra: dict = {"replay_window": 0}
-        if packet is not None:
-            if packet.mode not in (0, 1):
-                raise self._count(RejectReason.BAD_PARAMETER, f"mode {packet.mode}")
-            mode = Mode(packet.mode)
-            if encap is not None:
-                encap = UdpEncap(packet.encap_sport or NAT_T_PORT, packet.encap_dport or NAT_T_PORT)
-            extra = {
-                "replay_window": packet.replay_window, "seq": packet.initial_seq,
-                "soft_packets": packet.soft_packets, "hard_packets": packet.hard_packets,
-                "soft_bytes": packet.soft_bytes, "hard_bytes": packet.hard_bytes,
-            }
-            if packet.sel_flags & ndis.SEL_PRESENT:
-                sel_v6 = bool(packet.sel_flags & ndis.SEL_IPV6)
-                bits = 128 if sel_v6 else 32
-                if packet.sel_src_prefix > bits or packet.sel_dst_prefix > bits:
-                    raise self._count(RejectReason.BAD_ADDRESS, "selector prefix longer than the address")
-                if packet.sel_src_prefix == bits:
-                    extra["inner_src"] = ndis.addr_text(packet.sel_src, sel_v6)
-                if packet.sel_dst_prefix == bits:
-                    extra["inner_dst"] = ndis.addr_text(packet.sel_dst, sel_v6)
-        out = []
-        for i, sa in enumerate(req.sec_assoc[: req.num_ext_hdrs]):
-            esn = bool(sa.flags & V2SaFlags.ESN_SA)
-            if sa.flags & ~V2SaFlags.ESN_SA:
-                raise self._count(RejectReason.BAD_PARAMETER, f"sec_assoc[{i}]: unknown flags {sa.flags:#x}")
-            auth_info, enc_info = sa.authentication_algorithm, sa.encryption_algorithm
-            icv = 16
-            if sa.operation == V2Operation.ESP:
-                proto = IpProto.ESP
-                enc = _ENC_BY_ID.get(enc_info.identifier)
-                if enc is None:
-                    raise self._count(RejectReason.UNSUPPORTED_ALGORITHM,
-                                      f"sec_assoc[{i}]: encryption identifier {enc_info.identifier:#x}")
-                enc_key = _key_slice(key, enc_info, i, "encryption", self)
-                if enc in _GCM:
-                    # combined mode: NDIS says only EncryptionAlgorithm is used
-                    if auth_info.identifier or auth_info.key_length:
-                        raise self._count(RejectReason.BAD_PARAMETER,
-                                          f"sec_assoc[{i}]: AES-GCM must leave authentication_algorithm zero")
-                    auth, auth_key = AuthAlg.NONE, b""
-                    icv = enc_info.additional_info or 16
-                else:
-                    auth, auth_key = self._v2_auth(key, auth_info, i)
-                    if auth in (AuthAlg.MD5, AuthAlg.SHA1):
-                        icv = HMAC_96
-            elif sa.operation == V2Operation.AH:
-                proto = IpProto.AH
-                if any((enc_info.identifier, enc_info.key_length)):
-                    raise self._count(RejectReason.BAD_BUNDLE, f"sec_assoc[{i}]: AH with an encryption algorithm")
-                enc, enc_key = EncAlg.NONE, b""
-                auth, auth_key = self._v2_auth(key, auth_info, i)
-                if auth in (AuthAlg.MD5, AuthAlg.SHA1):
-                    icv = HMAC_96
-            else:
-                raise self._count(RejectReason.BAD_BUNDLE, f"sec_assoc[{i}]: operation {sa.operation}")
-            p_extra = dict(extra)
-            if esn and packet is None:
-                p_extra["seq"] = sa.sequence_number_high_order << 32
-            out.append(SaParams(
-                spi=sa.spi, proto=proto, direction=direction, mode=mode, src=src, dst=dst, enc_alg=enc,
-                enc_key=enc_key, auth_alg=auth, auth_key=auth_key, icv_len=icv, esn=esn,
-                encap=encap if proto == IpProto.ESP else None, **p_extra,
-            ))
-        return out
-
-    def _v2_auth(self, key: bytes, info: ndis.AlgoInfoV2, i: int) -> tuple[AuthAlg, bytes]:
-        if info.identifier == AuthAlg.NONE:
-            if info.key_length:
-                raise self._count(RejectReason.BAD_KEY, f"sec_assoc[{i}]: key for authentication NONE")
-            return AuthAlg.NONE, b""
-        auth = _AUTH_BY_ID.get(info.identifier)
-        if auth is None:
-            raise self._count(RejectReason.UNSUPPORTED_ALGORITHM,
-                              f"sec_assoc[{i}]: authentication identifier {info.identifier:#x}")
-        return auth, _key_slice(key, info, i, "authentication", self)
-
     def _add_v2_entry(self, req, key: bytes) -> SadbEntry:
-        return self.sadb.add(self._v2_params(req, key))
+        return self.sadb.add(self._decoded(decode_v2, req, key, udp_esp_offered=int(self.caps.udp_esp)))
 
     def _cmd_v2_add_sa(self, req_bytes: bytes) -> tuple[int, bytes]:
         entries = ndis.unpack_v2_add_sa_list(req_bytes)  # a malformed list adds nothing
@@ -492,7 +325,7 @@ class Firmware:
         req = ndis.AddSaPacket.unpack(req_bytes)
         if req.num_ext_hdrs != 1 or req.sec_assoc[0].operation != V2Operation.ESP:
             raise self._count(RejectReason.UNSUPPORTED_FEATURE, "packet offload takes exactly one ESP SA")
-        params = self._v2_params(req, req.key_data, packet=req)
+        params = self._decoded(decode_v2, req, req.key_data, udp_esp_offered=int(self.caps.udp_esp), packet=req)
         selector = None
         if req.sel_flags & ndis.SEL_PRESENT:
             v6 = bool(req.sel_flags & ndis.SEL_IPV6)
@@ -785,14 +618,6 @@ class Firmware:
 def _expect_empty(req: bytes, name: str) -> None:
     if req:
         raise ParseError(f"{name} takes no payload, got {len(req)} bytes", NdisStatus.INVALID_LENGTH)
-
-
-def _key_slice(key: bytes, info: ndis.AlgoInfoV2, i: int, what: str, fw: Firmware) -> bytes:
-    start, length = info.key_offset_bytes, info.key_length
-    if start + length > len(key):
-        raise fw._count(RejectReason.BAD_KEY,
-                        f"sec_assoc[{i}]: {what} key {start}+{length} outside the {len(key)}-byte key buffer")
-    return bytes(key[start : start + length])
 
 
 def _v1_filters(req) -> tuple:

@@ -209,7 +209,7 @@ def effective_icv_len(params: SaParams) -> int:
 
 
 NAT_T_PORT = 4500  # RFC 3948 §2: the only UDP-ESP port NDIS offloads
-_GCM = (EncAlg.AES_GCM_128, EncAlg.AES_GCM_192, EncAlg.AES_GCM_256)
+_GCM = frozenset((EncAlg.AES_GCM_128, EncAlg.AES_GCM_192, EncAlg.AES_GCM_256))
 
 # ---------------------------------------------------------------------------------------------
 # Encoders: v2 (crypto offload) and packet offload
@@ -366,3 +366,184 @@ def v1_add_udpesp_sa(p: SaParams, parser_entry: int = 0) -> bytes:
     return ndis.V1AddUdpEspSa(**fields, udp_encap_type=int(ndis.UdpEncapType.OTHER),
                               dst_encap_port=p.encap.dport, encap_type_entry_offld_handle=parser_entry,
                               key_len=key_len, key_mat=key_mat).pack()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoders: command payloads -> SaParams (the firmware's side of the same formats)
+
+_ENC_BY_ID = {int(a): a for a in EncAlg}
+_AUTH_BY_ID = {int(a): a for a in AuthAlg if a}
+_ENC_OF_V1 = {v1: alg for alg, v1 in _V1_CONF.items()}
+_AUTH_OF_V1 = {V1IntegrityAlgo.NONE: AuthAlg.NONE, **{v1: alg for alg, v1 in _V1_INTEGRITY.items()}}
+HMAC_96 = 12  # HMAC-MD5-96 / HMAC-SHA1-96 ICV bytes (RFC 2403/2404)
+
+
+
+def decode_v1(req: ndis.V1AddSa | ndis.V1AddUdpEspSa, key_mat: bytes) -> list[SaParams]:
+    """The SAs of a V1_ADD_SA / V1_ADD_UDPESP_SA request (raises SaInvalid)."""
+    flags = req.flags
+    if flags not in (V1SaFlags.INBOUND, V1SaFlags.OUTBOUND):
+        raise SaInvalid(RejectReason.BAD_PARAMETER, f"flags {flags:#x}: exactly one of inbound/outbound")
+    direction = Direction.INBOUND if flags == V1SaFlags.INBOUND else Direction.OUTBOUND
+    if req.num_sas not in (1, 2):
+        raise SaInvalid(RejectReason.BAD_BUNDLE, f"num_sas {req.num_sas}: must be 1 or 2")
+    tunnel = any(req.src_tunnel_addr) or any(req.dest_tunnel_addr)
+    if tunnel:
+        src = ndis.addr_text(req.src_tunnel_addr, False) or "0.0.0.0"
+        dst = ndis.addr_text(req.dest_tunnel_addr, False) or "0.0.0.0"
+    else:
+        src = ndis.addr_text(req.src_addr, False) or "0.0.0.0"
+        dst = ndis.addr_text(req.dest_addr, False) or "0.0.0.0"
+    inner_src = inner_dst = None
+    if tunnel:  # full-mask filter addresses are the inner selector
+        if req.src_mask == b"\xff" * 4 and any(req.src_addr):
+            inner_src = ndis.addr_text(req.src_addr, False)
+        if req.dest_mask == b"\xff" * 4 and any(req.dest_addr):
+            inner_dst = ndis.addr_text(req.dest_addr, False)
+    out = []
+    pos = 0
+    for i, sa in enumerate(req.sec_assoc[: req.num_sas]):
+        conf, integ = sa.conf_algo, sa.integrity_algo
+        # KeyMat order (datasheet decision 1): confidentiality key, then integrity key, per entry
+        conf_key = key_mat[pos : pos + conf.algo_keylen]
+        pos += conf.algo_keylen
+        integ_key = key_mat[pos : pos + integ.algo_keylen]
+        pos += integ.algo_keylen
+        if pos > len(key_mat):
+            raise SaInvalid(RejectReason.BAD_KEY, f"sec_assoc[{i}]: keys run past key_len {len(key_mat)}")
+        if sa.operation == V1Operation.ENCRYPT:
+            proto = IpProto.ESP
+            if conf.algo_identifier not in _ENC_OF_V1:
+                raise SaInvalid(RejectReason.UNSUPPORTED_ALGORITHM,
+                                  f"sec_assoc[{i}]: confidentiality algorithm {conf.algo_identifier}")
+            enc = _ENC_OF_V1[V1ConfAlgo(conf.algo_identifier)]
+        elif sa.operation == V1Operation.AUTHENTICATE:
+            proto = IpProto.AH
+            if conf.algo_identifier or conf.algo_keylen:
+                raise SaInvalid(RejectReason.BAD_BUNDLE, f"sec_assoc[{i}]: AH with a confidentiality algorithm")
+            enc = EncAlg.NONE
+        else:
+            raise SaInvalid(RejectReason.BAD_BUNDLE, f"sec_assoc[{i}]: operation {sa.operation}")
+        if integ.algo_identifier not in _AUTH_OF_V1:
+            raise SaInvalid(RejectReason.UNSUPPORTED_ALGORITHM,
+                              f"sec_assoc[{i}]: integrity algorithm {integ.algo_identifier}")
+        auth = _AUTH_OF_V1[V1IntegrityAlgo(integ.algo_identifier)]
+        out.append(SaParams(
+            spi=sa.spi, proto=proto, direction=direction, mode=Mode.TUNNEL if tunnel else Mode.TRANSPORT,
+            src=src, dst=dst, enc_alg=enc, enc_key=bytes(conf_key), auth_alg=auth, auth_key=bytes(integ_key),
+            icv_len=HMAC_96, replay_window=0, inner_src=inner_src, inner_dst=inner_dst,
+        ))
+    if pos != len(key_mat):
+        raise SaInvalid(RejectReason.BAD_KEY, f"key_len {len(key_mat)} but the algorithms use {pos} bytes")
+    return out
+
+def decode_v2(req: ndis.V2AddSa | ndis.V2AddSaEx | ndis.AddSaPacket, key: bytes, *, udp_esp_offered: int = 0xF,
+              packet: ndis.AddSaPacket | None = None) -> list[SaParams]:
+    """The SAs of one V2_ADD_SA entry, V2_ADD_SA_EX or (with ``packet``) ADD_SA_PACKET request (raises
+    SaInvalid). ``udp_esp_offered``: the UdpEspEncapsulation kinds the card offers."""
+    flags = req.flags
+    if flags & ~(V2AddFlags.INBOUND | V2AddFlags.IPV6):
+        raise SaInvalid(RejectReason.BAD_PARAMETER, f"unknown flags {flags:#x}")
+    ipv6 = bool(flags & V2AddFlags.IPV6)
+    direction = Direction.INBOUND if flags & V2AddFlags.INBOUND else Direction.OUTBOUND
+    if not ipv6 and (any(req.src_addr[4:]) or any(req.dest_addr[4:])):
+        raise SaInvalid(RejectReason.BAD_ADDRESS, "IPv4 address with non-zero bytes 4..15")
+    any_addr = "::" if ipv6 else "0.0.0.0"
+    src = ndis.addr_text(req.src_addr, ipv6) or any_addr
+    dst = ndis.addr_text(req.dest_addr, ipv6) or any_addr
+    if req.num_ext_hdrs not in (1, 2):
+        raise SaInvalid(RejectReason.BAD_BUNDLE, f"num_ext_hdrs {req.num_ext_hdrs}: must be 1 or 2")
+    encap_flags = req.udp_esp_encapsulation
+    if encap_flags & ~0xF:
+        raise SaInvalid(RejectReason.BAD_ENCAPSULATION, f"udp_esp_encapsulation {encap_flags:#x}")
+    if encap_flags & ~udp_esp_offered:
+        raise SaInvalid(RejectReason.UNSUPPORTED_FEATURE,
+                          f"udp_esp_encapsulation {encap_flags:#x} not offered by this card")
+    mode = Mode.TUNNEL if encap_flags & (UdpEspEncapsulation.TUNNEL | UdpEspEncapsulation.TRANSPORT_OVER_TUNNEL) \
+        else Mode.TRANSPORT
+    encap = UdpEncap(NAT_T_PORT, NAT_T_PORT) if encap_flags else None
+    extra: dict = {"replay_window": 0}
+    if packet is not None:
+        if packet.mode not in (0, 1):
+            raise SaInvalid(RejectReason.BAD_PARAMETER, f"mode {packet.mode}")
+        mode = Mode(packet.mode)
+        if encap is not None:
+            encap = UdpEncap(packet.encap_sport or NAT_T_PORT, packet.encap_dport or NAT_T_PORT)
+        extra = {
+            "replay_window": packet.replay_window, "seq": packet.initial_seq,
+            "soft_packets": packet.soft_packets, "hard_packets": packet.hard_packets,
+            "soft_bytes": packet.soft_bytes, "hard_bytes": packet.hard_bytes,
+        }
+        if packet.sel_flags & ndis.SEL_PRESENT:
+            sel_v6 = bool(packet.sel_flags & ndis.SEL_IPV6)
+            bits = 128 if sel_v6 else 32
+            if packet.sel_src_prefix > bits or packet.sel_dst_prefix > bits:
+                raise SaInvalid(RejectReason.BAD_ADDRESS, "selector prefix longer than the address")
+            if packet.sel_src_prefix == bits:
+                extra["inner_src"] = ndis.addr_text(packet.sel_src, sel_v6)
+            if packet.sel_dst_prefix == bits:
+                extra["inner_dst"] = ndis.addr_text(packet.sel_dst, sel_v6)
+    out = []
+    for i, sa in enumerate(req.sec_assoc[: req.num_ext_hdrs]):
+        esn = bool(sa.flags & V2SaFlags.ESN_SA)
+        if sa.flags & ~V2SaFlags.ESN_SA:
+            raise SaInvalid(RejectReason.BAD_PARAMETER, f"sec_assoc[{i}]: unknown flags {sa.flags:#x}")
+        auth_info, enc_info = sa.authentication_algorithm, sa.encryption_algorithm
+        icv = 16
+        if sa.operation == V2Operation.ESP:
+            proto = IpProto.ESP
+            enc = _ENC_BY_ID.get(enc_info.identifier)
+            if enc is None:
+                raise SaInvalid(RejectReason.UNSUPPORTED_ALGORITHM,
+                                  f"sec_assoc[{i}]: encryption identifier {enc_info.identifier:#x}")
+            enc_key = _key_slice(key, enc_info, i, "encryption")
+            if enc in _GCM:
+                # combined mode: NDIS says only EncryptionAlgorithm is used
+                if auth_info.identifier or auth_info.key_length:
+                    raise SaInvalid(RejectReason.BAD_PARAMETER,
+                                      f"sec_assoc[{i}]: AES-GCM must leave authentication_algorithm zero")
+                auth, auth_key = AuthAlg.NONE, b""
+                icv = enc_info.additional_info or 16
+            else:
+                auth, auth_key = _v2_auth(key, auth_info, i)
+                if auth in (AuthAlg.MD5, AuthAlg.SHA1):
+                    icv = HMAC_96
+        elif sa.operation == V2Operation.AH:
+            proto = IpProto.AH
+            if any((enc_info.identifier, enc_info.key_length)):
+                raise SaInvalid(RejectReason.BAD_BUNDLE, f"sec_assoc[{i}]: AH with an encryption algorithm")
+            enc, enc_key = EncAlg.NONE, b""
+            auth, auth_key = _v2_auth(key, auth_info, i)
+            if auth in (AuthAlg.MD5, AuthAlg.SHA1):
+                icv = HMAC_96
+        else:
+            raise SaInvalid(RejectReason.BAD_BUNDLE, f"sec_assoc[{i}]: operation {sa.operation}")
+        p_extra = dict(extra)
+        if esn and packet is None:
+            p_extra["seq"] = sa.sequence_number_high_order << 32
+        out.append(SaParams(
+            spi=sa.spi, proto=proto, direction=direction, mode=mode, src=src, dst=dst, enc_alg=enc,
+            enc_key=enc_key, auth_alg=auth, auth_key=auth_key, icv_len=icv, esn=esn,
+            encap=encap if proto == IpProto.ESP else None, **p_extra,
+        ))
+    return out
+
+def _v2_auth(key: bytes, info: ndis.AlgoInfoV2, i: int) -> tuple[AuthAlg, bytes]:
+    if info.identifier == AuthAlg.NONE:
+        if info.key_length:
+            raise SaInvalid(RejectReason.BAD_KEY, f"sec_assoc[{i}]: key for authentication NONE")
+        return AuthAlg.NONE, b""
+    auth = _AUTH_BY_ID.get(info.identifier)
+    if auth is None:
+        raise SaInvalid(RejectReason.UNSUPPORTED_ALGORITHM,
+                          f"sec_assoc[{i}]: authentication identifier {info.identifier:#x}")
+    return auth, _key_slice(key, info, i, "authentication")
+
+
+
+def _key_slice(key: bytes, info: ndis.AlgoInfoV2, i: int, what: str) -> bytes:
+    start, length = info.key_offset_bytes, info.key_length
+    if start + length > len(key):
+        raise SaInvalid(RejectReason.BAD_KEY,
+                        f"sec_assoc[{i}]: {what} key {start}+{length} outside the {len(key)}-byte key buffer")
+    return bytes(key[start : start + length])
