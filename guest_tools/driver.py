@@ -19,150 +19,36 @@ small JSON state file (never keys), see :class:`HostSaTable`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import struct
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from device.contract import ndis, regs
-from device.contract import sa as sa_codec
-from device.contract.enums import Direction, IpProto
-from device.contract.ndis import Opcode
+from device.contract import regs
 from device.contract.regs import (
     ADMIN_DESC,
     RX_DESC,
     TX_DESC,
-    AdminFlags,
-    AdminStatus,
     Cause,
-    CryptoStatus,
     Ctrl,
     ErrCode,
     Features,
     IntMode,
     QueueCtrl,
-    RxWbFlags,
     Status,
-    TxFlags,
-    TxStatus,
-    TxWbFlags,
 )
-from device.contract.sa import SaParams
-from device.contract.status import NdisStatus
 from guest_tools import packets
-from guest_tools import sa as sa_wire
+from guest_tools.admin_queue import AdminError, AdminQueueOps, CardError, FirmwareError, enum_name
 from guest_tools.dma import DmaMemory
 from guest_tools.mmio import Mmio, read64
+from guest_tools.sa_api import HostSa, HostSaTable, SaOps
+from guest_tools.txrx import RxPacket, TxCompletion, TxRxOps
 
 ADMIN_TIMEOUT = 5.0  # seconds; QEMU's own message timeout is 5 s, TCG makes everything slow
 READY_TIMEOUT = 2.0
 DEFAULT_RING_SIZE = 128  # 128 x 32-byte descriptors = one 4 KiB page (pagemap memory)
 DEFAULT_ADMIN_SIZE = 16
 ETH_OVERHEAD = 18  # Ethernet header + one 802.1Q tag: buffer room beyond the MTU
-
-
-class CardError(RuntimeError):
-    """Card or driver failure; the message says what to check."""
-
-
-class AdminError(CardError):
-    """An admin descriptor failed (AdminStatus) or timed out."""
-
-    def __init__(self, message: str, status: int = -1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class FirmwareError(CardError):
-    """The firmware completed a command with an NDIS error status."""
-
-    def __init__(self, opcode: int, fw_status: int, detail: str = "") -> None:
-        name = _opcode_name(opcode)
-        super().__init__(f"{name} failed: {sa_wire.status_message(fw_status)}" + (f" ({detail})" if detail else ""))
-        self.opcode = opcode
-        self.fw_status = fw_status
-
-
-def _opcode_name(opcode: int) -> str:
-    try:
-        return Opcode(opcode).name
-    except ValueError:
-        return f"opcode {opcode:#06x}"
-
-
-_ADMIN_STATUS_HELP = {
-    AdminStatus.DMA_ERROR: "the card could not reach the request/response buffer (bus mastering off? "
-    "IOMMU mapping missing?)",
-    AdminStatus.REQUEST_TOO_LONG: "request longer than AQ_MAX_BUF",
-    AdminStatus.RESPONSE_TRUNCATED: "response did not fit the buffer",
-    AdminStatus.BAD_DESCRIPTOR: "reserved descriptor fields or flags not zero (driver bug)",
-    AdminStatus.FIRMWARE_FAULT: "the firmware failed internally (see the device server log)",
-}
-
-
-def enum_name(enum_type, value: int) -> str:
-    try:
-        return enum_type(value).name
-    except ValueError:
-        return f"UNKNOWN({value})"
-
-
-# ---------------------------------------------------------------------------------------------
-# results
-
-
-@dataclass(frozen=True)
-class TxCompletion:
-    index: int
-    status: int
-
-    @property
-    def status_name(self) -> str:
-        return enum_name(TxStatus, self.status)
-
-
-@dataclass
-class RxPacket:
-    frame: bytes  # as the card wrote it (crypto offload: decrypted in place, ESP header/trailer kept)
-    length: int  # frame length the card reported (larger than len(frame) when truncated)
-    flags: int  # RxWbFlags
-    crypto_status: int
-    handle: int
-    next_header: int = 0
-    pad_length: int = 0
-    inner: bytes | None = None  # crypto offload success: the frame with ESP stripped (None otherwise)
-    note: str = ""
-
-    @property
-    def crypto_done(self) -> bool:
-        return bool(self.flags & RxWbFlags.CRYPTO_DONE)
-
-    @property
-    def sa_delete_req(self) -> bool:
-        return bool(self.flags & RxWbFlags.SA_DELETE_REQ)
-
-    @property
-    def decapsulated(self) -> bool:
-        return bool(self.flags & RxWbFlags.DECAPSULATED)
-
-    @property
-    def truncated(self) -> bool:
-        return bool(self.flags & RxWbFlags.ERROR)
-
-    @property
-    def crypto_status_name(self) -> str:
-        return enum_name(CryptoStatus, self.crypto_status)
-
-    def summary(self) -> dict:
-        return {
-            "length": self.length, "crypto_done": self.crypto_done,
-            "crypto_status": self.crypto_status_name if self.crypto_done else "-",
-            "sa_delete_req": self.sa_delete_req, "decapsulated": self.decapsulated, "handle": self.handle,
-            "truncated": self.truncated, "inner_length": len(self.inner) if self.inner is not None else None,
-            "note": self.note,
-        }
 
 
 @dataclass(frozen=True)
@@ -184,61 +70,6 @@ class Identity:
     @property
     def mac_text(self) -> str:
         return packets.format_mac(self.mac)
-
-
-# ---------------------------------------------------------------------------------------------
-# what the host remembers about its SAs (no keys)
-
-
-@dataclass
-class HostSa:
-    handle: int
-    spi: int
-    direction: int
-    offload: str  # "crypto" | "packet"
-    esn: bool = False
-    next_seq: int = 1  # outbound crypto offload: sequence number of the next packet
-    seq_hi_pushed: int = 0  # ESN high half last told to the card (UPDATE_SA)
-    iv_len: int = 0
-    icv_len: int = 0
-    align: int = 4
-    tunnel: bool = False
-    encap: tuple[int, int] | None = None
-    src: str = ""
-    dst: str = ""
-
-    def geometry(self) -> packets.EspGeometry:
-        return packets.EspGeometry(self.spi, self.iv_len, self.icv_len, self.align, self.tunnel, self.encap,
-                                   self.src, self.dst)
-
-
-class HostSaTable:
-    """handle -> HostSa, optionally persisted to a JSON file so separate CLI processes share it."""
-
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else None
-        self.sas: dict[int, HostSa] = {}
-        if self.path is not None and self.path.exists():
-            try:
-                raw = json.loads(self.path.read_text())
-                for item in raw.get("sas", []):
-                    if item.get("encap") is not None:
-                        item["encap"] = tuple(item["encap"])
-                    sa = HostSa(**item)
-                    self.sas[sa.handle] = sa
-            except (OSError, ValueError, TypeError) as exc:
-                raise CardError(f"host SA state {self.path} unreadable ({exc}); delete it and run 'reset'") from None
-
-    def save(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"sas": [asdict(s) for s in self.sas.values()]}, indent=1))
-        os.replace(tmp, self.path)
-
-    def get(self, handle: int) -> HostSa | None:
-        return self.sas.get(handle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +130,7 @@ def _pow2_floor(value: int) -> int:
     return 1 << (max(1, value).bit_length() - 1)
 
 
-class Card:
+class Card(AdminQueueOps, SaOps, TxRxOps):
     """The ipsec-nic card driven from user space. Call :meth:`init` before anything else."""
 
     def __init__(self, mmio: Mmio, memory: DmaMemory, *, interrupts=None, ring_size: int = DEFAULT_RING_SIZE,
@@ -544,313 +375,6 @@ class Card:
             pause = min(pause * 2, 0.002)
 
     # ------------------------------------------------------------------------------------------
-    # admin queue
-
-    def admin(self, opcode: int, request: bytes = b"", timeout: float | None = None) -> tuple[int, bytes]:
-        """Run one admin command; returns (fw_status, response). Raises AdminError for descriptor failures."""
-        if not self._open:
-            raise CardError("card not initialised: call init() first")
-        if len(request) > self.admin_buf_size:
-            raise AdminError(f"{_opcode_name(opcode)} request of {len(request)} bytes exceeds the "
-                             f"{self.admin_buf_size}-byte admin buffer", AdminStatus.REQUEST_TOO_LONG)
-        ring = self.aq
-        i = ring.tail
-        at = ring.at(i)
-        self.aq_req.view[:len(request)] = request
-        self._cookie = (self._cookie + 1) & 0xFFFF_FFFF_FFFF_FFFF
-        flags = AdminFlags.INTERRUPT if self.irq.mode != IntMode.POLL else 0
-        ring.mem.view[at:at + ADMIN_DESC.size] = ADMIN_DESC.pack(
-            opcode=opcode, flags=flags, req_len=len(request), req_addr=self.aq_req.iova if request else 0,
-            resp_addr=self.aq_resp.iova, resp_len=self.aq_resp.size, cookie=self._cookie)
-        ring.tail = (i + 1) % ring.entries
-        self.mmio.write32(regs.ADMINQ_BASE + regs.QREG_TAIL, ring.tail)  # doorbell
-
-        view = ring.mem.view
-
-        def done() -> bool:
-            return bool(ADMIN_DESC.get(view, at, "flags") & AdminFlags.DONE)
-
-        try:
-            self._wait(done, timeout or self.admin_timeout, f"admin command {_opcode_name(opcode)}")
-        except CardError:
-            status = self.mmio.read32(regs.STATUS)
-            hint = "the card stopped (STATUS.FATAL): run 'reset'" if status & Status.FATAL else \
-                "is the device server running?"
-            raise AdminError(f"admin command {_opcode_name(opcode)} timed out after {timeout or self.admin_timeout:g} s: "
-                             f"{hint} (AQ_HEAD={self.mmio.read32(regs.ADMINQ_BASE + regs.QREG_HEAD)}, "
-                             f"STATUS={status:#x}, {self._error_text()})") from None
-        # DONE: the card has read the request; wipe it so SA keys do not linger in DMA memory (§5.1)
-        self.aq_req.view[:len(request)] = bytes(len(request))
-        d = ADMIN_DESC.unpack(view, at)
-        ring.clean = ring.tail
-        if d.cookie != self._cookie:
-            raise AdminError(f"admin descriptor {i} came back with cookie {d.cookie:#x}, expected {self._cookie:#x} "
-                             "(card and driver disagree on the admin ring: run 'reset')")
-        if d.status != AdminStatus.OK:
-            raise AdminError(f"admin command {_opcode_name(opcode)}: {enum_name(AdminStatus, d.status)}: "
-                             f"{_ADMIN_STATUS_HELP.get(d.status, 'unknown admin status')}", d.status)
-        if d.resp_len > self.aq_resp.size:
-            raise AdminError(f"admin command {_opcode_name(opcode)}: response length {d.resp_len} exceeds the buffer")
-        return d.fw_status, bytes(self.aq_resp.view[:d.resp_len])
-
-    def command(self, opcode: int, request: bytes = b"") -> bytes:
-        """Admin command that must succeed: raises FirmwareError naming the NDIS status otherwise."""
-        fw_status, response = self.admin(opcode, request)
-        if fw_status != NdisStatus.SUCCESS:
-            raise FirmwareError(opcode, fw_status)
-        return response
-
-    # ------------------------------------------------------------------------------------------
-    # SA operations
-
-    def caps(self) -> ndis.CapsWire:
-        return ndis.CapsWire.unpack(self.command(Opcode.GET_CAPS))
-
-    def firmware_stats(self) -> ndis.GlobalStats:
-        return ndis.GlobalStats.unpack(self.command(Opcode.GET_STATS))
-
-    def add_sa(self, params: SaParams, offload: str = "crypto", v1: bool = False) -> int:
-        """Offload one SA; returns its handle. ``offload``: "crypto" (V2_ADD_SA_EX, or V1_ADD_SA /
-        V1_ADD_UDPESP_SA with ``v1``) or "packet" (ADD_SA_PACKET)."""
-        try:
-            if offload == "packet":
-                if v1:
-                    raise ValueError("v1 commands have no packet offload")
-                opcode, request = Opcode.ADD_SA_PACKET, sa_codec.add_sa_packet(params)
-            elif offload != "crypto":
-                raise ValueError(f"offload must be 'crypto' or 'packet', not {offload!r}")
-            elif v1 and params.encap is not None:
-                opcode, request = Opcode.V1_ADD_UDPESP_SA, sa_codec.v1_add_udpesp_sa(params)
-            elif v1:
-                opcode, request = Opcode.V1_ADD_SA, sa_codec.v1_add_sa(params)
-            else:
-                opcode, request = Opcode.V2_ADD_SA_EX, sa_codec.v2_add_sa_ex(params)
-        except ValueError as exc:
-            raise CardError(f"SA {params.spi:#x} cannot be offloaded: {exc}") from None
-        response = self.command(opcode, request)
-        handle = struct.unpack_from("<I", response)[0] if len(response) >= 4 else 0
-        if handle == 0:
-            raise CardError(f"{_opcode_name(opcode)} succeeded but returned handle 0 (firmware bug)")
-        host = HostSa(handle, params.spi, int(params.direction), offload, params.esn,
-                      next_seq=params.seq + 1, seq_hi_pushed=params.seq >> 32)
-        if offload == "crypto" and params.proto == IpProto.ESP:
-            g = sa_wire.esp_geometry(params)
-            host.iv_len, host.icv_len, host.align, host.tunnel = g.iv_len, g.icv_len, g.align, g.tunnel
-            host.encap, host.src, host.dst = g.encap, g.src, g.dst
-        self.host.sas[handle] = host
-        self.host.save()
-        return handle
-
-    def delete_sa(self, handles: list[int]) -> None:
-        self.command(Opcode.V2_DELETE_SA, sa_codec.v2_delete(handles))
-        for h in handles:
-            self.host.sas.pop(h, None)
-        self.host.save()
-
-    def list_sas(self) -> list[ndis.SaListEntry]:
-        rows: list[ndis.SaListEntry] = []
-        start = 0
-        per_page = max(1, (self.admin_buf_size - ndis.LIST_SAS_RESPONSE.size) // ndis.SA_LIST_ENTRY.size)
-        for _ in range(ndis.MAX_LIST_SAS_ENTRIES):
-            head, entries = ndis.unpack_list_sas(self.command(Opcode.LIST_SAS,
-                                                              ndis.ListSasRequest(start, per_page).pack()))
-            rows += entries
-            if head.next_index == 0xFFFF_FFFF or head.next_index == start:
-                break
-            start = head.next_index
-        return rows
-
-    def delete_all(self) -> int:
-        handles = sorted({e.offload_handle for e in self.list_sas()})
-        if handles:
-            self.delete_sa(handles)
-        return len(handles)
-
-    def forget_stale(self) -> None:
-        """Drop host state for handles the card no longer has (reset elsewhere, deleted by another process)."""
-        live = {e.offload_handle for e in self.list_sas()}
-        for h in [h for h in self.host.sas if h not in live]:
-            del self.host.sas[h]
-        self.host.save()
-
-    def update_sa(self, handle: int, seq_hi: int, spi: int | None = None, proto: IpProto = IpProto.ESP) -> None:
-        if spi is None:
-            known = self.host.get(handle)
-            if known is None:
-                match = [e for e in self.list_sas() if e.offload_handle == handle]
-                if not match:
-                    raise CardError(f"SA handle {handle:#x} not on the card ('sa list')")
-                spi, proto = match[0].spi, IpProto(match[0].proto)
-            else:
-                spi = known.spi
-        self.command(Opcode.V2_UPDATE_SA, sa_codec.v2_update_sa(handle, spi, seq_hi, proto))
-        known = self.host.get(handle)
-        if known is not None:
-            known.seq_hi_pushed = seq_hi
-            self.host.save()
-
-    def sa_stats(self, handle: int) -> list[ndis.SaStatsEntry]:
-        return ndis.unpack_sa_stats(self.command(Opcode.GET_SA_STATS, ndis.HandleRequest(handle).pack()))[1]
-
-    # ------------------------------------------------------------------------------------------
-    # transmit
-
-    def _tx_reclaim_wait(self) -> None:
-        def reclaimed() -> bool:
-            self._tx_backlog.extend(self.poll_tx())  # kept for the caller's next poll_tx()
-            return self._tx_free() > 0
-
-        self._wait(reclaimed, 2.0,
-                   "a free TX descriptor: the card is not completing TX (device server running? link up?)")
-
-    def _tx_free(self) -> int:
-        r = self.txr
-        return r.entries - 1 - ((r.tail - r.clean) % r.entries)
-
-    def send_raw(self, frame: bytes, flags: int = 0, handle: int = 0, esp_offset: int = 0, pad_length: int = 0,
-                 next_header: int = 0) -> int:
-        """Queue one frame on the TX ring (one descriptor, EOP | REPORT_STATUS). Returns the descriptor index."""
-        if not self._open:
-            raise CardError("card not initialised: call init() first")
-        if not frame:
-            raise CardError("refusing to send an empty frame")
-        if len(frame) > self.buf_size:
-            raise CardError(f"frame of {len(frame)} bytes exceeds the {self.buf_size}-byte TX buffer (MTU?)")
-        if self._tx_free() == 0:
-            self._tx_reclaim_wait()
-        r = self.txr
-        i = r.tail
-        buf = self.tx_bufs[i]
-        buf.view[:len(frame)] = frame
-        at = r.at(i)
-        r.mem.view[at:at + TX_DESC.size] = TX_DESC.pack(
-            addr=buf.iova, length=len(frame), flags=int(flags | TxFlags.EOP | TxFlags.REPORT_STATUS),
-            offload_handle=handle, esp_offset=esp_offset, pad_length=pad_length, next_header=next_header)
-        r.tail = (i + 1) % r.entries
-        self.mmio.write32(regs.txq_reg(self.queue, regs.QREG_TAIL), r.tail)
-        return i
-
-    def send(self, frame: bytes, handle: int = 0, mode: str | None = None) -> int:
-        """Send an Ethernet frame carrying a plain IP packet.
-
-        mode None/"plain": as is (handle must be 0). "crypto": the driver builds ESP for outbound SA
-        ``handle`` (its own sequence counter) and the card encrypts. "packet": the card encapsulates
-        with SA ``handle`` (0 = the card picks the SA by selector)."""
-        mode = mode or ("crypto" if handle else "plain")
-        if mode == "plain":
-            if handle:
-                raise CardError("a plain frame takes no SA handle (use --mode crypto or packet)")
-            return self.send_raw(frame)
-        if mode == "packet":
-            return self.send_raw(frame, TxFlags.IPSEC_PACKET, handle)
-        if mode != "crypto":
-            raise CardError(f"send mode must be plain, crypto or packet, not {mode!r}")
-        sa = self.host.get(handle)
-        if sa is None or sa.offload != "crypto" or sa.direction != Direction.OUTBOUND or not sa.icv_len:
-            raise CardError(f"handle {handle:#x} is not an outbound crypto-offload ESP SA added through this "
-                            "tool ('sa list'; the host needs its framing state)")
-        l3 = packets.l3_offset(frame)
-        if l3 < 0:
-            raise CardError("crypto offload needs an Ethernet frame carrying IPv4 or IPv6")
-        seq = sa.next_seq
-        if not sa.esn and seq > 0xFFFF_FFFF:
-            raise CardError(f"SA {sa.spi:#x}: sequence numbers exhausted (RFC 4303 §3.3.3): add a new SA")
-        if sa.esn and seq >> 32 != sa.seq_hi_pushed:
-            self.update_sa(handle, seq >> 32, sa.spi)  # the card needs the ESN high half (RFC 4304)
-        try:
-            esp = packets.build_esp(sa.geometry(), frame[l3:], seq)
-        except packets.FrameError as exc:
-            raise CardError(f"cannot build ESP: {exc}") from None
-        out = bytearray(frame[:l3]) + esp.packet
-        if out[l3] >> 4 == 6 and l3 >= 2:
-            out[l3 - 2:l3] = packets.ETH_P_IPV6.to_bytes(2, "big")
-        elif l3 >= 2:
-            out[l3 - 2:l3] = packets.ETH_P_IP.to_bytes(2, "big")
-        index = self.send_raw(bytes(out), TxFlags.IPSEC_CRYPTO, handle, l3 + esp.esp_offset, esp.pad_length,
-                              esp.next_header)
-        sa.next_seq = seq + 1
-        return index
-
-    def poll_tx(self) -> list[TxCompletion]:
-        """Collect finished TX descriptors (wb_flags.DONE) in order."""
-        r = self.txr
-        out, self._tx_backlog = self._tx_backlog, []
-        view = r.mem.view
-        while r.clean != r.tail:
-            at = r.at(r.clean)
-            if not TX_DESC.get(view, at, "wb_flags") & TxWbFlags.DONE:
-                break
-            out.append(TxCompletion(r.clean, TX_DESC.get(view, at, "wb_status")))
-            r.clean = (r.clean + 1) % r.entries
-        return out
-
-    def flush_tx(self, timeout: float = 5.0) -> list[TxCompletion]:
-        """Wait until every queued frame completed; returns their completions."""
-        done: list[TxCompletion] = []
-
-        def all_done() -> bool:
-            done.extend(self.poll_tx())
-            return self.txr.clean == self.txr.tail
-
-        self._wait(all_done, timeout, "TX completions (device server running? link up?)")
-        return done
-
-    # ------------------------------------------------------------------------------------------
-    # receive
-
-    def _rx_ready(self) -> bool:
-        at = self.rxr.at(self.rxr.clean)
-        return bool(RX_DESC.get(self.rxr.mem.view, at, "wb_flags") & RxWbFlags.DD)
-
-    def recv(self, timeout: float = 0.0, limit: int = 64) -> list[RxPacket]:
-        """Frames the card wrote back, waiting up to ``timeout`` seconds for the first one."""
-        if not self.receive:
-            raise CardError("this card handle was opened without an RX ring (receive=False)")
-        if not self._rx_ready() and timeout > 0:
-            with contextlib.suppress(CardError):
-                self._wait(self._rx_ready, timeout, "a received frame")
-        out: list[RxPacket] = []
-        r = self.rxr
-        while len(out) < limit and self._rx_ready():
-            i = r.clean
-            d = RX_DESC.unpack(r.mem.view, r.at(i))
-            buf = self.rx_bufs[i]
-            frame = bytes(buf.view[:min(d.length, buf.size)])
-            out.append(self._rx_packet(frame, d))
-            self._arm_rx(i)
-            r.clean = (i + 1) % r.entries
-            # Hand the re-armed descriptor back: TAIL = i keeps one descriptor between TAIL and HEAD.
-            self.mmio.write32(regs.rxq_reg(self.queue, regs.QREG_TAIL), i)
-        return out
-
-    def _rx_packet(self, frame: bytes, d) -> RxPacket:
-        pkt = RxPacket(frame, d.length, d.wb_flags, d.crypto_status, d.offload_handle, d.next_header, d.pad_length)
-        if pkt.sa_delete_req:
-            self.sa_delete_requests += 1
-        if not pkt.crypto_done or pkt.decapsulated or pkt.crypto_status != CryptoStatus.SUCCESS:
-            return pkt
-        sa = self.host.get(d.offload_handle)
-        if sa is None or sa.offload != "crypto" or not sa.icv_len:
-            pkt.note = "decrypted by the card; SA unknown to this host, ESP left in place"
-            return pkt
-        l3 = packets.l3_offset(frame)
-        try:
-            stripped = packets.strip_esp(sa.geometry(), frame[l3:]) if l3 >= 0 else None
-        except packets.FrameError as exc:
-            pkt.note = f"cannot strip ESP: {exc}"
-            return pkt
-        if stripped is None:
-            pkt.note = "not an IP frame"
-        elif stripped.packet is None:
-            pkt.note = "dummy packet (next header 59, RFC 4303 §2.6)"
-        else:
-            head = bytearray(frame[:l3])
-            etype = packets.ETH_P_IPV6 if stripped.packet[0] >> 4 == 6 else packets.ETH_P_IP
-            head[l3 - 2:l3] = etype.to_bytes(2, "big")
-            pkt.inner = bytes(head) + stripped.packet
-        return pkt
-
-    # ------------------------------------------------------------------------------------------
     # statistics
 
     def stats(self) -> dict[str, int]:
@@ -923,3 +447,8 @@ def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, st
         card.close()
         raise
     return card
+
+
+# The driver's public names, wherever they are defined.
+__all__ = ["AdminError", "Card", "CardError", "FirmwareError", "HostSa", "HostSaTable", "Identity", "RxPacket",
+           "TxCompletion", "default_state_path", "open_card"]

@@ -1,0 +1,173 @@
+"""The driver's SA API (add, delete, list, update, statistics) and what the host remembers about its SAs
+(never keys): the outbound sequence counter, the ESN high half it pushed, the ESP framing sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from device.contract import ndis
+from device.contract import sa as sa_codec
+from device.contract.enums import IpProto
+from device.contract.ndis import Opcode
+from device.contract.sa import SaParams
+from guest_tools import packets
+from guest_tools import sa as sa_wire
+from guest_tools.admin_queue import CardError, _opcode_name
+
+# what the host remembers about its SAs (no keys)
+
+
+@dataclass
+class HostSa:
+    handle: int
+    spi: int
+    direction: int
+    offload: str  # "crypto" | "packet"
+    esn: bool = False
+    next_seq: int = 1  # outbound crypto offload: sequence number of the next packet
+    seq_hi_pushed: int = 0  # ESN high half last told to the card (UPDATE_SA)
+    iv_len: int = 0
+    icv_len: int = 0
+    align: int = 4
+    tunnel: bool = False
+    encap: tuple[int, int] | None = None
+    src: str = ""
+    dst: str = ""
+
+    def geometry(self) -> packets.EspGeometry:
+        return packets.EspGeometry(self.spi, self.iv_len, self.icv_len, self.align, self.tunnel, self.encap,
+                                   self.src, self.dst)
+
+
+class HostSaTable:
+    """handle -> HostSa, optionally persisted to a JSON file so separate CLI processes share it."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.sas: dict[int, HostSa] = {}
+        if self.path is not None and self.path.exists():
+            try:
+                raw = json.loads(self.path.read_text())
+                for item in raw.get("sas", []):
+                    if item.get("encap") is not None:
+                        item["encap"] = tuple(item["encap"])
+                    sa = HostSa(**item)
+                    self.sas[sa.handle] = sa
+            except (OSError, ValueError, TypeError) as exc:
+                raise CardError(f"host SA state {self.path} unreadable ({exc}); delete it and run 'reset'") from None
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"sas": [asdict(s) for s in self.sas.values()]}, indent=1))
+        os.replace(tmp, self.path)
+
+    def get(self, handle: int) -> HostSa | None:
+        return self.sas.get(handle)
+
+
+class SaOps:
+    """Card's SA part: admin commands through AdminQueueOps, host state in ``self.host``."""
+
+    host: HostSaTable
+    admin_buf_size: int
+
+    def command(self, opcode: int, request: bytes = b"") -> bytes:
+        raise NotImplementedError  # AdminQueueOps.command
+
+    # SA operations
+
+    def caps(self) -> ndis.CapsWire:
+        return ndis.CapsWire.unpack(self.command(Opcode.GET_CAPS))
+
+    def firmware_stats(self) -> ndis.GlobalStats:
+        return ndis.GlobalStats.unpack(self.command(Opcode.GET_STATS))
+
+    def add_sa(self, params: SaParams, offload: str = "crypto", v1: bool = False) -> int:
+        """Offload one SA; returns its handle. ``offload``: "crypto" (V2_ADD_SA_EX, or V1_ADD_SA /
+        V1_ADD_UDPESP_SA with ``v1``) or "packet" (ADD_SA_PACKET)."""
+        try:
+            if offload == "packet":
+                if v1:
+                    raise ValueError("v1 commands have no packet offload")
+                opcode, request = Opcode.ADD_SA_PACKET, sa_codec.add_sa_packet(params)
+            elif offload != "crypto":
+                raise ValueError(f"offload must be 'crypto' or 'packet', not {offload!r}")
+            elif v1 and params.encap is not None:
+                opcode, request = Opcode.V1_ADD_UDPESP_SA, sa_codec.v1_add_udpesp_sa(params)
+            elif v1:
+                opcode, request = Opcode.V1_ADD_SA, sa_codec.v1_add_sa(params)
+            else:
+                opcode, request = Opcode.V2_ADD_SA_EX, sa_codec.v2_add_sa_ex(params)
+        except ValueError as exc:
+            raise CardError(f"SA {params.spi:#x} cannot be offloaded: {exc}") from None
+        response = self.command(opcode, request)
+        handle = struct.unpack_from("<I", response)[0] if len(response) >= 4 else 0
+        if handle == 0:
+            raise CardError(f"{_opcode_name(opcode)} succeeded but returned handle 0 (firmware bug)")
+        host = HostSa(handle, params.spi, int(params.direction), offload, params.esn,
+                      next_seq=params.seq + 1, seq_hi_pushed=params.seq >> 32)
+        if offload == "crypto" and params.proto == IpProto.ESP:
+            g = sa_wire.esp_geometry(params)
+            host.iv_len, host.icv_len, host.align, host.tunnel = g.iv_len, g.icv_len, g.align, g.tunnel
+            host.encap, host.src, host.dst = g.encap, g.src, g.dst
+        self.host.sas[handle] = host
+        self.host.save()
+        return handle
+
+    def delete_sa(self, handles: list[int]) -> None:
+        self.command(Opcode.V2_DELETE_SA, sa_codec.v2_delete(handles))
+        for h in handles:
+            self.host.sas.pop(h, None)
+        self.host.save()
+
+    def list_sas(self) -> list[ndis.SaListEntry]:
+        rows: list[ndis.SaListEntry] = []
+        start = 0
+        per_page = max(1, (self.admin_buf_size - ndis.LIST_SAS_RESPONSE.size) // ndis.SA_LIST_ENTRY.size)
+        for _ in range(ndis.MAX_LIST_SAS_ENTRIES):
+            head, entries = ndis.unpack_list_sas(self.command(Opcode.LIST_SAS,
+                                                              ndis.ListSasRequest(start, per_page).pack()))
+            rows += entries
+            if head.next_index == 0xFFFF_FFFF or head.next_index == start:
+                break
+            start = head.next_index
+        return rows
+
+    def delete_all(self) -> int:
+        handles = sorted({e.offload_handle for e in self.list_sas()})
+        if handles:
+            self.delete_sa(handles)
+        return len(handles)
+
+    def forget_stale(self) -> None:
+        """Drop host state for handles the card no longer has (reset elsewhere, deleted by another process)."""
+        live = {e.offload_handle for e in self.list_sas()}
+        for h in [h for h in self.host.sas if h not in live]:
+            del self.host.sas[h]
+        self.host.save()
+
+    def update_sa(self, handle: int, seq_hi: int, spi: int | None = None, proto: IpProto = IpProto.ESP) -> None:
+        if spi is None:
+            known = self.host.get(handle)
+            if known is None:
+                match = [e for e in self.list_sas() if e.offload_handle == handle]
+                if not match:
+                    raise CardError(f"SA handle {handle:#x} not on the card ('sa list')")
+                spi, proto = match[0].spi, IpProto(match[0].proto)
+            else:
+                spi = known.spi
+        self.command(Opcode.V2_UPDATE_SA, sa_codec.v2_update_sa(handle, spi, seq_hi, proto))
+        known = self.host.get(handle)
+        if known is not None:
+            known.seq_hi_pushed = seq_hi
+            self.host.save()
+
+    def sa_stats(self, handle: int) -> list[ndis.SaStatsEntry]:
+        return ndis.unpack_sa_stats(self.command(Opcode.GET_SA_STATS, ndis.HandleRequest(handle).pack()))[1]

@@ -1,0 +1,244 @@
+"""The driver's TX and RX rings: queue frames (plain, crypto offload with host-built ESP, packet
+offload), collect completions, receive write-backs (datasheet §6-§7)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from device.contract import regs
+from device.contract.enums import Direction
+from device.contract.regs import RX_DESC, TX_DESC, CryptoStatus, RxWbFlags, TxFlags, TxStatus, TxWbFlags
+from guest_tools import packets
+from guest_tools.admin_queue import CardError, enum_name
+from guest_tools.mmio import Mmio
+from guest_tools.sa_api import HostSaTable
+
+
+@dataclass(frozen=True)
+class TxCompletion:
+    index: int
+    status: int
+
+    @property
+    def status_name(self) -> str:
+        return enum_name(TxStatus, self.status)
+
+
+@dataclass
+class RxPacket:
+    frame: bytes  # as the card wrote it (crypto offload: decrypted in place, ESP header/trailer kept)
+    length: int  # frame length the card reported (larger than len(frame) when truncated)
+    flags: int  # RxWbFlags
+    crypto_status: int
+    handle: int
+    next_header: int = 0
+    pad_length: int = 0
+    inner: bytes | None = None  # crypto offload success: the frame with ESP stripped (None otherwise)
+    note: str = ""
+
+    @property
+    def crypto_done(self) -> bool:
+        return bool(self.flags & RxWbFlags.CRYPTO_DONE)
+
+    @property
+    def sa_delete_req(self) -> bool:
+        return bool(self.flags & RxWbFlags.SA_DELETE_REQ)
+
+    @property
+    def decapsulated(self) -> bool:
+        return bool(self.flags & RxWbFlags.DECAPSULATED)
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.flags & RxWbFlags.ERROR)
+
+    @property
+    def crypto_status_name(self) -> str:
+        return enum_name(CryptoStatus, self.crypto_status)
+
+    def summary(self) -> dict:
+        return {
+            "length": self.length, "crypto_done": self.crypto_done,
+            "crypto_status": self.crypto_status_name if self.crypto_done else "-",
+            "sa_delete_req": self.sa_delete_req, "decapsulated": self.decapsulated, "handle": self.handle,
+            "truncated": self.truncated, "inner_length": len(self.inner) if self.inner is not None else None,
+            "note": self.note,
+        }
+
+
+class TxRxOps:
+    """Card's TX/RX part: uses the rings and buffers Card.init set up."""
+
+    mmio: Mmio
+    host: HostSaTable
+    queue: int
+    receive: bool
+    buf_size: int
+    sa_delete_requests: int
+    _open: bool
+    _tx_backlog: list[TxCompletion]
+
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        raise NotImplementedError  # Card._wait
+
+    def _arm_rx(self, i: int) -> None:
+        raise NotImplementedError  # Card._arm_rx
+
+    def update_sa(self, handle: int, seq_hi: int, spi: int | None = None, proto=None) -> None:
+        raise NotImplementedError  # SaOps.update_sa
+
+    def _tx_reclaim_wait(self) -> None:
+        def reclaimed() -> bool:
+            self._tx_backlog.extend(self.poll_tx())  # kept for the caller's next poll_tx()
+            return self._tx_free() > 0
+
+        self._wait(reclaimed, 2.0,
+                   "a free TX descriptor: the card is not completing TX (device server running? link up?)")
+
+    def _tx_free(self) -> int:
+        r = self.txr
+        return r.entries - 1 - ((r.tail - r.clean) % r.entries)
+
+    def send_raw(self, frame: bytes, flags: int = 0, handle: int = 0, esp_offset: int = 0, pad_length: int = 0,
+                 next_header: int = 0) -> int:
+        """Queue one frame on the TX ring (one descriptor, EOP | REPORT_STATUS). Returns the descriptor index."""
+        if not self._open:
+            raise CardError("card not initialised: call init() first")
+        if not frame:
+            raise CardError("refusing to send an empty frame")
+        if len(frame) > self.buf_size:
+            raise CardError(f"frame of {len(frame)} bytes exceeds the {self.buf_size}-byte TX buffer (MTU?)")
+        if self._tx_free() == 0:
+            self._tx_reclaim_wait()
+        r = self.txr
+        i = r.tail
+        buf = self.tx_bufs[i]
+        buf.view[:len(frame)] = frame
+        at = r.at(i)
+        r.mem.view[at:at + TX_DESC.size] = TX_DESC.pack(
+            addr=buf.iova, length=len(frame), flags=int(flags | TxFlags.EOP | TxFlags.REPORT_STATUS),
+            offload_handle=handle, esp_offset=esp_offset, pad_length=pad_length, next_header=next_header)
+        r.tail = (i + 1) % r.entries
+        self.mmio.write32(regs.txq_reg(self.queue, regs.QREG_TAIL), r.tail)
+        return i
+
+    def send(self, frame: bytes, handle: int = 0, mode: str | None = None) -> int:
+        """Send an Ethernet frame carrying a plain IP packet.
+
+        mode None/"plain": as is (handle must be 0). "crypto": the driver builds ESP for outbound SA
+        ``handle`` (its own sequence counter) and the card encrypts. "packet": the card encapsulates
+        with SA ``handle`` (0 = the card picks the SA by selector)."""
+        mode = mode or ("crypto" if handle else "plain")
+        if mode == "plain":
+            if handle:
+                raise CardError("a plain frame takes no SA handle (use --mode crypto or packet)")
+            return self.send_raw(frame)
+        if mode == "packet":
+            return self.send_raw(frame, TxFlags.IPSEC_PACKET, handle)
+        if mode != "crypto":
+            raise CardError(f"send mode must be plain, crypto or packet, not {mode!r}")
+        sa = self.host.get(handle)
+        if sa is None or sa.offload != "crypto" or sa.direction != Direction.OUTBOUND or not sa.icv_len:
+            raise CardError(f"handle {handle:#x} is not an outbound crypto-offload ESP SA added through this "
+                            "tool ('sa list'; the host needs its framing state)")
+        l3 = packets.l3_offset(frame)
+        if l3 < 0:
+            raise CardError("crypto offload needs an Ethernet frame carrying IPv4 or IPv6")
+        seq = sa.next_seq
+        if not sa.esn and seq > 0xFFFF_FFFF:
+            raise CardError(f"SA {sa.spi:#x}: sequence numbers exhausted (RFC 4303 §3.3.3): add a new SA")
+        if sa.esn and seq >> 32 != sa.seq_hi_pushed:
+            self.update_sa(handle, seq >> 32, sa.spi)  # the card needs the ESN high half (RFC 4304)
+        try:
+            esp = packets.build_esp(sa.geometry(), frame[l3:], seq)
+        except packets.FrameError as exc:
+            raise CardError(f"cannot build ESP: {exc}") from None
+        out = bytearray(frame[:l3]) + esp.packet
+        if out[l3] >> 4 == 6 and l3 >= 2:
+            out[l3 - 2:l3] = packets.ETH_P_IPV6.to_bytes(2, "big")
+        elif l3 >= 2:
+            out[l3 - 2:l3] = packets.ETH_P_IP.to_bytes(2, "big")
+        index = self.send_raw(bytes(out), TxFlags.IPSEC_CRYPTO, handle, l3 + esp.esp_offset, esp.pad_length,
+                              esp.next_header)
+        sa.next_seq = seq + 1
+        return index
+
+    def poll_tx(self) -> list[TxCompletion]:
+        """Collect finished TX descriptors (wb_flags.DONE) in order."""
+        r = self.txr
+        out, self._tx_backlog = self._tx_backlog, []
+        view = r.mem.view
+        while r.clean != r.tail:
+            at = r.at(r.clean)
+            if not TX_DESC.get(view, at, "wb_flags") & TxWbFlags.DONE:
+                break
+            out.append(TxCompletion(r.clean, TX_DESC.get(view, at, "wb_status")))
+            r.clean = (r.clean + 1) % r.entries
+        return out
+
+    def flush_tx(self, timeout: float = 5.0) -> list[TxCompletion]:
+        """Wait until every queued frame completed; returns their completions."""
+        done: list[TxCompletion] = []
+
+        def all_done() -> bool:
+            done.extend(self.poll_tx())
+            return self.txr.clean == self.txr.tail
+
+        self._wait(all_done, timeout, "TX completions (device server running? link up?)")
+        return done
+
+    # ------------------------------------------------------------------------------------------
+    # receive
+
+    def _rx_ready(self) -> bool:
+        at = self.rxr.at(self.rxr.clean)
+        return bool(RX_DESC.get(self.rxr.mem.view, at, "wb_flags") & RxWbFlags.DD)
+
+    def recv(self, timeout: float = 0.0, limit: int = 64) -> list[RxPacket]:
+        """Frames the card wrote back, waiting up to ``timeout`` seconds for the first one."""
+        if not self.receive:
+            raise CardError("this card handle was opened without an RX ring (receive=False)")
+        if not self._rx_ready() and timeout > 0:
+            with contextlib.suppress(CardError):
+                self._wait(self._rx_ready, timeout, "a received frame")
+        out: list[RxPacket] = []
+        r = self.rxr
+        while len(out) < limit and self._rx_ready():
+            i = r.clean
+            d = RX_DESC.unpack(r.mem.view, r.at(i))
+            buf = self.rx_bufs[i]
+            frame = bytes(buf.view[:min(d.length, buf.size)])
+            out.append(self._rx_packet(frame, d))
+            self._arm_rx(i)
+            r.clean = (i + 1) % r.entries
+            # Hand the re-armed descriptor back: TAIL = i keeps one descriptor between TAIL and HEAD.
+            self.mmio.write32(regs.rxq_reg(self.queue, regs.QREG_TAIL), i)
+        return out
+
+    def _rx_packet(self, frame: bytes, d) -> RxPacket:
+        pkt = RxPacket(frame, d.length, d.wb_flags, d.crypto_status, d.offload_handle, d.next_header, d.pad_length)
+        if pkt.sa_delete_req:
+            self.sa_delete_requests += 1
+        if not pkt.crypto_done or pkt.decapsulated or pkt.crypto_status != CryptoStatus.SUCCESS:
+            return pkt
+        sa = self.host.get(d.offload_handle)
+        if sa is None or sa.offload != "crypto" or not sa.icv_len:
+            pkt.note = "decrypted by the card; SA unknown to this host, ESP left in place"
+            return pkt
+        l3 = packets.l3_offset(frame)
+        try:
+            stripped = packets.strip_esp(sa.geometry(), frame[l3:]) if l3 >= 0 else None
+        except packets.FrameError as exc:
+            pkt.note = f"cannot strip ESP: {exc}"
+            return pkt
+        if stripped is None:
+            pkt.note = "not an IP frame"
+        elif stripped.packet is None:
+            pkt.note = "dummy packet (next header 59, RFC 4303 §2.6)"
+        else:
+            head = bytearray(frame[:l3])
+            etype = packets.ETH_P_IPV6 if stripped.packet[0] >> 4 == 6 else packets.ETH_P_IP
+            head[l3 - 2:l3] = etype.to_bytes(2, "big")
+            pkt.inner = bytes(head) + stripped.packet
+        return pkt
