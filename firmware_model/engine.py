@@ -30,11 +30,10 @@ import ipaddress
 import struct
 from dataclasses import dataclass, replace
 
-from cryptography.exceptions import InvalidTag
-
 from device.contract.algorithms import esp_align
 from device.contract.enums import IpProto, Mode
 from device.contract.sa import SaParams, effective_icv_len
+from firmware_model import fastpath
 from firmware_model.ah import (
     AH_FIXED,
     AH_FIXED_LEN,
@@ -84,25 +83,6 @@ _IP_MF_OFFSET_MASK = 0x3FFF  # IPv4 "more fragments" flag + fragment offset
 _ESP_PACK = ESP_HDR.pack
 _ESP_UNPACK_FROM = ESP_HDR.unpack_from
 _UDP_PACK = UDP_HDR.pack
-# Fast-path layouts for an option-less IPv4 header (RFC 791): ver/IHL+TOS, total length, id+flags/fragment
-# as one 32-bit word, TTL, protocol, checksum, source, destination. Reading the 32-bit words whole keeps
-# the header checksum to one expression: 2^16 = 1 (mod 0xFFFF), so the ones' complement sum of the
-# 16-bit words (RFC 1071) of a non-zero header is congruent to the sum of these fields, and the checksum
-# is (-sum) % 0xFFFF -- the same value the word-by-word fold gives (a fold of 0xFFFF gives 0 both ways).
-_V4_FIELDS = struct.Struct("!HHIBBHII")
-# the same header followed by ESP SPI, Seq and the 8-byte GCM IV (RFC 4303 §2, RFC 4106 §3.1): one pack
-# writes every header byte of a transport-mode ESP packet, one unpack reads them back
-_V4_ESP = struct.Struct("!HHIBBHIIIIQ")
-_V4_ESP_LEN = 36
-_V4_ESP_HEAD = struct.Struct("!HHIBBHIIII")  # _V4_ESP without the IV
-_V4_FIELDS_UNPACK_FROM = _V4_FIELDS.unpack_from
-_V4_ESP_PACK = _V4_ESP.pack
-_V4_ESP_UNPACK_FROM = _V4_ESP.unpack_from
-# ESP adds 36 - 20 header bytes, at most 5 trailer bytes and a 16-byte ICV to an IPv4 packet; larger
-# packets take the general path, which refuses results over the 65535-byte IPv4 limit
-_V4_FAST_MAX = 0xFFFF - (_V4_ESP_LEN - 20) - 5 - 16
-_NONCE_PACK = struct.Struct("!4sQ").pack  # RFC 4106 §4: nonce = 4-byte salt || 8-byte IV
-_U64_PACK_INTO = U64.pack_into
 # Enum member lookups through the class cost ~0.3 us each on Python 3.11; the hot paths use these.
 _OK = Verdict.OK
 _AUTH_FAILED = Verdict.AUTH_FAILED
@@ -298,9 +278,9 @@ class EspEngine(SaEngine):
         self._gcm_direct = tr._aead.encrypt if fast else None
         self._gcm_salt = tr._salt if fast else b""
         # The common case -- AES-GCM with a full tag, no ESN, transport mode, IPv4, no UDP encapsulation --
-        # gets straight-line code in encapsulate/decapsulate/crypto_*: one struct call for all headers,
-        # the AESGCM methods called directly. Any packet that is not a plain option-less IPv4 ESP packet
-        # falls through to the general code, which stays the reference for every verdict.
+        # gets the straight-line code of firmware_model/fastpath.py: one struct call for all headers, the
+        # AESGCM methods called directly. Any packet that is not a plain option-less IPv4 ESP packet falls
+        # through to the general code here, which stays the reference for every verdict.
         fast_v4 = fast and params.mode == Mode.TRANSPORT and params.encap is None and self._family == 4
         self._v4_encrypt = tr._aead.encrypt if fast_v4 else None
         self._v4_decrypt = tr._aead.decrypt if fast_v4 else None
@@ -377,23 +357,10 @@ class EspEngine(SaEngine):
                        iv: bytes | None = None) -> Verdict:
         if self._limited and self._over_hard_limit():
             return Verdict.HARD_LIMIT
-        encrypt = self._v4_encrypt
-        if encrypt is not None and iv is None and len(frame) >= l3 + 54 and frame[l3] == 0x45:
-            # fast path (see __init__): unfragmented option-less IPv4 with this SA's ESP header and at
-            # least 2 bytes between the IV and ICV room (_body_ok); anything else goes the general way
-            _, total, idf, _, proto, _, _, _, spi, seq_lo = _V4_ESP_HEAD.unpack_from(frame, l3)
-            if (proto == IPPROTO_ESP and not idf & _IP_MF_OFFSET_MASK and 54 <= total <= len(frame) - l3
-                    and spi == self.spi):
-                seq_iv = seq_lo if seq_lo > self._iv_last else self._iv_last + 1  # never a repeated IV
-                self._iv_last = seq_iv
-                e = l3 + 20
-                a = e + 16
-                end = l3 + total
-                sealed = encrypt(_NONCE_PACK(self._gcm_salt, seq_iv), frame[a:end - 16], frame[e:e + 8])
-                _U64_PACK_INTO(frame, e + 8, seq_iv)
-                frame[a:end] = sealed
-                self._count(total)
-                return _OK
+        if self._v4_encrypt is not None and iv is None:
+            fast = fastpath.crypto_encrypt_v4(self, frame, l3)
+            if fast is not None:
+                return fast
         verdict, e, end = self._locate_esp(frame, l3)
         if verdict:
             return self._fail(verdict)
@@ -418,28 +385,10 @@ class EspEngine(SaEngine):
     def crypto_decrypt(self, frame: bytearray, l3: int) -> Verdict:
         if self._limited and self._over_hard_limit():
             return Verdict.HARD_LIMIT
-        decrypt = self._v4_decrypt
-        if decrypt is not None and len(frame) >= l3 + 54 and frame[l3] == 0x45:
-            # fast path, the same shape as crypto_encrypt's
-            _, total, idf, _, proto, _, _, _, spi, _, iv = _V4_ESP.unpack_from(frame, l3)
-            if (proto == IPPROTO_ESP and not idf & _IP_MF_OFFSET_MASK and 54 <= total <= len(frame) - l3
-                    and spi == self.spi):
-                e = l3 + 20
-                a = e + 16
-                end = l3 + total
-                try:
-                    plain = decrypt(_NONCE_PACK(self._gcm_salt, iv), frame[a:end], frame[e:e + 8])
-                except InvalidTag:
-                    return self._fail(_AUTH_FAILED)
-                frame[a:end - 16] = plain
-                payload_len, nh = strip_trailer(plain)
-                if payload_len < 0:
-                    return self._fail(_BAD_SYNTAX)
-                self._count(total)
-                if nh == IPPROTO_NONE:
-                    self.stats.dummy_packets += 1
-                    return _DUMMY
-                return _OK
+        if self._v4_decrypt is not None:
+            fast = fastpath.crypto_decrypt_v4(self, frame, l3)
+            if fast is not None:
+                return fast
         verdict, e, end = self._locate_esp(frame, l3)
         if verdict:
             return self._fail(verdict)
@@ -476,36 +425,10 @@ class EspEngine(SaEngine):
         if self._limited and self._over_hard_limit():
             return _HARD_LIMIT, b""
         n = len(ip_packet)
-        encrypt = self._v4_encrypt
-        if encrypt is not None and n >= 20 and ip_packet[0] == 0x45 and iv is None:
-            # fast path (see __init__): option-less IPv4, AES-GCM-16, no ESN, transport, no UDP-ESP
-            vt, total, idf, ttl, nh, _, src, dst = _V4_FIELDS_UNPACK_FROM(ip_packet)
-            seq = self._seq + 1
-            # (a fragment, MF or offset set in idf's low bits, takes the general path, which refuses it)
-            if 20 <= total <= n and total <= _V4_FAST_MAX and seq <= self._seq_limit and not idf & 0x3FFF:
-                if seq >= self._seq_warn:
-                    self.seq_nearly_exhausted = True
-                # IV = sequence number, forced strictly increasing (module docstring); below 2^33 without
-                # ESN, so no 64-bit masking is needed
-                iv_last = self._iv_last
-                seq_iv = iv_last + 1 if seq <= iv_last else seq
-                self._iv_last = seq_iv
-                # RFC 4303 §2.4: payload, padding 1, 2, 3, ..., pad length, next header (align 4 for GCM)
-                plaintext = ip_packet[20:total] + self._trailers[nh][total & 3]
-                # The result's length is known before sealing (36 header bytes, the 16-byte tag), so all
-                # headers are packed first and the AAD, SPI || Seq (RFC 4106 §5), is sliced from them.
-                out_total = 52 + len(plaintext)
-                csum = -(vt + out_total + idf + (ttl << 8 | IPPROTO_ESP) + src + dst) % 0xFFFF
-                head = _V4_ESP_PACK(vt, out_total, idf, ttl, IPPROTO_ESP, csum, src, dst, self.spi, seq, seq_iv)
-                sealed = encrypt(_NONCE_PACK(self._gcm_salt, seq_iv), plaintext, head[20:28])
-                self._seq = seq
-                if self._limited:
-                    self._count(total)
-                else:
-                    st = self.stats
-                    st.packets += 1
-                    st.bytes += total
-                return _OK, head + sealed
+        if self._v4_encrypt is not None and iv is None:
+            fast = fastpath.encapsulate_v4(self, ip_packet)
+            if fast is not None:
+                return fast
         if n < 20:
             return self._fail(_BAD_SYNTAX), b""
         ver = ip_packet[0] >> 4
@@ -596,43 +519,10 @@ class EspEngine(SaEngine):
         original packet (transport). DUMMY packets return b"" and must be dropped."""
         if self._limited and self._over_hard_limit():
             return _HARD_LIMIT, b""
-        decrypt = self._v4_decrypt
-        if decrypt is not None and len(ip_packet) >= 56 and ip_packet[0] == 0x45:
-            # fast path (see __init__): an unfragmented option-less IPv4 packet carrying this SA's ESP
-            # with room for IV, the 4 smallest trailer bytes and ICV (_min_body); anything else -- and
-            # every error verdict before the ICV check -- is left to the general code below
-            vt, total, idf, ttl, proto, _, src, dst, spi, seq_lo, iv = _V4_ESP_UNPACK_FROM(ip_packet)
-            if (proto == IPPROTO_ESP and not idf & _IP_MF_OFFSET_MASK and 56 <= total <= len(ip_packet)
-                    and spi == self.spi):
-                window = self.window
-                seq = window.check(seq_lo)  # RFC 4303 §3.4.3: early reject before the ICV work
-                if seq == REJECT:
-                    return self._fail(_REPLAY), b""
-                try:
-                    plain = decrypt(_NONCE_PACK(self._gcm_salt, iv), ip_packet[_V4_ESP_LEN:total], ip_packet[20:28])
-                except InvalidTag:
-                    return self._fail(_AUTH_FAILED), b""
-                if not window.accept(seq):  # only authenticated packets move the window (§3.4.3)
-                    return self._fail(_REPLAY), b""
-                n = len(plain)
-                padlen = plain[-2]
-                payload_len = n - 2 - padlen
-                if payload_len < 0 or (padlen and plain[payload_len:n - 2] != PAD_BYTES[:padlen]):
-                    return self._fail(_BAD_SYNTAX), b""  # RFC 4303 §2.4 padding check
-                nh = plain[-1]
-                if nh == IPPROTO_NONE:  # RFC 4303 §2.6: dummy packet, discard silently
-                    self.stats.dummy_packets += 1
-                    self._count(0)
-                    return _DUMMY, b""
-                out_total = 20 + payload_len
-                csum = -(vt + out_total + idf + (ttl << 8 | nh) + src + dst) % 0xFFFF
-                if self._limited:
-                    self._count(out_total)
-                else:
-                    st = self.stats
-                    st.packets += 1
-                    st.bytes += out_total
-                return _OK, _V4_FIELDS.pack(vt, out_total, idf, ttl, nh, csum, src, dst) + plain[:payload_len]
+        if self._v4_decrypt is not None:
+            fast = fastpath.decapsulate_v4(self, ip_packet)
+            if fast is not None:
+                return fast
         verdict, e, end = self._locate_esp(ip_packet, 0)
         if verdict:
             return self._fail(verdict), b""
