@@ -46,11 +46,6 @@ class DmaBuffer:
     def size(self) -> int:
         return len(self.view)
 
-    def slice(self, offset: int, length: int) -> DmaBuffer:
-        if offset < 0 or length < 0 or offset + length > len(self.view):
-            raise ValueError(f"slice {offset}+{length} outside a {len(self.view)}-byte DMA buffer")
-        return DmaBuffer(self.view[offset:offset + length], self.iova + offset)
-
 
 def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment

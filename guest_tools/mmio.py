@@ -59,18 +59,6 @@ class MappedMmio:
         # One ctypes view per register, built lazily: reading .value is a single 32-bit load.
         self._cells: dict[int, ctypes.c_uint32] = {}
 
-    @classmethod
-    def open_path(cls, path: str, size: int) -> MappedMmio:
-        """Map ``size`` bytes of a sysfs ``resourceN`` file."""
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_SYNC)
-        except OSError as exc:
-            raise MmioError(exc.errno, f"cannot open {path}: {exc.strerror}; are you root?") from None
-        try:
-            return cls(fd, size, what=path)
-        finally:
-            os.close(fd)  # the mapping keeps its own reference
-
     def _cell(self, offset: int) -> ctypes.c_uint32:
         cell = self._cells.get(offset)
         if cell is None:

@@ -42,7 +42,6 @@ VFIO_DEVICE_GET_IRQ_INFO = _VFIO | 109
 VFIO_DEVICE_SET_IRQS = _VFIO | 110
 VFIO_DEVICE_RESET = _VFIO | 111
 VFIO_IOMMU_MAP_DMA = _VFIO | 113
-VFIO_IOMMU_UNMAP_DMA = _VFIO | 114
 
 VFIO_API_VERSION = 0
 VFIO_TYPE1_IOMMU = 1
@@ -64,7 +63,6 @@ _REGION_INFO = struct.Struct("<IIIIQQ")  # argsz, flags, index, cap_offset, size
 _IRQ_INFO = struct.Struct("<IIII")  # argsz, flags, index, count
 _IRQ_SET = struct.Struct("<IIIII")  # argsz, flags, index, start, count (+ data)
 _DMA_MAP = struct.Struct("<IIQQQ")  # argsz, flags, vaddr, iova, size
-_DMA_UNMAP = struct.Struct("<IIQQ")  # argsz, flags, iova, size
 
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 0x2
@@ -214,10 +212,6 @@ class VfioDevice:
         arg = _DMA_MAP.pack(_DMA_MAP.size, VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE, vaddr, iova, size)
         _ioctl(self.container, VFIO_IOMMU_MAP_DMA, arg, f"IOMMU_MAP_DMA(iova {iova:#x}, {size} bytes)",
                "RLIMIT_MEMLOCK too small, or the IOVA range is reserved?")
-
-    def unmap_dma(self, iova: int, size: int) -> None:
-        _ioctl(self.container, VFIO_IOMMU_UNMAP_DMA, _DMA_UNMAP.pack(_DMA_UNMAP.size, 0, iova, size),
-               "IOMMU_UNMAP_DMA")
 
     # -- MSI-X --------------------------------------------------------------------------------------
     def msix_count(self) -> int:

@@ -577,7 +577,6 @@ _STATS_COUNTERS = [
     ("cmd_ok", "commands completed with NDIS_STATUS_SUCCESS"),
     ("cmd_failed", "commands completed with an error status"),
 ]
-STATS_COUNTER_NAMES = tuple(n for n, _ in _STATS_COUNTERS) + tuple(f"reject_{r.name.lower()}" for r in RejectReason)
 
 GLOBAL_STATS = Layout(
     "GLOBAL_STATS",

@@ -279,9 +279,6 @@ class ConfigSpace:
 
     # Typed accessors for the device's own use (never masked: the device owns these bits).
 
-    def u8(self, offset: int) -> int:
-        return self.data[offset]
-
     def u16(self, offset: int) -> int:
         return _U16.unpack_from(self.data, offset)[0]
 
@@ -290,9 +287,6 @@ class ConfigSpace:
 
     def set_u16(self, offset: int, value: int) -> None:
         _U16.pack_into(self.data, offset, value & 0xFFFF)
-
-    def set_u32(self, offset: int, value: int) -> None:
-        _U32.pack_into(self.data, offset, value & 0xFFFF_FFFF)
 
     def set_bits16(self, offset: int, bits: int, on: bool) -> None:
         value = self.u16(offset)

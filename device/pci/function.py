@@ -13,7 +13,6 @@ not fully inside the region, or to an absent region, is answered with EINVAL.
 from __future__ import annotations
 
 import errno
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -44,8 +43,6 @@ from device.vfio_user.device_api import (
     RegionInfo,
     VfioUserError,
 )
-
-log = logging.getLogger(__name__)
 
 
 class BarHandler(Protocol):
@@ -164,7 +161,6 @@ class PciFunction:
         self.intx_asserted = False
         self.interrupts_lost = 0  # raised while nothing could deliver them (no eventfd)
         self.bad_accesses = 0
-        self._warned: set[str] = set()
         self.reset_listeners: list[Callable[[], None]] = []
 
     def _add_bar(self, layout: BarLayout, handler: BarHandler) -> None:
@@ -356,11 +352,6 @@ class PciFunction:
         if offset < 0 or count <= 0 or offset + count > size:
             self.bad_accesses += 1
             raise VfioUserError(errno.EINVAL, f"region {index}: {offset:#x}+{count} outside {size:#x} bytes")
-
-    def warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning("%s", message)
 
     def bar_base(self, index: int) -> int:
         return self.config.bar_address(index)
