@@ -1,10 +1,10 @@
 """Run the real guest driver against the real device model in one process.
 
     guest_tools.driver.Card --MMIO--> PciFunction.region_read/write(BAR0)   (CallbackMmio)
-                           <--DMA--- a bytearray "guest memory"             (ArrayMemory + ArrayDma)
+                           <--DMA--- a bytearray "guest memory"             (ArrayMemory + tests.fakes.FakeDma)
 
 The device model expects a vfio-user server loop: MMIO handlers only schedule work with
-``ctx.call_soon`` and the loop runs it after the reply. Here :class:`HarnessContext` queues those
+``ctx.call_soon`` and the loop runs it after the reply. Here tests.fakes.FakeContext queues those
 callbacks and :meth:`Harness.pump` runs them; the MMIO backend pumps after every register access, so
 from the driver's point of view the card works "between" two register accesses - as it does behind
 QEMU, only deterministic. The wire is :class:`CaptureWire`: frames the card sends are collected,
@@ -13,99 +13,15 @@ frames a test injects are delivered to the card.
 
 from __future__ import annotations
 
-import errno
 import time
-from collections import deque
-from collections.abc import Callable
 
 from device.contract import regs
-from device.vfio_user.device_api import REGION_BAR0, REGION_CONFIG, DmaError
+from device.vfio_user.device_api import REGION_BAR0, REGION_CONFIG
 from guest_tools.dma import ArrayMemory
 from guest_tools.mmio import CallbackMmio
+from tests.fakes import FakeContext, FakeDma
 
 PUMP_LIMIT = 100_000  # callbacks per pump: a device that keeps rescheduling itself is a bug, not a hang
-
-
-class ArrayDma:
-    """DmaAccess over the harness guest memory (bounds-checked like the real DMA table)."""
-
-    def __init__(self, memory: ArrayMemory) -> None:
-        self.memory = memory
-        self.reads = self.writes = 0
-
-    def _off(self, iova: int, length: int) -> int:
-        try:
-            return self.memory.offset_of(iova, length)
-        except ValueError as exc:
-            raise DmaError(str(exc), errno.EFAULT) from None
-
-    def read(self, iova: int, length: int) -> bytes:
-        off = self._off(iova, length)
-        self.reads += 1
-        return bytes(self.memory.memory[off:off + length])
-
-    def write(self, iova: int, data) -> None:
-        off = self._off(iova, len(data))
-        self.writes += 1
-        self.memory.memory[off:off + len(data)] = data
-
-    def view(self, iova: int, length: int) -> memoryview:
-        off = self._off(iova, length)
-        return memoryview(self.memory.memory)[off:off + length]
-
-
-class _Timer:
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
-        self.when = when
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class HarnessContext:
-    """DeviceContext for the device model: synchronous call_soon queue, recorded interrupts."""
-
-    def __init__(self, memory: ArrayMemory) -> None:
-        self.dma = ArrayDma(memory)
-        self.soon: deque[Callable[[], None]] = deque()
-        self.timers: list[_Timer] = []
-        self.irqs: list[tuple[int, int]] = []
-
-    def trigger_irq(self, index: int, vector: int = 0) -> bool:
-        self.irqs.append((index, vector))
-        return True
-
-    def irq_configured(self, index: int, vector: int = 0) -> bool:
-        return True
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        self.soon.append(callback)
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
-        t = _Timer(time.monotonic() + delay, callback)
-        self.timers.append(t)
-        return t
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        pass
-
-    def remove_reader(self, fd: int) -> None:
-        pass
-
-    def dma_read_async(self, iova, length, done) -> None:
-        try:
-            done(self.dma.read(iova, length))
-        except DmaError:
-            done(None)
-
-    def dma_write_async(self, iova, data, done) -> None:
-        try:
-            self.dma.write(iova, data)
-            done(True)
-        except DmaError:
-            done(False)
 
 
 def _capture_wire_class():
@@ -152,7 +68,7 @@ class Harness:
         self.datapath.wire.close()
         self.datapath.wire = self.wire
         self.memory = ArrayMemory(memory_size)
-        self.ctx = HarnessContext(self.memory)
+        self.ctx = FakeContext(FakeDma(self.memory.base, mem=self.memory.memory), clock=time.monotonic)
         self.function.attached(self.ctx)  # attaches the datapath (and its wire) too
         self.mmio = CallbackMmio(self._read, self._write, regs.BAR0_SIZE)
         self.bus_master(True)

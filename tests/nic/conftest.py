@@ -9,8 +9,7 @@ by the test, call_later timers are recorded, interrupts are recorded instead of 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -22,107 +21,9 @@ from device.nic.wire import Wire
 from device.pci import capabilities as pcicaps
 from device.pci.config_space import COMMAND, Command
 from device.profile import profile_from_dict
-from device.vfio_user.device_api import REGION_CONFIG, DmaError
+from device.vfio_user.device_api import REGION_CONFIG
 from firmware_model.firmware import Firmware
-
-GUEST_BASE = 0x1_0000_0000  # above 4 GiB, so BASE_HI matters
-GUEST_SIZE = 1 << 20
-GUARD = 0xA5  # every byte of guest memory starts as this, so stray card writes show up
-
-
-class FakeDma:
-    """Guest memory: one mapping [base, base+size). Every access must lie wholly inside it."""
-
-    def __init__(self, base: int = GUEST_BASE, size: int = GUEST_SIZE) -> None:
-        self.base = base
-        self.size = size
-        self.mem = bytearray([GUARD]) * size
-        self.faults = 0
-
-    def _offset(self, iova: int, length: int) -> int:
-        if length < 0 or iova < self.base or iova + length > self.base + self.size:
-            self.faults += 1
-            raise DmaError(f"DMA of {length} bytes at {iova:#x} is outside guest memory")
-        return iova - self.base
-
-    def read(self, iova: int, length: int) -> bytes:
-        o = self._offset(iova, length)
-        return bytes(self.mem[o : o + length])
-
-    def write(self, iova: int, data: bytes | bytearray | memoryview) -> None:
-        n = len(memoryview(data).cast("B"))
-        o = self._offset(iova, n)
-        self.mem[o : o + n] = data
-
-    def view(self, iova: int, length: int) -> memoryview:
-        o = self._offset(iova, length)
-        return memoryview(self.mem)[o : o + length]
-
-
-class Timer:
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
-        self.when = when
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
-class FakeContext:
-    dma: FakeDma = field(default_factory=FakeDma)
-    soon: list[Callable[[], None]] = field(default_factory=list)
-    timers: list[Timer] = field(default_factory=list)
-    irqs: list[tuple[int, int]] = field(default_factory=list)
-    readers: dict[int, Callable[[], None]] = field(default_factory=dict)
-    now: float = 0.0
-
-    def trigger_irq(self, index: int, vector: int = 0) -> bool:
-        self.irqs.append((index, vector))
-        return True
-
-    def irq_configured(self, index: int, vector: int = 0) -> bool:
-        return True
-
-    def call_soon(self, callback: Callable[[], None]) -> None:
-        self.soon.append(callback)
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(self.now + delay, callback)
-        self.timers.append(timer)
-        return timer
-
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        self.readers[fd] = callback
-
-    def remove_reader(self, fd: int) -> None:
-        self.readers.pop(fd, None)
-
-    def dma_read_async(self, iova: int, length: int, done: Callable[[bytes | None], None]) -> None:
-        done(None)
-
-    def dma_write_async(self, iova: int, data: bytes, done: Callable[[bool], None]) -> None:
-        done(False)
-
-    def run(self, limit: int = 10_000) -> int:
-        """Run queued call_soon work (and what it queues) until idle; returns callbacks run."""
-        ran = 0
-        while self.soon:
-            assert ran < limit, "call_soon work does not settle"
-            self.soon.pop(0)()
-            ran += 1
-        return ran
-
-    def advance(self, seconds: float) -> None:
-        """Move the fake clock and fire due timers."""
-        self.now += seconds
-        for timer in sorted(self.timers, key=lambda t: t.when):
-            if timer.when <= self.now + 1e-12 and not timer.cancelled:
-                self.timers.remove(timer)
-                timer.callback()
-        self.run()
-
+from tests.fakes import GUEST_BASE, FakeContext
 
 TX_DESC = regs.TX_DESC
 RX_DESC = regs.RX_DESC

@@ -9,8 +9,9 @@ from device.contract.enums import EncAlg
 from device.contract.regs import AdminFlags, AdminStatus
 from device.contract.status import NdisStatus
 from device.vfio_user.device_api import IRQ_INTX
+from tests.fakes import GUEST_BASE, GUEST_SIZE
 
-from .conftest import GUEST_BASE, GUEST_SIZE, make_rig
+from .conftest import make_rig
 
 KEY = bytes.fromhex("4c80cdefbb5d10da906ac73c3613a634") + bytes.fromhex("2e443b68")  # AES-128 key || salt
 

@@ -17,8 +17,9 @@ from device.contract.enums import EncAlg, Mode
 from device.contract.regs import CryptoStatus, RxWbFlags, TxFlags, TxStatus, TxWbFlags
 from device.nic import datapath as dp_module
 from device.vfio_user.device_api import IRQ_MSIX
+from tests.fakes import GUARD, GUEST_BASE, GUEST_SIZE
 
-from .conftest import GUARD, GUEST_BASE, GUEST_SIZE, Rig, make_rig
+from .conftest import Rig, make_rig
 from .test_adminq import KEY, add_sa_ex
 
 CARD_MAC = "02:49:50:4e:43:00"  # the default profile's MAC

@@ -13,8 +13,9 @@ from scapy.utils import rdpcap
 from device.contract import regs
 from device.contract.regs import RxWbFlags, TxFlags, TxStatus
 from device.nic import wire
+from tests.fakes import FakeContext
 
-from .conftest import FakeContext, make_rig
+from .conftest import make_rig
 from .test_datapath import udp_frame
 
 EOP = int(TxFlags.EOP)

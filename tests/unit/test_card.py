@@ -178,21 +178,21 @@ def test_icr_w1c_ics_ims_imc(fn):
 def test_poll_mode_raises_nothing(fn, ctx):
     w32(fn, regs.reg("IMS"), 0xFFFF_FFFF)
     w32(fn, regs.reg("ICS"), Cause.ADMINQ)
-    assert ctx.triggers == []
+    assert ctx.irqs == []
     assert not fn.config.u16(STATUS) & StatusBits.INTERRUPT
 
 
 def test_intx_level_follows_unmasked_causes(fn, ctx):
     set_mode(fn, IntMode.SINGLE)
     w32(fn, regs.reg("ICS"), Cause.RX0)  # masked: latched only
-    assert ctx.triggers == [] and r32(fn, regs.ICR) == Cause.RX0
+    assert ctx.irqs == [] and r32(fn, regs.ICR) == Cause.RX0
     w32(fn, regs.reg("IMS"), Cause.RX0)  # unmasking a pending cause asserts
-    assert ctx.triggers == [(IRQ_INTX, 0)]
+    assert ctx.irqs == [(IRQ_INTX, 0)]
     assert fn.config.u16(STATUS) & StatusBits.INTERRUPT
     w32(fn, regs.reg("ICS"), Cause.ADMINQ | Cause.RX0)  # still asserted: no second edge
-    assert ctx.triggers == [(IRQ_INTX, 0)]
+    assert ctx.irqs == [(IRQ_INTX, 0)]
     fn.irq_unmasked(IRQ_INTX)  # client unmasked while the level is still up: re-signal
-    assert ctx.triggers == [(IRQ_INTX, 0)] * 2
+    assert ctx.irqs == [(IRQ_INTX, 0)] * 2
     w32(fn, regs.ICR, 0xFFFF_FFFF)
     assert not fn.config.u16(STATUS) & StatusBits.INTERRUPT and not fn.intx_asserted
 
@@ -202,10 +202,10 @@ def test_intx_disable_holds_the_line_but_not_the_status(fn, ctx):
     cfg_w16(fn, COMMAND, 0x0400)  # INTX_DISABLE
     w32(fn, regs.reg("IMS"), Cause.LINK)
     w32(fn, regs.reg("ICS"), Cause.LINK)
-    assert ctx.triggers == []
+    assert ctx.irqs == []
     assert fn.config.u16(STATUS) & StatusBits.INTERRUPT
     cfg_w16(fn, COMMAND, 0)
-    assert ctx.triggers == [(IRQ_INTX, 0)]
+    assert ctx.irqs == [(IRQ_INTX, 0)]
 
 
 def test_msix_vectors_follow_ivar(fn, ctx):
@@ -214,15 +214,15 @@ def test_msix_vectors_follow_ivar(fn, ctx):
     w32(fn, regs.reg("IMS"), 0xFFFF_FFFF)
     w32(fn, regs.reg("ICS"), Cause.TX1)
     w32(fn, regs.reg("ICS"), Cause.ADMINQ | Cause.RX3)
-    assert ctx.triggers == [(IRQ_MSIX, 2), (IRQ_MSIX, 0), (IRQ_MSIX, 4)]
+    assert ctx.irqs == [(IRQ_MSIX, 2), (IRQ_MSIX, 0), (IRQ_MSIX, 4)]
     assert not fn.config.u16(STATUS) & StatusBits.INTERRUPT  # INTx unused under MSI-X
     w32(fn, regs.ICR, 0xFFFF_FFFF)
-    ctx.triggers.clear()
+    ctx.irqs.clear()
     # Reroute RX0 (cause bit 16 = IVAR[4] byte 0) to vector 3; clear TX0's valid bit.
     w32(fn, regs.REGISTER_BY_NAME["IVAR"].element_offset(4), 0x84838283)
     w32(fn, regs.REGISTER_BY_NAME["IVAR"].element_offset(2), 0x84838201)
     w32(fn, regs.reg("ICS"), Cause.RX0 | Cause.TX0)
-    assert ctx.triggers == [(IRQ_MSIX, 3)]
+    assert ctx.irqs == [(IRQ_MSIX, 3)]
 
 
 def test_msix_single_mode_uses_vector_zero(fn, ctx):
@@ -230,7 +230,7 @@ def test_msix_single_mode_uses_vector_zero(fn, ctx):
     set_mode(fn, IntMode.SINGLE)
     w32(fn, regs.reg("IMS"), Cause.RX2)
     w32(fn, regs.reg("ICS"), Cause.RX2)
-    assert ctx.triggers == [(IRQ_MSIX, 0)]
+    assert ctx.irqs == [(IRQ_MSIX, 0)]
 
 
 def test_msix_function_mask_pends_in_pba(fn, ctx):
@@ -238,11 +238,11 @@ def test_msix_function_mask_pends_in_pba(fn, ctx):
     set_mode(fn, IntMode.VECTORS)
     w32(fn, regs.reg("IMS"), 0xFFFF_FFFF)
     w32(fn, regs.reg("ICS"), Cause.TX0 | Cause.ADMINQ)
-    assert ctx.triggers == []
+    assert ctx.irqs == []
     pba = int.from_bytes(fn.region_read(2, regs.MSIX_PBA_OFFSET, 8), "little")
     assert pba == 0b11  # vectors 0 and 1
     enable_msix(fn, masked=False)
-    assert sorted(ctx.triggers) == [(IRQ_MSIX, 0), (IRQ_MSIX, 1)]
+    assert sorted(ctx.irqs) == [(IRQ_MSIX, 0), (IRQ_MSIX, 1)]
     assert fn.region_read(2, regs.MSIX_PBA_OFFSET, 8) == bytes(8)
 
 
@@ -260,10 +260,10 @@ def test_itr_defers_second_interrupt_on_a_vector(fn, ctx):
     w32(fn, regs.ICR, Cause.RX0)
     w32(fn, regs.reg("ICS"), Cause.RX0)
     w32(fn, regs.reg("ICS"), Cause.TX0)  # same vector 1, within the gap: no extra timer
-    assert ctx.triggers == [(IRQ_MSIX, 1)]
-    assert len(ctx.timers) == 1 and 0 < ctx.timers[0][0] <= 500e-6
-    ctx.timers[0][1]()
-    assert ctx.triggers == [(IRQ_MSIX, 1), (IRQ_MSIX, 1)]
+    assert ctx.irqs == [(IRQ_MSIX, 1)]
+    assert len(ctx.timers) == 1 and 0 < ctx.timers[0].when <= 500e-6
+    ctx.timers[0].callback()
+    assert ctx.irqs == [(IRQ_MSIX, 1), (IRQ_MSIX, 1)]
 
 
 def test_interrupt_without_eventfd_is_counted(fn, ctx):
