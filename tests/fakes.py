@@ -1,4 +1,4 @@
-"""Fakes of the vfio-user library's side for fast in-process tests of the card (tests/unit, tests/nic,
+"""Fakes of the vfio-user library's side for fast in-process tests of the card (tests/nic, tests/pci,
 tests/guest): guest memory as a bytearray and a DeviceContext that queues work instead of running a
 socket loop. The real library is exercised over real sockets in tests/protocol and tests/vm."""
 

@@ -5,5 +5,5 @@ status, CryptoStatus), enums.py (shared enums), layout.py (the one record framew
 (algorithm sizes), sa.py (SaParams, its one validation, and the SA encoder/decoder).
 
 Standard library only, and nothing else of the repository: the guest imports this package on its own
-python3 from a read-only share (tests/unit/test_architecture.py checks both).
+python3 from a read-only share (tests/contract/test_architecture.py checks both).
 """

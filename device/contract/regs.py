@@ -2,7 +2,7 @@
 
 Part of the card's programming interface (device/contract). It is the one source for the device model
 (device/nic/), the guest tools (guest_tools/) and the register tables in docs/datasheet.md
-(`datasheet_tables()` renders them; tests/unit/test_regs_datasheet.py checks the doc matches).
+(`datasheet_tables()` renders them; tests/contract/test_regs_datasheet.py checks the doc matches).
 
 Standard library only: the guest imports it on its own python3 from a read-only share of the
 checkout, so it must pull in nothing else (device/__init__.py and device/contract/__init__.py stay empty).

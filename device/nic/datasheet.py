@@ -3,8 +3,8 @@
     python -m device.nic.datasheet docs/datasheet.md           # rewrite every generated block in place
     python -m device.nic.datasheet --check docs/datasheet.md   # exit 1 if a block is stale
 
-Blocks, each between its own BEGIN/END markers (tests/unit/test_regs_datasheet.py and
-tests/unit/test_datasheet_commands.py check that the document holds exactly this text):
+Blocks, each between its own BEGIN/END markers (tests/contract/test_regs_datasheet.py and
+tests/contract/test_datasheet_commands.py check that the document holds exactly this text):
 
 - registers (§3): ``device.contract.regs.datasheet_tables()``, with regs' own markers;
 - admin commands (§5): ``device.contract.ndis.COMMANDS`` and every ``Layout``;

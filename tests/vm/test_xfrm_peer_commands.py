@@ -10,7 +10,7 @@ from device.contract.enums import Direction, Mode
 from device.contract.sa import UdpEncap
 from guest_tools.xfrm_peer import batch_text, parse_state_stats, peer_commands
 
-from ..unit.test_xfrm_peer import cbc_sa, gcm_sa
+from ..guest.test_xfrm_peer import cbc_sa, gcm_sa
 
 pytestmark = pytest.mark.vm
 
