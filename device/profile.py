@@ -15,9 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from device.contract import regs
+from device.contract.yaml_file import read_yaml
 
 DEFAULT_PROFILE = "default.yaml"
 WIRE_TYPES = ("none", "loopback", "dgram", "stream", "cable")
@@ -82,16 +81,7 @@ def default_profile_path() -> Path:
 def load_profile(path: str | Path | None = None) -> Profile:
     """Read and validate a profile file (the packaged default when ``path`` is None)."""
     p = Path(path) if path is not None else default_profile_path()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ProfileError(f"{p}: cannot read profile: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ProfileError(f"{p}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml(p, "profile", ProfileError)
     return profile_from_dict(data if data is not None else {}, str(p))
 
 

@@ -22,9 +22,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from device.contract.algorithms import GCM_SALT_LEN
+from device.contract.net import IPV6_DSTOPTS, IPV6_FRAGMENT, IPV6_HOPOPTS, IPV6_ROUTING
 from device.contract.sa import SaParams
 from firmware_model.algorithms import auth_info
-from firmware_model.esp import IPV6_DSTOPTS, IPV6_FRAGMENT, IPV6_HOPOPTS, IPV6_ROUTING, U32, hmac_base
+from firmware_model.esp import U32, hmac_base
 
 AH_FIXED = struct.Struct("!BBHII")  # next header, payload len, reserved, SPI, Seq
 AH_FIXED_LEN = 12

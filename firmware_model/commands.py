@@ -49,6 +49,13 @@ class AdminCommands:
         return NdisStatus.SUCCESS, snap.pack()
 
     # -- v1
+    def _bundle(self, handle: int, command: str) -> SadbEntry:
+        """The SA bundle ``handle`` names; INVALID_PARAMETER for an unknown or stale one."""
+        sa = self.sadb.get(handle)
+        if sa is None:
+            raise ParseError(f"{command}: unknown handle {handle:#x}", NdisStatus.INVALID_PARAMETER)
+        return sa
+
     def _decoded(self, decode: Callable[..., list[SaParams]], *args, **kwargs) -> list[SaParams]:
         """The SAs a command carries; a refusal is counted under its reason (validate, then commit)."""
         try:
@@ -111,9 +118,7 @@ class AdminCommands:
 
     def _cmd_v1_delete_udpesp_sa(self, req_bytes: bytes) -> tuple[int, bytes]:
         req = ndis.V1DeleteUdpEspSa.unpack(req_bytes)
-        sa = self.sadb.get(req.offload_handle)
-        if sa is None:
-            raise ParseError(f"unknown handle {req.offload_handle:#x}", NdisStatus.INVALID_PARAMETER)
+        sa = self._bundle(req.offload_handle, "V1_DELETE_UDPESP_SA")
         entry = None
         if req.encap_type_entry_offld_handle:
             entry = self.sadb.parser_entry(req.encap_type_entry_offld_handle)
@@ -194,9 +199,7 @@ class AdminCommands:
     def _cmd_v2_update_sa(self, req_bytes: bytes) -> tuple[int, bytes]:
         req = ndis.V2UpdateSa.unpack(req_bytes)
         bad = NdisStatus.INVALID_PARAMETER
-        sa = self.sadb.get(req.offload_handle)
-        if sa is None:
-            raise ParseError(f"UPDATE_SA: unknown handle {req.offload_handle:#x}", bad)
+        sa = self._bundle(req.offload_handle, "UPDATE_SA")
         proto = {V2Operation.ESP: IpProto.ESP, V2Operation.AH: IpProto.AH}.get(req.operation)
         if proto is None:
             raise ParseError(f"UPDATE_SA: operation {req.operation}", bad)
@@ -215,9 +218,7 @@ class AdminCommands:
 
     def _cmd_get_sa_stats(self, req_bytes: bytes) -> tuple[int, bytes]:
         req = ndis.HandleRequest.unpack(req_bytes)
-        sa = self.sadb.get(req.offload_handle)
-        if sa is None:
-            raise ParseError(f"GET_SA_STATS: unknown handle {req.offload_handle:#x}", NdisStatus.INVALID_PARAMETER)
+        sa = self._bundle(req.offload_handle, "GET_SA_STATS")
         engines = sa.built_engines()
         entries = []
         for i, p in enumerate(sa.params):

@@ -32,6 +32,15 @@ from dataclasses import dataclass, replace
 
 from device.contract.algorithms import esp_align
 from device.contract.enums import IpProto, Mode
+from device.contract.net import (
+    IPPROTO_AH,
+    IPPROTO_ESP,
+    IPPROTO_IPV4,
+    IPPROTO_IPV6,
+    IPPROTO_NONE,
+    IPPROTO_UDP,
+    IPV6_FRAGMENT,
+)
 from device.contract.sa import SaParams, effective_icv_len
 from firmware_model import fastpath
 from firmware_model.ah import (
@@ -47,14 +56,6 @@ from firmware_model.esp import (
     _HDR_WORDS,
     ESP_HDR,
     ESP_HDR_LEN,
-    IPPROTO_AH,
-    IPPROTO_ESP,
-    IPPROTO_IPV4,
-    IPPROTO_IPV6,
-    IPPROTO_NONE,
-    IPPROTO_UDP,
-    IPV6_FRAGMENT,
-    PAD_BYTES,
     U16,
     U64,
     UDP_HDR,
@@ -502,17 +503,26 @@ class EspEngine(SaEngine):
             header[nh_at] = self._ip_proto
             U16.pack_into(header, 4, hl - 40 + esp_len)
         self._seq = seq
-        if self._limited:
-            self._count(end)
-        else:
-            st = self.stats
-            st.packets += 1
-            st.bytes += end
+        self._count(end)
         if udp and header[0] >> 4 == 6:
             out = bytearray(b"".join((header, udp, esp_hdr, iv, sealed)))
             _udp6_fill_checksum(out, 0, len(header), len(out))
             return _OK, bytes(out)
         return _OK, b"".join((header, udp, esp_hdr, iv, sealed))
+
+    def _after_icv(self, window: ReplayWindow, seq: int, plain: bytes) -> tuple[Verdict, int, int]:
+        """Packet offload, once the ICV verified: move the replay window, check the trailer, drop a dummy
+        packet. (OK, payload length, next header), or (the verdict, -1, 0)."""
+        if not window.accept(seq):  # only authenticated packets move the window (RFC 4303 §3.4.3)
+            return self._fail(_REPLAY), -1, 0
+        payload_len, nh = strip_trailer(plain)  # RFC 4303 §2.4: pad length and the 1, 2, 3, ... padding
+        if payload_len < 0:
+            return self._fail(_BAD_SYNTAX), -1, 0
+        if nh == IPPROTO_NONE:  # RFC 4303 §2.6: dummy packet, discard silently
+            self.stats.dummy_packets += 1
+            self._count(0)
+            return _DUMMY, -1, 0
+        return _OK, payload_len, nh
 
     def decapsulate(self, ip_packet: bytes) -> tuple[Verdict, bytes]:
         """Verify, replay-check and strip ESP; returns the inner IP packet (tunnel) or the rebuilt
@@ -543,19 +553,9 @@ class EspEngine(SaEngine):
                            ip_packet[e + 8:a], ip_packet[a:end])
         if plain is None:
             return self._fail(_AUTH_FAILED), b""
-        if not window.accept(seq):  # only authenticated packets move the window (§3.4.3)
-            return self._fail(_REPLAY), b""
-        # RFC 4303 §2.4: check pad length and the 1, 2, 3, ... padding (strip_trailer, inlined)
-        n = len(plain)
-        padlen = plain[-2]
-        payload_len = n - 2 - padlen
-        if payload_len < 0 or (padlen and plain[payload_len:n - 2] != PAD_BYTES[:padlen]):
-            return self._fail(_BAD_SYNTAX), b""
-        nh = plain[-1]
-        if nh == IPPROTO_NONE:  # RFC 4303 §2.6: dummy packet, discard silently
-            self.stats.dummy_packets += 1
-            self._count(0)
-            return _DUMMY, b""
+        verdict, payload_len, nh = self._after_icv(window, seq, plain)
+        if verdict:
+            return verdict, b""
         if self._tunnel:
             if nh != IPPROTO_IPV4 and nh != IPPROTO_IPV6:
                 return self._fail(_BAD_SYNTAX), b""
@@ -567,7 +567,7 @@ class EspEngine(SaEngine):
                 inner = inner[:inner_end]
             self._count(inner_end)
             return _OK, inner
-        payload = plain[:payload_len] if payload_len != n else plain
+        payload = plain[:payload_len]
         if ip_packet[0] >> 4 == 4:
             hl = (ip_packet[0] & 0x0F) << 2
             header = _ipv4_rewrite(ip_packet, hl, hl + payload_len, nh)
@@ -577,12 +577,7 @@ class EspEngine(SaEngine):
             header = bytearray(ip_packet[:hl])
             header[nh_at] = nh
             U16.pack_into(header, 4, hl - 40 + payload_len)
-        if self._limited:
-            self._count(hl + payload_len)
-        else:
-            st = self.stats
-            st.packets += 1
-            st.bytes += hl + payload_len
+        self._count(hl + payload_len)
         return _OK, bytes(header + payload)
 
 

@@ -23,6 +23,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from device.contract.algorithms import GCM_SALT_LEN
 from device.contract.enums import EncAlg
+from device.contract.net import (
+    IPV6_DSTOPTS,
+    IPV6_HOPOPTS,
+    IPV6_ROUTING,
+)
 from device.contract.sa import SaParams, effective_icv_len
 from device.contract.status import CryptoStatus
 from firmware_model.algorithms import HASHES, _triple_des, auth_info, enc_info
@@ -73,16 +78,6 @@ def crypto_status_for(verdict: int, *, ah: bool, tunnel: bool) -> CryptoStatus:
     return status
 
 
-IPPROTO_IPV4 = 4
-IPPROTO_UDP = 17
-IPPROTO_IPV6 = 41
-IPPROTO_ESP = 50
-IPPROTO_AH = 51
-IPPROTO_NONE = 59  # RFC 4303 §2.6 dummy packet
-IPV6_HOPOPTS = 0
-IPV6_ROUTING = 43
-IPV6_FRAGMENT = 44
-IPV6_DSTOPTS = 60
 
 ESP_HDR = struct.Struct("!II")  # SPI, Seq (RFC 4303 §2)
 ESP_HDR_LEN = 8

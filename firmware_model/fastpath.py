@@ -15,7 +15,8 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
-from firmware_model.esp import IPPROTO_ESP, IPPROTO_NONE, PAD_BYTES, U64, Verdict, strip_trailer
+from device.contract.net import IPPROTO_ESP, IPPROTO_NONE
+from firmware_model.esp import U64, Verdict, strip_trailer
 from firmware_model.replay import REJECT
 
 _IP_MF_OFFSET_MASK = 0x3FFF  # IPv4 "more fragments" flag + fragment offset
@@ -118,12 +119,7 @@ def encapsulate_v4(eng: Any, ip_packet: bytes) -> tuple[Verdict, bytes] | None:
             head = _V4_ESP_PACK(vt, out_total, idf, ttl, IPPROTO_ESP, csum, src, dst, eng.spi, seq, seq_iv)
             sealed = encrypt(_NONCE_PACK(eng._gcm_salt, seq_iv), plaintext, head[20:28])
             eng._seq = seq
-            if eng._limited:
-                eng._count(total)
-            else:
-                st = eng.stats
-                st.packets += 1
-                st.bytes += total
+            eng._count(total)
             return _OK, head + sealed
     return None
 
@@ -145,25 +141,11 @@ def decapsulate_v4(eng: Any, ip_packet: bytes) -> tuple[Verdict, bytes] | None:
                 plain = decrypt(_NONCE_PACK(eng._gcm_salt, iv), ip_packet[_V4_ESP_LEN:total], ip_packet[20:28])
             except InvalidTag:
                 return eng._fail(_AUTH_FAILED), b""
-            if not window.accept(seq):  # only authenticated packets move the window (§3.4.3)
-                return eng._fail(_REPLAY), b""
-            n = len(plain)
-            padlen = plain[-2]
-            payload_len = n - 2 - padlen
-            if payload_len < 0 or (padlen and plain[payload_len:n - 2] != PAD_BYTES[:padlen]):
-                return eng._fail(_BAD_SYNTAX), b""  # RFC 4303 §2.4 padding check
-            nh = plain[-1]
-            if nh == IPPROTO_NONE:  # RFC 4303 §2.6: dummy packet, discard silently
-                eng.stats.dummy_packets += 1
-                eng._count(0)
-                return _DUMMY, b""
+            verdict, payload_len, nh = eng._after_icv(window, seq, plain)
+            if verdict:
+                return verdict, b""
             out_total = 20 + payload_len
             csum = -(vt + out_total + idf + (ttl << 8 | nh) + src + dst) % 0xFFFF
-            if eng._limited:
-                eng._count(out_total)
-            else:
-                st = eng.stats
-                st.packets += 1
-                st.bytes += out_total
+            eng._count(out_total)
             return _OK, _V4_FIELDS.pack(vt, out_total, idf, ttl, nh, csum, src, dst) + plain[:payload_len]
     return None

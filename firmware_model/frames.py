@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import struct
 
-from device.contract.regs import ETH_HLEN
+from device.contract.net import (
+    ETH_HLEN,
+    ETH_P_8021Q,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    IPV6_DSTOPTS,
+    IPV6_HOPOPTS,
+    IPV6_ROUTING,
+)
 
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-ETH_P_8021Q = 0x8100
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 
 
-IPV6_FRAGMENT = 44
-_IPV6_SKIPPED = (0, 43, 60)  # hop-by-hop, routing, destination options (RFC 8200 §4)
+_IPV6_SKIPPED = (IPV6_HOPOPTS, IPV6_ROUTING, IPV6_DSTOPTS)  # the options headers (RFC 8200 §4)
 
 
 def ipv6_upper(packet: bytes | bytearray, start: int, limit: int) -> tuple[int, int]:

@@ -19,19 +19,12 @@ from enum import IntEnum
 
 from device.contract import ndis
 from device.contract.enums import Direction, IpProto
+from device.contract.net import IPV6_FRAGMENT
 from device.contract.sa import NAT_T_PORT
 from device.contract.status import CryptoStatus, NdisStatus
 from firmware_model.capabilities import Capabilities
 from firmware_model.esp import UdpPayloadKind, Verdict, classify_udp_payload, crypto_status_for
-from firmware_model.frames import (
-    IPV6_FRAGMENT,
-    esp_seq,
-    esp_trailer,
-    ipv6_upper,
-    l3_offset,
-    reframe,
-    selector_key,
-)
+from firmware_model.frames import esp_seq, esp_trailer, ipv6_upper, l3_offset, reframe, selector_key
 from firmware_model.sadb import Sadb, SadbEntry
 
 # SaDeleteReq when fewer than this many sequence numbers are left on a non-ESN SA: leaves the host

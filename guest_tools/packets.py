@@ -15,15 +15,17 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from device.contract.regs import ETH_HLEN
+from device.contract.net import (
+    ETH_HLEN,
+    ETH_P_IP,
+    ETH_P_IPV6,
+    IPPROTO_ESP,
+    IPPROTO_IPV4,
+    IPPROTO_IPV6,
+    IPPROTO_NONE,
+    IPPROTO_UDP,
+)
 
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-IPPROTO_IPIP = 4
-IPPROTO_UDP = 17
-IPPROTO_IPV6 = 41
-IPPROTO_ESP = 50
-IPPROTO_NONE = 59  # RFC 4303 §2.6 dummy packet
 DEFAULT_TTL = 64
 
 _ETH = struct.Struct("!6s6sH")
@@ -188,7 +190,7 @@ def build_esp(geo: EspGeometry, packet: bytes, seq: int) -> EspFrame:
     """
     ver, ihl, proto = _ip_split(packet)
     if geo.tunnel:
-        inner, nh = packet, (IPPROTO_IPIP if ver == 4 else IPPROTO_IPV6)
+        inner, nh = packet, (IPPROTO_IPV4 if ver == 4 else IPPROTO_IPV6)
         outer_src, outer_dst = geo.src, geo.dst
         header = None
     else:
@@ -239,7 +241,7 @@ def strip_esp(geo: EspGeometry, packet: bytes) -> Stripped:
     inner = packet[plain_start:data_end]
     if nh == IPPROTO_NONE:
         return Stripped(None, nh, pad)
-    if nh in (IPPROTO_IPIP, IPPROTO_IPV6):
+    if nh in (IPPROTO_IPV4, IPPROTO_IPV6):
         return Stripped(inner, nh, pad)
     return Stripped(_rewrite_ip(packet[:ihl], nh, len(inner)) + inner, nh, pad)
 

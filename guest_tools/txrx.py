@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from device.contract import regs
 from device.contract.enums import Direction
+from device.contract.net import ETH_P_IP, ETH_P_IPV6
 from device.contract.regs import RX_DESC, TX_DESC, CryptoStatus, RxWbFlags, TxFlags, TxStatus, TxWbFlags
 from guest_tools import packets
 from guest_tools.admin_queue import CardError, enum_name
@@ -156,9 +157,9 @@ class TxRxOps:
             raise CardError(f"cannot build ESP: {exc}") from None
         out = bytearray(frame[:l3]) + esp.packet
         if out[l3] >> 4 == 6 and l3 >= 2:
-            out[l3 - 2:l3] = packets.ETH_P_IPV6.to_bytes(2, "big")
+            out[l3 - 2:l3] = ETH_P_IPV6.to_bytes(2, "big")
         elif l3 >= 2:
-            out[l3 - 2:l3] = packets.ETH_P_IP.to_bytes(2, "big")
+            out[l3 - 2:l3] = ETH_P_IP.to_bytes(2, "big")
         index = self.send_raw(bytes(out), TxFlags.IPSEC_CRYPTO, handle, l3 + esp.esp_offset, esp.pad_length,
                               esp.next_header)
         sa.next_seq = seq + 1
@@ -238,7 +239,7 @@ class TxRxOps:
             pkt.note = "dummy packet (next header 59, RFC 4303 §2.6)"
         else:
             head = bytearray(frame[:l3])
-            etype = packets.ETH_P_IPV6 if stripped.packet[0] >> 4 == 6 else packets.ETH_P_IP
+            etype = ETH_P_IPV6 if stripped.packet[0] >> 4 == 6 else ETH_P_IP
             head[l3 - 2:l3] = etype.to_bytes(2, "big")
             pkt.inner = bytes(head) + stripped.packet
         return pkt

@@ -272,7 +272,6 @@ V1_ADD_UDPESP_SA = Layout(
 V1AddUdpEspSa = wire_class(V1_ADD_UDPESP_SA, "V1AddUdpEspSa", extra=_KEY_MAT, methods=_KEY_TAIL)
 
 
-
 HANDLE_RESPONSE = Layout(
     "HANDLE_RESPONSE", "", [("offload_handle", "I", "handle of the new SA bundle (never 0)")]
 )
@@ -396,8 +395,6 @@ def _pack_key_offset(self) -> bytes:
         raise ValueError("key_offset must not overlap the fixed part")
     gap = b"\0" * max(0, self.key_offset - self.LAYOUT.size)
     return self.LAYOUT.pack(self) + gap + self.key_data
-
-
 
 
 def _with_key_offset(cls, buf):

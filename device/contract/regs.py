@@ -49,7 +49,6 @@ DOORBELL_PAGE = 0x3000  # reserved: a 4 KiB page that a later revision may make 
 RING_ALIGN = 64  # ring base addresses must be multiples of this (one cache line)
 MIN_RING_SIZE = 2  # entries; ring sizes are powers of two between MIN and the MAX_RING_SIZE register
 MIN_MTU = 68  # RFC 791: every IPv4 host must accept 68-byte datagrams
-ETH_HLEN = 14  # Ethernet header (IEEE 802.3): a frame may be MTU + ETH_HLEN bytes long
 
 
 def encode_version(major: int, minor: int = 0, patch: int = 0) -> int:

@@ -33,6 +33,7 @@ from typing import Any
 from device.contract.algorithms import AUTH_BY_NAME, AUTH_INFO, ENC_BY_NAME, ENC_INFO
 from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
 from device.contract.sa import MIN_SPI, SaInvalid, SaParams, UdpEncap, validate_sa
+from device.contract.yaml_file import read_yaml
 
 _SA_KEYS = {"spi", "direction", "mode", "proto", "src", "dst", "tunnel", "encap", "aead", "cipher", "integrity",
             "esn", "seq", "replay_window", "lifetime"}
@@ -44,20 +45,7 @@ class SaFileError(ValueError):
 
 
 def load_sa_file(path: str | Path) -> list[SaParams]:
-    # PyYAML is the one import beyond the standard library in device/contract, and only when a file is
-    # read: both the host and the guest image have it, and the package stays importable without it.
-    import yaml
-
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise SaFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SaFileError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    doc = read_yaml(path, "SA file", SaFileError)
     try:
         return parse_sa_document(doc)
     except SaFileError as exc:

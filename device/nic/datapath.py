@@ -47,7 +47,8 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from device.contract import regs
-from device.contract.regs import ETH_HLEN, Ctrl, ErrCode, RxWbFlags, TxFlags, TxStatus, TxWbFlags
+from device.contract.net import ETH_HLEN
+from device.contract.regs import Ctrl, ErrCode, RxWbFlags, TxFlags, TxStatus, TxWbFlags
 from device.nic.adminq import AdminQueue
 from device.nic.rings import STAT, RingRegs, fetch_block
 from device.nic.wire import Wire
