@@ -1,4 +1,5 @@
 """The card's data path: admin queue, TX and RX rings, firmware and wire, behind the register file.
+The TX and RX engines are device/nic/tx.py and device/nic/rx.py; this module runs them.
 
 :class:`Datapath` plugs into :class:`device.nic.card.NicCard` through its hooks (doorbell, ring enable,
 card enable, reset) and does all work from ``ctx.call_soon``, never inside an MMIO handler (QEMU
@@ -41,107 +42,34 @@ Decisions (datasheet material):
 from __future__ import annotations
 
 import logging
-import struct
 from collections import deque
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from device.contract import regs
-from device.contract.net import ETH_HLEN
-from device.contract.regs import Ctrl, ErrCode, RxWbFlags, TxFlags, TxStatus, TxWbFlags
+from device.contract.regs import ErrCode
 from device.nic.adminq import AdminQueue
-from device.nic.rings import STAT, RingRegs, fetch_block
+from device.nic.rings import (
+    DMA_ERROR,
+    ENABLED,
+    ICR_AT,
+    STATUS_AT,
+    DatapathStats,
+)
+from device.nic.rx import RxPath
+from device.nic.tx import TxPath
 from device.nic.wire import Wire
 from device.pci.config_space import Command
-from device.vfio_user.device_api import DeviceContext, DmaError
-from firmware_model.firmware import Firmware, TxOutcome
+from device.vfio_user.device_api import DeviceContext
+from firmware_model.firmware import Firmware
 
 if TYPE_CHECKING:
     from device.nic.card import NicCard
 
 log = logging.getLogger(__name__)
 
-TX_BUDGET = 256  # descriptors per TX pass before yielding to the loop
-TX_MAX_FRAGS = 64  # descriptors one frame may span
-RX_BACKLOG = 64  # frames waiting for an RX descriptor
-RX_BACKLOG_BYTES = 256 * 1024
-VLAN_HLEN = 4
-
-# Statistics counter indices (card.Stat order).
-TX_PACKETS, TX_BYTES = STAT["TX_PACKETS"], STAT["TX_BYTES"]
-RX_PACKETS, RX_BYTES = STAT["RX_PACKETS"], STAT["RX_BYTES"]
-TX_CRYPTO_OK, RX_CRYPTO_OK = STAT["TX_CRYPTO_OK"], STAT["RX_CRYPTO_OK"]
-RX_AUTH_FAIL, RX_REPLAY_DROP = STAT["RX_AUTH_FAIL"], STAT["RX_REPLAY_DROP"]
-RX_NO_BUFFER, TX_OFFLOAD_ERROR = STAT["RX_NO_BUFFER"], STAT["TX_OFFLOAD_ERROR"]
-BAD_DESCRIPTOR, DMA_ERROR = STAT["BAD_DESCRIPTOR"], STAT["DMA_ERROR"]
-
-_TXD = regs.TX_DESC
-_TXD_SIZE = _TXD.size
-_TXD_UNPACK = _TXD.struct.unpack_from
-_TXD_FLAGS = _TXD.by_name["flags"]
-_TXD_FLAGS_AT = _TXD_FLAGS.offset
-_TXD_FLAGS_UNPACK = _TXD_FLAGS.field_struct.unpack_from
-_TX_WB_AT = _TXD.offset_of("wb_status")
-_TX_WB = struct.Struct("<HH")  # wb_status, wb_flags
-_TX_KNOWN_FLAGS = int(TxFlags.EOP | TxFlags.IPSEC_CRYPTO | TxFlags.IPSEC_PACKET | TxFlags.REPORT_STATUS)
-_TX_IPSEC = int(TxFlags.IPSEC_CRYPTO | TxFlags.IPSEC_PACKET)
-_EOP = int(TxFlags.EOP)
-_RS = int(TxFlags.REPORT_STATUS)
-_TX_DONE = int(TxWbFlags.DONE)
-assert _TXD.offset_of("wb_flags") == _TX_WB_AT + 2
-
-_RXD = regs.RX_DESC
-_RXD_SIZE = _RXD.size
-_RXD_UNPACK = _RXD.struct.unpack
-_RX_WB_AT = _RXD.offset_of("length")
-# length, wb_flags, crypto_status, reserved1, offload_handle, next_header, pad_length
-_RX_WB = struct.Struct("<HHHHIBB")
-assert _RX_WB.size == _RXD.offset_of("reserved2") - _RX_WB_AT
-_DD_EOP = int(RxWbFlags.DD | RxWbFlags.EOP)
-_DD_ERROR = int(RxWbFlags.DD | RxWbFlags.ERROR)
-_RX_ERROR = int(RxWbFlags.ERROR)
-_CRYPTO_DONE = int(RxWbFlags.CRYPTO_DONE)
-_NEXT_CRYPTO_DONE = int(RxWbFlags.NEXT_CRYPTO_DONE)
-_DECAPSULATED = int(RxWbFlags.DECAPSULATED)
-_HEADER_INFO = int(RxWbFlags.HEADER_INFO)
-_SA_DELETE_REQ = int(RxWbFlags.SA_DELETE_REQ)
-_IPSEC_CRYPTO = int(TxFlags.IPSEC_CRYPTO)
-_IPSEC_PACKET = int(TxFlags.IPSEC_PACKET)
-_AUTH_FAILED = frozenset(int(s) for s in regs.CryptoStatus if s.name.endswith("_AUTH_FAILED"))
-
-_PROMISC = int(Ctrl.PROMISC)
-# The register file keeps every register in one array indexed by offset / 4 (card.NicCard.mem); the
-# hot paths read it directly instead of going through enum-typed properties.
-_CTRL_AT = regs.CTRL >> 2
-_STATUS_AT = regs.STATUS >> 2
-_ICR_AT = regs.ICR >> 2
-_MTU_AT = regs.reg("MTU") >> 2
-_ENABLED = int(regs.Status.ENABLED)
 _BUS_MASTER = int(Command.BUS_MASTER)
-_Q_BASE_LO, _Q_BASE_HI, _Q_LEN = regs.QREG_BASE_LO >> 2, regs.QREG_BASE_HI >> 2, regs.QREG_LEN >> 2
-_Q_HEAD, _Q_TAIL, _Q_CTRL = regs.QREG_HEAD >> 2, regs.QREG_TAIL >> 2, regs.QREG_CTRL >> 2
-_Q_ENABLE = int(regs.QueueCtrl.ENABLE)
-_SA_DELETE_CAUSE = int(regs.Cause.SA_DELETE_REQ)
 
 
-@dataclass
-class DatapathStats:
-    """Diagnostics beyond the statistics registers (ipsec-nic serve logs them; tests read them)."""
-
-    no_bus_master: int = 0  # passes skipped because COMMAND.BUS_MASTER was clear
-    rx_not_enabled: int = 0  # frames that arrived while CTRL.ENABLE was clear
-    rx_filtered: int = 0  # frames for another MAC (not PROMISC)
-    rx_runts: int = 0  # frames shorter than an Ethernet header
-    rx_backlogged: int = 0  # frames that had to wait for an RX descriptor
-    rx_discarded: int = 0  # dummy packets discarded by packet offload
-    tx_not_sent: int = 0  # frames the wire could not take (peer absent, link down)
-    admin_commands: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-class Datapath:
+class Datapath(TxPath, RxPath):
     """Admin queue, TX/RX engines, RX backlog, firmware and wire of one card."""
 
     def __init__(self, card: NicCard, firmware: Firmware, wire: Wire) -> None:
@@ -248,7 +176,7 @@ class Datapath:
 
     def _dma_allowed(self) -> bool:
         card = self.card
-        if self.ctx is None or not card.mem[_STATUS_AT] & _ENABLED:
+        if self.ctx is None or not card.mem[STATUS_AT] & ENABLED:
             return False
         fn = card.function
         if fn is not None and not fn.command & _BUS_MASTER:
@@ -274,287 +202,10 @@ class Datapath:
 
     def _cause(self, bit: int) -> None:
         """Raise an interrupt cause unless it is still latched in ICR (then there is nothing new to say)."""
-        if not self.card.mem[_ICR_AT] & bit:
+        if not self.card.mem[ICR_AT] & bit:
             self.card.set_cause(bit)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("%s", message)
-
-    # ------------------------------------------------------------------ TX
-
-    def _tx_pass(self, ring: RingRegs, dma: Any) -> bool:
-        """One bounded pass over a TX ring. True when ready descriptors remain."""
-        card = self.card
-        mem = card.mem
-        rb = ring.base >> 2
-        base, size, head, tail = mem[rb + _Q_BASE_LO] | mem[rb + _Q_BASE_HI] << 32, mem[rb + _Q_LEN], \
-            mem[rb + _Q_HEAD], mem[rb + _Q_TAIL]
-        ready = (tail - head) % size
-        if not ready:
-            return False
-        want = min(ready, TX_BUDGET)
-        qid = ring.queue_id
-        try:
-            block, n = fetch_block(dma, base, size, head, want, _TXD_SIZE)
-            if n < want:  # the work wraps past the end of the ring
-                rest, m = fetch_block(dma, base, size, 0, want - n, _TXD_SIZE)
-                block += rest
-                n += m
-        except DmaError:
-            self.dma_fault(qid)
-            return False
-        stats = card.stats
-        mtu_limit = mem[_MTU_AT] + ETH_HLEN + VLAN_HLEN
-        frag_limit = min(TX_MAX_FRAGS, size - 1)
-        report = False
-        k = 0
-        while k < n:
-            # Find the frame's last descriptor.
-            j = k
-            while not _TXD_FLAGS_UNPACK(block, j * _TXD_SIZE + _TXD_FLAGS_AT)[0] & _EOP:
-                j += 1
-                if j - k >= frag_limit or j == n:
-                    break
-            if j == n or not _TXD_FLAGS_UNPACK(block, j * _TXD_SIZE + _TXD_FLAGS_AT)[0] & _EOP:
-                if j - k < frag_limit:
-                    break  # the driver has not posted the rest yet
-                j = k + frag_limit - 1  # no EOP within the limit: refuse that many descriptors
-                status = TxStatus.BAD_DESCRIPTOR
-                rs = True
-            else:
-                status, rs = self._tx_frame(block, k, j, dma, mtu_limit, qid, stats)
-            # Write back every descriptor of the frame.
-            wb = _TX_WB.pack(status, _TX_DONE)
-            try:
-                for i in range(k, j + 1):
-                    dma.write(base + ((head + i) % size) * _TXD_SIZE + _TX_WB_AT, wb)
-            except DmaError:
-                self.dma_fault(qid)
-            if status in (TxStatus.BAD_DESCRIPTOR, TxStatus.BAD_LENGTH):
-                stats[BAD_DESCRIPTOR] += j + 1 - k
-            report |= rs
-            k = j + 1
-        if k:
-            mem[rb + _Q_HEAD] = (head + k) % size
-        if report:
-            self._cause(regs.cause_tx(ring.index))
-        return k > 0 and n < ready
-
-    def _tx_frame(self, block: bytes, k: int, j: int, dma: Any, mtu_limit: int, qid: int,
-                  stats: list[int]) -> tuple[int, bool]:
-        """Validate, read, offload and send the frame in descriptors k..j. Returns (TxStatus, REPORT_STATUS)."""
-        (addr, length, flags, handle, _esp_off, _pad, _nh, tunnel_handle, _wbs, _wbf,
-         reserved) = _TXD_UNPACK(block, k * _TXD_SIZE)
-        rs = bool(flags & _RS)
-        status = TxStatus.OK
-        if reserved or flags & ~_TX_KNOWN_FLAGS or flags & _TX_IPSEC == _TX_IPSEC:
-            status = TxStatus.BAD_DESCRIPTOR
-        elif not length:
-            status = TxStatus.BAD_LENGTH
-        total = length
-        pieces: list[tuple[int, int]] | None = None
-        if j > k:
-            pieces = [(addr, length)]
-            for i in range(k + 1, j + 1):
-                a, ln, fl, _h, _e, _p, _n, _t, _s, _f, res = _TXD_UNPACK(block, i * _TXD_SIZE)
-                rs |= bool(fl & _RS)
-                if res or fl & ~_TX_KNOWN_FLAGS:
-                    status = TxStatus.BAD_DESCRIPTOR
-                elif not ln and status == TxStatus.OK:
-                    status = TxStatus.BAD_LENGTH
-                pieces.append((a, ln))
-                total += ln
-        if status != TxStatus.OK:
-            return status, rs
-        if total < ETH_HLEN or total > mtu_limit:
-            return TxStatus.BAD_LENGTH, rs
-        try:
-            if pieces is None:
-                frame = dma.read(addr, length)
-            else:
-                frame = b"".join([dma.read(a, ln) for a, ln in pieces])
-        except DmaError:
-            self.dma_fault(qid)
-            return TxStatus.DMA_ERROR, rs
-        ipsec = flags & _TX_IPSEC
-        if ipsec:
-            if tunnel_handle or (ipsec == _IPSEC_CRYPTO and not handle):
-                stats[TX_OFFLOAD_ERROR] += 1
-                return TxStatus.BAD_HANDLE, rs
-            result = self.firmware.transmit(frame, handle, ipsec == _IPSEC_PACKET)
-            fw_status = result.status
-            if result.sa_delete_req:
-                self._cause(_SA_DELETE_CAUSE)
-            if fw_status != TxOutcome.OK or result.frame is None:
-                stats[TX_OFFLOAD_ERROR] += 1
-                return (TxStatus.BAD_HANDLE if fw_status == TxOutcome.BAD_HANDLE else TxStatus.OFFLOAD_FAILED), rs
-            frame = result.frame
-            stats[TX_CRYPTO_OK] += 1
-        if self.wire.send(frame):
-            stats[TX_PACKETS] += 1
-            stats[TX_BYTES] += len(frame)
-        else:
-            self.extra.tx_not_sent += 1
-        return TxStatus.OK, rs
-
-    # ------------------------------------------------------------------ RX
-
-    def frame_received(self, frame: bytes) -> None:
-        """A frame from the wire (wire callback, on the server loop)."""
-        mem = self.card.mem
-        if not mem[_STATUS_AT] & _ENABLED:
-            self.extra.rx_not_enabled += 1
-            return
-        if len(frame) < ETH_HLEN:
-            self.extra.rx_runts += 1
-            return
-        if not (frame[0] & 1 or frame.startswith(self.mac) or mem[_CTRL_AT] & _PROMISC):
-            self.extra.rx_filtered += 1
-            return
-        if self._backlog:
-            self._backlog_frame(frame)  # keep arrival order
-            self.drain_backlog()
-        elif not self._rx_deliver(frame):
-            self._backlog_frame(frame)
-
-    def _backlog_frame(self, frame: bytes) -> None:
-        if len(self._backlog) >= RX_BACKLOG or self._backlog_bytes + len(frame) > RX_BACKLOG_BYTES:
-            self.card.stats[RX_NO_BUFFER] += 1
-            return
-        self._backlog.append(frame)
-        self._backlog_bytes += len(frame)
-        self.extra.rx_backlogged += 1
-
-    def _drop_backlog(self) -> None:
-        self._backlog.clear()
-        self._backlog_bytes = 0
-
-    def drain_backlog(self) -> None:
-        """Move waiting frames into RX descriptors while there are some (RX doorbell, ring enable)."""
-        backlog = self._backlog
-        while backlog:
-            frame = backlog[0]
-            if not self._rx_deliver(frame):
-                return
-            backlog.popleft()
-            self._backlog_bytes -= len(frame)
-
-    def _rx_ring(self) -> RingRegs | None:
-        mem = self.card.mem
-        for ring in self.card.rx_rings:
-            if mem[(ring.base >> 2) + _Q_CTRL] & _Q_ENABLE:
-                return ring
-        return None
-
-    def _rx_deliver(self, frame: bytes) -> bool:
-        """Put one frame in the next RX descriptor. False when there is none (frame not consumed).
-
-        A usable descriptor (well-formed, buffer reachable) is secured *before* the firmware sees the
-        frame: a frame the card then cannot store must not have moved the SA's replay window, sequence
-        state or lifetime counters."""
-        ring = self._rx_ring()
-        if ring is None or not self._dma_allowed():
-            return False
-        card = self.card
-        mem = card.mem
-        rb = ring.base >> 2
-        head, tail = mem[rb + _Q_HEAD], mem[rb + _Q_TAIL]
-        if head == tail:
-            return False
-        base, size = mem[rb + _Q_BASE_LO] | mem[rb + _Q_BASE_HI] << 32, mem[rb + _Q_LEN]
-        stats = card.stats
-        dma = self.ctx.dma  # type: ignore[union-attr]
-        qid = ring.queue_id
-        completed = False  # some descriptor was written back: the driver has something to look at
-        slot = None
-        try:
-            while head != tail:
-                addr = base + head * _RXD_SIZE
-                try:
-                    (buf_addr, buf_len, reserved0, _l, _f, _c, reserved1, _h, _n, _p, reserved2,
-                     reserved3) = _RXD_UNPACK(dma.read(addr, _RXD_SIZE))
-                except DmaError:
-                    self.dma_fault(qid)
-                    break  # the ring itself is unreachable: HEAD stays, the frame is lost (counted)
-                head = (head + 1) % size
-                bad = bool(reserved0 or reserved1 or reserved2 or reserved3 or not buf_len)
-                if not bad:
-                    try:
-                        dma.view(buf_addr, buf_len).release()  # the whole buffer must be reachable
-                    except DmaError:
-                        self.dma_fault(qid)
-                        bad = True
-                if bad:
-                    if reserved0 or reserved1 or reserved2 or reserved3 or not buf_len:
-                        stats[BAD_DESCRIPTOR] += 1
-                    dma.write(addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0))
-                    completed = True
-                    continue  # try the frame on the next descriptor
-                slot = (addr, buf_addr, buf_len)
-                break
-        except DmaError:  # a descriptor is readable but not writable
-            self.dma_fault(qid)
-        if slot is None:
-            # Only unusable descriptors (or an unreachable ring): they are consumed, and the frame waits
-            # in the backlog for the driver's next descriptors instead of being lost.
-            mem[rb + _Q_HEAD] = head
-            if completed:
-                self._cause(regs.cause_rx(ring.index))
-            return False
-
-        addr, buf_addr, buf_len = slot
-        result = self.firmware.receive(frame)
-        wb_flags = _DD_EOP
-        next_header = pad_length = 0
-        out = result.frame
-        crypto_status = result.crypto_status
-        drop = result.discard
-        if drop:
-            self.extra.rx_discarded += 1
-        elif result.crypto_done:
-            wb_flags |= _CRYPTO_DONE
-            if result.next_crypto_done:
-                wb_flags |= _NEXT_CRYPTO_DONE
-            if result.replay_drop:
-                stats[RX_REPLAY_DROP] += 1
-                drop = True
-            elif crypto_status == 0:
-                stats[RX_CRYPTO_OK] += 1
-                if result.decapsulated:
-                    wb_flags |= _DECAPSULATED
-                elif result.next_header >= 0:
-                    next_header, pad_length = result.next_header, result.pad_length
-                    wb_flags |= _HEADER_INFO
-            elif crypto_status in _AUTH_FAILED:
-                stats[RX_AUTH_FAIL] += 1
-        if result.sa_delete_req:
-            wb_flags |= _SA_DELETE_REQ
-            self._cause(_SA_DELETE_CAUSE)
-        if drop:
-            # Nothing to indicate: the secured descriptor stays with the driver for the next frame.
-            head = (head - 1) % size
-            mem[rb + _Q_HEAD] = head
-            if completed:
-                self._cause(regs.cause_rx(ring.index))
-            return True
-        n = len(out)
-        if n > buf_len:
-            wb_flags |= _RX_ERROR
-            data: bytes | memoryview = memoryview(out)[:buf_len]
-        else:
-            data = out
-        try:
-            dma.write(buf_addr, data)
-            dma.write(addr + _RX_WB_AT, _RX_WB.pack(min(n, 0xFFFF), wb_flags, crypto_status, 0,
-                                                    result.handle, next_header, pad_length))
-            completed = True
-            stats[RX_PACKETS] += 1
-            stats[RX_BYTES] += n
-        except DmaError:  # unmapped between the check and the write: the client changed its map
-            self.dma_fault(qid)
-        mem[rb + _Q_HEAD] = head
-        if completed:
-            self._cause(regs.cause_rx(ring.index))
-        return True

@@ -11,6 +11,7 @@ driver's work, whichever comes first) instead of one read per descriptor.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 from device.contract import regs
@@ -18,6 +19,26 @@ from device.vfio_user.device_api import DmaAccess
 
 # Index of each statistics counter (regs.STATISTICS order = card.Stat values = register order).
 STAT: dict[str, int] = {name: i for i, (name, _) in enumerate(regs.STATISTICS)}
+
+# Statistics counter indices (card.Stat order).
+TX_PACKETS, TX_BYTES = STAT["TX_PACKETS"], STAT["TX_BYTES"]
+RX_PACKETS, RX_BYTES = STAT["RX_PACKETS"], STAT["RX_BYTES"]
+TX_CRYPTO_OK, RX_CRYPTO_OK = STAT["TX_CRYPTO_OK"], STAT["RX_CRYPTO_OK"]
+RX_AUTH_FAIL, RX_REPLAY_DROP = STAT["RX_AUTH_FAIL"], STAT["RX_REPLAY_DROP"]
+RX_NO_BUFFER, TX_OFFLOAD_ERROR = STAT["RX_NO_BUFFER"], STAT["TX_OFFLOAD_ERROR"]
+BAD_DESCRIPTOR, DMA_ERROR = STAT["BAD_DESCRIPTOR"], STAT["DMA_ERROR"]
+
+# The register file keeps every register in one array indexed by offset / 4 (card.NicCard.mem); the
+# engines' hot paths read it directly instead of going through enum-typed properties.
+CTRL_AT = regs.CTRL >> 2
+STATUS_AT = regs.STATUS >> 2
+ICR_AT = regs.ICR >> 2
+MTU_AT = regs.MTU >> 2
+ENABLED = int(regs.Status.ENABLED)
+Q_BASE_LO, Q_BASE_HI, Q_LEN = regs.QREG_BASE_LO >> 2, regs.QREG_BASE_HI >> 2, regs.QREG_LEN >> 2
+Q_HEAD, Q_TAIL, Q_CTRL = regs.QREG_HEAD >> 2, regs.QREG_TAIL >> 2, regs.QREG_CTRL >> 2
+Q_ENABLE = int(regs.QueueCtrl.ENABLE)
+SA_DELETE_CAUSE = int(regs.Cause.SA_DELETE_REQ)
 
 
 class RingRegs(Protocol):
@@ -63,3 +84,20 @@ def fetch_block(dma: DmaAccess, base: int, size: int, head: int, count: int, des
     Raises DmaError if the ring memory is unreachable."""
     n = min(count, size - head)
     return dma.read(base + head * desc_size, n * desc_size), n
+
+
+@dataclass
+class DatapathStats:
+    """Diagnostics beyond the statistics registers (ipsec-nic serve logs them; tests read them)."""
+
+    no_bus_master: int = 0  # passes skipped because COMMAND.BUS_MASTER was clear
+    rx_not_enabled: int = 0  # frames that arrived while CTRL.ENABLE was clear
+    rx_filtered: int = 0  # frames for another MAC (not PROMISC)
+    rx_runts: int = 0  # frames shorter than an Ethernet header
+    rx_backlogged: int = 0  # frames that had to wait for an RX descriptor
+    rx_discarded: int = 0  # dummy packets discarded by packet offload
+    tx_not_sent: int = 0  # frames the wire could not take (peer absent, link down)
+    admin_commands: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -15,7 +15,7 @@ from scapy.packet import Raw
 from device.contract import ndis, regs
 from device.contract.enums import EncAlg, Mode
 from device.contract.regs import CryptoStatus, RxWbFlags, TxFlags, TxStatus, TxWbFlags
-from device.nic import datapath as dp_module
+from device.nic import rx as rx_module
 from device.vfio_user.device_api import IRQ_MSIX
 from tests.fakes import GUARD, GUEST_BASE, GUEST_SIZE
 
@@ -172,7 +172,7 @@ def test_bad_offload_handle(rig):
 
 def test_rx_ring_full_counts_no_buffer_then_backlog_drains(rig):
     drv = rig.drv
-    total = dp_module.RX_BACKLOG + 5
+    total = rx_module.RX_BACKLOG + 5
     for n in range(total):
         drv.send(udp_frame(n.to_bytes(2, "big") * 8), flags=int(TxFlags.EOP))
         if n % 8 == 7:
@@ -180,7 +180,7 @@ def test_rx_ring_full_counts_no_buffer_then_backlog_drains(rig):
     rig.ctx.run()
     assert drv.stat("TX_PACKETS") == total
     assert drv.stat("RX_PACKETS") == 0
-    assert drv.stat("RX_NO_BUFFER") == total - dp_module.RX_BACKLOG
+    assert drv.stat("RX_NO_BUFFER") == total - rx_module.RX_BACKLOG
     # Posting buffers (RX doorbell) delivers the waiting frames in order.
     rx = drv.post_rx(15)
     rig.ctx.run()

@@ -1,0 +1,185 @@
+"""The card's TX engine: descriptors from a TX ring -> Firmware.transmit -> wire, with write-back
+(the decisions are in device/nic/datapath.py's docstring and the datasheet)."""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any
+
+from device.contract import regs
+from device.contract.net import ETH_HLEN
+from device.contract.regs import TxFlags, TxStatus, TxWbFlags
+from device.nic.rings import (
+    BAD_DESCRIPTOR,
+    MTU_AT,
+    Q_BASE_HI,
+    Q_BASE_LO,
+    Q_HEAD,
+    Q_LEN,
+    Q_TAIL,
+    SA_DELETE_CAUSE,
+    TX_BYTES,
+    TX_CRYPTO_OK,
+    TX_OFFLOAD_ERROR,
+    TX_PACKETS,
+    DatapathStats,
+    RingRegs,
+    fetch_block,
+)
+from device.vfio_user.device_api import DmaError
+from firmware_model.firmware import Firmware, TxOutcome
+
+if TYPE_CHECKING:
+    from device.nic.card import NicCard
+    from device.nic.wire import Wire
+
+TX_BUDGET = 256  # descriptors per TX pass before yielding to the loop
+TX_MAX_FRAGS = 64  # descriptors one frame may span
+VLAN_HLEN = 4
+
+_TXD = regs.TX_DESC
+_TXD_SIZE = _TXD.size
+_TXD_UNPACK = _TXD.struct.unpack_from
+_TXD_FLAGS = _TXD.by_name["flags"]
+_TXD_FLAGS_AT = _TXD_FLAGS.offset
+_TXD_FLAGS_UNPACK = _TXD_FLAGS.field_struct.unpack_from
+_TX_WB_AT = _TXD.offset_of("wb_status")
+_TX_WB = struct.Struct("<HH")  # wb_status, wb_flags
+_TX_KNOWN_FLAGS = int(TxFlags.EOP | TxFlags.IPSEC_CRYPTO | TxFlags.IPSEC_PACKET | TxFlags.REPORT_STATUS)
+_TX_IPSEC = int(TxFlags.IPSEC_CRYPTO | TxFlags.IPSEC_PACKET)
+_EOP = int(TxFlags.EOP)
+_RS = int(TxFlags.REPORT_STATUS)
+_TX_DONE = int(TxWbFlags.DONE)
+assert _TXD.offset_of("wb_flags") == _TX_WB_AT + 2
+_IPSEC_CRYPTO = int(TxFlags.IPSEC_CRYPTO)
+_IPSEC_PACKET = int(TxFlags.IPSEC_PACKET)
+
+
+class TxPath:
+    """The TX part of Datapath (it shares the card, firmware, wire and counters)."""
+
+    card: NicCard
+    firmware: Firmware
+    wire: Wire
+    extra: DatapathStats
+
+    def dma_fault(self, queue_id: int) -> None:
+        raise NotImplementedError  # Datapath.dma_fault
+
+    def _cause(self, bit: int) -> None:
+        raise NotImplementedError  # Datapath._cause
+
+    def _tx_pass(self, ring: RingRegs, dma: Any) -> bool:
+        """One bounded pass over a TX ring. True when ready descriptors remain."""
+        card = self.card
+        mem = card.mem
+        rb = ring.base >> 2
+        base, size, head, tail = mem[rb + Q_BASE_LO] | mem[rb + Q_BASE_HI] << 32, mem[rb + Q_LEN], \
+            mem[rb + Q_HEAD], mem[rb + Q_TAIL]
+        ready = (tail - head) % size
+        if not ready:
+            return False
+        want = min(ready, TX_BUDGET)
+        qid = ring.queue_id
+        try:
+            block, n = fetch_block(dma, base, size, head, want, _TXD_SIZE)
+            if n < want:  # the work wraps past the end of the ring
+                rest, m = fetch_block(dma, base, size, 0, want - n, _TXD_SIZE)
+                block += rest
+                n += m
+        except DmaError:
+            self.dma_fault(qid)
+            return False
+        stats = card.stats
+        mtu_limit = mem[MTU_AT] + ETH_HLEN + VLAN_HLEN
+        frag_limit = min(TX_MAX_FRAGS, size - 1)
+        report = False
+        k = 0
+        while k < n:
+            # Find the frame's last descriptor.
+            j = k
+            while not _TXD_FLAGS_UNPACK(block, j * _TXD_SIZE + _TXD_FLAGS_AT)[0] & _EOP:
+                j += 1
+                if j - k >= frag_limit or j == n:
+                    break
+            if j == n or not _TXD_FLAGS_UNPACK(block, j * _TXD_SIZE + _TXD_FLAGS_AT)[0] & _EOP:
+                if j - k < frag_limit:
+                    break  # the driver has not posted the rest yet
+                j = k + frag_limit - 1  # no EOP within the limit: refuse that many descriptors
+                status = TxStatus.BAD_DESCRIPTOR
+                rs = True
+            else:
+                status, rs = self._tx_frame(block, k, j, dma, mtu_limit, qid, stats)
+            # Write back every descriptor of the frame.
+            wb = _TX_WB.pack(status, _TX_DONE)
+            try:
+                for i in range(k, j + 1):
+                    dma.write(base + ((head + i) % size) * _TXD_SIZE + _TX_WB_AT, wb)
+            except DmaError:
+                self.dma_fault(qid)
+            if status in (TxStatus.BAD_DESCRIPTOR, TxStatus.BAD_LENGTH):
+                stats[BAD_DESCRIPTOR] += j + 1 - k
+            report |= rs
+            k = j + 1
+        if k:
+            mem[rb + Q_HEAD] = (head + k) % size
+        if report:
+            self._cause(regs.cause_tx(ring.index))
+        return k > 0 and n < ready
+
+    def _tx_frame(self, block: bytes, k: int, j: int, dma: Any, mtu_limit: int, qid: int,
+                  stats: list[int]) -> tuple[int, bool]:
+        """Validate, read, offload and send the frame in descriptors k..j. Returns (TxStatus, REPORT_STATUS)."""
+        (addr, length, flags, handle, _esp_off, _pad, _nh, tunnel_handle, _wbs, _wbf,
+         reserved) = _TXD_UNPACK(block, k * _TXD_SIZE)
+        rs = bool(flags & _RS)
+        status = TxStatus.OK
+        if reserved or flags & ~_TX_KNOWN_FLAGS or flags & _TX_IPSEC == _TX_IPSEC:
+            status = TxStatus.BAD_DESCRIPTOR
+        elif not length:
+            status = TxStatus.BAD_LENGTH
+        total = length
+        pieces: list[tuple[int, int]] | None = None
+        if j > k:
+            pieces = [(addr, length)]
+            for i in range(k + 1, j + 1):
+                a, ln, fl, _h, _e, _p, _n, _t, _s, _f, res = _TXD_UNPACK(block, i * _TXD_SIZE)
+                rs |= bool(fl & _RS)
+                if res or fl & ~_TX_KNOWN_FLAGS:
+                    status = TxStatus.BAD_DESCRIPTOR
+                elif not ln and status == TxStatus.OK:
+                    status = TxStatus.BAD_LENGTH
+                pieces.append((a, ln))
+                total += ln
+        if status != TxStatus.OK:
+            return status, rs
+        if total < ETH_HLEN or total > mtu_limit:
+            return TxStatus.BAD_LENGTH, rs
+        try:
+            if pieces is None:
+                frame = dma.read(addr, length)
+            else:
+                frame = b"".join([dma.read(a, ln) for a, ln in pieces])
+        except DmaError:
+            self.dma_fault(qid)
+            return TxStatus.DMA_ERROR, rs
+        ipsec = flags & _TX_IPSEC
+        if ipsec:
+            if tunnel_handle or (ipsec == _IPSEC_CRYPTO and not handle):
+                stats[TX_OFFLOAD_ERROR] += 1
+                return TxStatus.BAD_HANDLE, rs
+            result = self.firmware.transmit(frame, handle, ipsec == _IPSEC_PACKET)
+            fw_status = result.status
+            if result.sa_delete_req:
+                self._cause(SA_DELETE_CAUSE)
+            if fw_status != TxOutcome.OK or result.frame is None:
+                stats[TX_OFFLOAD_ERROR] += 1
+                return (TxStatus.BAD_HANDLE if fw_status == TxOutcome.BAD_HANDLE else TxStatus.OFFLOAD_FAILED), rs
+            frame = result.frame
+            stats[TX_CRYPTO_OK] += 1
+        if self.wire.send(frame):
+            stats[TX_PACKETS] += 1
+            stats[TX_BYTES] += len(frame)
+        else:
+            self.extra.tx_not_sent += 1
+        return TxStatus.OK, rs
