@@ -361,6 +361,8 @@ def _parse_version(hdr: Header, payload: bytes, fds: tuple[int, ...]) -> Version
                 doc = json.loads(text.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
                 raise ProtocolError(f"VERSION: capabilities are not valid JSON: {exc}") from None
+            except RecursionError:  # "[[[[..." 5,000 deep fits in MAX_VERSION_JSON
+                raise ProtocolError("VERSION: capabilities JSON is nested too deeply") from None
             if not isinstance(doc, dict):
                 raise ProtocolError("VERSION: capabilities JSON is not an object")
             caps = doc.get("capabilities", {})
