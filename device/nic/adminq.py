@@ -168,7 +168,7 @@ class AdminQueue:
             if lst.done < len(lst.entries) and time.monotonic() >= deadline:
                 return None
         self._list = None
-        return self._respond(dma, desc, qid, int(lst.status or NdisStatus.FAILURE), ndis.pack_counted(lst.results))
+        return self._respond(dma, desc, qid, int(NdisStatus.FAILURE if lst.status is None else lst.status), ndis.pack_counted(lst.results))
 
     def _execute(self, dma: DmaAccess, desc: tuple, qid: int) -> tuple[int, int, int]:
         """(AdminStatus, firmware status, resp_len write-back) for one descriptor."""
