@@ -66,8 +66,8 @@ def test_deeply_nested_version_json_gets_an_error_event_not_an_exception():
 def test_fds_on_a_never_completed_message_are_bounded_and_closed():
     conn = VfioUserConnection()
     before = len(open_fds())
-    # A DMA_MAP header that promises 64 bytes, then 400 sends of one byte with 16 fds each.
-    conn.receive_data(p.HEADER.pack(1, Command.DMA_MAP, 64, 0, 0))
+    # A header that promises the largest message, then 400 sends of one byte with 16 fds each.
+    conn.receive_data(p.HEADER.pack(1, Command.REGION_WRITE, p.MAX_MESSAGE_SIZE, 0, 0))
     for _ in range(400):
         fds = [os.eventfd(0) for _ in range(p.MAX_MSG_FDS)]
         conn.receive_data(b"\0", fds)
