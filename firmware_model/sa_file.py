@@ -48,11 +48,15 @@ class SaFileError(ValueError):
 
 def load_sa_file(path: str | Path) -> list[SaParams]:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SaFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SaFileError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         doc = yaml.safe_load(text)
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise SaFileError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

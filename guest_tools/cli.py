@@ -402,7 +402,13 @@ class Session:
         worst = EXIT_OK
         try:
             for lineno, line in enumerate(stream, 1):
-                words = shlex.split(line, comments=True)
+                try:
+                    words = shlex.split(line, comments=True)
+                except ValueError as exc:  # "No closing quotation": report it, go on with the next line
+                    print(f"usage error: {a.script or '<stdin>'}:{lineno}: {exc}", file=sys.stderr)
+                    self.print(f"# line {lineno}: exit {EXIT_USAGE}")
+                    worst = max(worst, EXIT_USAGE)
+                    continue
                 if not words:
                     continue
                 if words[0] == "session":
