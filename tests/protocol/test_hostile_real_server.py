@@ -253,3 +253,77 @@ def test_long_admin_lists_do_not_stall_mmio(card):
         c.close()
         os.close(fd)
     still_serving(card)
+
+
+def test_dma_unmap_under_busy_queues_is_a_dma_fault_and_the_card_goes_on(card):
+    """The client takes back memory the card's RX buffers and TX ring still point at (QEMU does this on
+    memory hot-unplug or a vIOMMU unmap): DMA faults on those queues, counted; after a re-map it works."""
+    from tests.nic.test_datapath import udp_frame
+
+    c = connect(card)
+    fd = os.memfd_create("guest-ram", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, RAM)
+    ram = mmap.mmap(fd, RAM)
+    w = lambda off, val: c.write32(BAR0, off, val, posted=True)  # noqa: E731
+    stat_ = lambda name: c.read32(BAR0, regs.stat_offset(name))  # noqa: E731
+    try:
+        assert not c.dma_map(IOVA, RAM, fd=os.dup(fd)).is_error
+        c.region_write(CONFIG, COMMAND, struct.pack("<H", Command.MEMORY | Command.BUS_MASTER))
+        w(regs.CTRL, int(regs.Ctrl.RESET))
+        w(regs.CTRL, int(regs.Ctrl.ENABLE | regs.Ctrl.PROMISC))
+        for block, off in ((regs.txq_reg(0, 0), 0x1000), (regs.rxq_reg(0, 0), 0x2000)):
+            for reg, value in ((regs.QREG_BASE_LO, IOVA + off), (regs.QREG_BASE_HI, 0), (regs.QREG_LEN, 8),
+                               (regs.QREG_CTRL, 1)):
+                w(block + reg, value)
+        frame = udp_frame(b"before and after")
+        ram[0x30000 : 0x30000 + len(frame)] = frame
+
+        def send(i: int) -> None:
+            ram[0x1000 + 32 * i : 0x1020 + 32 * i] = regs.TX_DESC.pack(
+                addr=IOVA + 0x30000, length=len(frame), flags=int(regs.TxFlags.EOP | regs.TxFlags.REPORT_STATUS))
+            w(regs.txq_reg(0, regs.QREG_TAIL), i + 1)
+
+        def post_rx(i: int) -> None:
+            ram[0x2000 + 32 * i : 0x2020 + 32 * i] = regs.RX_DESC.pack(addr=IOVA + 0x100000 + i * 0x1000,
+                                                                       buf_len=2048)
+            w(regs.rxq_reg(0, regs.QREG_TAIL), i + 1)
+
+        def rx_wb(i: int):
+            return regs.RX_DESC.unpack(ram[0x2000 + 32 * i : 0x2020 + 32 * i])
+
+        def until(cond) -> None:
+            deadline = time.monotonic() + 5
+            while not cond():
+                assert time.monotonic() < deadline
+                c.read32(BAR0, regs.STATUS)
+
+        post_rx(0)
+        send(0)
+        until(lambda: rx_wb(0).wb_flags & regs.RxWbFlags.DD)
+        assert not rx_wb(0).wb_flags & regs.RxWbFlags.ERROR
+        # Take the RX buffers away, then let a frame arrive into them.
+        assert not c.dma_unmap(IOVA + 0x100000, 0x10000).is_error
+        errors = stat_("DMA_ERROR")
+        post_rx(1)
+        send(1)
+        until(lambda: rx_wb(1).wb_flags & regs.RxWbFlags.DD)
+        assert rx_wb(1).wb_flags & regs.RxWbFlags.ERROR
+        assert stat_("DMA_ERROR") > errors
+        assert c.read32(BAR0, regs.reg("ERR_CODE")) == regs.ErrCode.DMA_FAULT
+        assert c.read32(BAR0, regs.reg("ERR_INFO")) == regs.QueueId.RX | 0
+        # Take the TX ring itself away with a descriptor posted: the card cannot even read it.
+        errors = stat_("DMA_ERROR")
+        assert not c.dma_unmap(IOVA, 0x2000).is_error
+        w(regs.txq_reg(0, regs.QREG_TAIL), 3)
+        until(lambda: stat_("DMA_ERROR") > errors)
+        assert c.read32(BAR0, regs.reg("ERR_INFO")) == regs.QueueId.TX | 0
+        assert not c.read32(BAR0, regs.STATUS) & regs.Status.FATAL
+        # The memory comes back: the card picks up where it stopped.
+        assert not c.dma_map(IOVA, RAM, fd=os.dup(fd)).is_error
+        send(2)
+        until(lambda: regs.TX_DESC.unpack(ram[0x1040:0x1060]).wb_flags & regs.TxWbFlags.DONE)
+    finally:
+        ram.close()
+        c.close()
+        os.close(fd)
+    still_serving(card)
