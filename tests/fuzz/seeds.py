@@ -100,24 +100,36 @@ def admin_seeds() -> list[bytes]:
     return seeds
 
 
+def _esp_plaintext(inner: bytes, next_header: int, block: int) -> bytes:
+    """RFC 4303 §2.4: payload, padding 1, 2, 3 ... to the block (>= 4), pad length, next header."""
+    align = max(block, 4)
+    pad = (-(len(inner) + 2)) % align
+    return inner + bytes(range(1, pad + 1)) + bytes([pad, next_header])
+
+
 def esp_rx_seeds() -> list[bytes]:
     from guest_tools import packets
 
     udp4 = packets.udp_packet(targets.A, targets.B, 4000, 5000, b"seed payload")
-    udp6 = packets.udp_packet(targets.A6, targets.B6, 4000, 5000, b"seed payload")
     inner_tunnel = packets.udp_packet("10.0.0.1", "10.0.0.2", 4000, 5000, b"tunnelled")
-    seeds = [bytes([i << 1, 0]) + udp4 for i in (0, 2, 3, 4, 5)]
-    seeds.append(bytes([1 << 1, 0]) + inner_tunnel)
-    seeds.append(bytes([0, 0x80]) + udp6)
-    seeds.append(bytes([0x80, 7]) + udp4)  # sealed, then one byte damaged
-    # Raw frames: what the outbound twins put on the wire.
+    seeds = []
+    for i, spec in enumerate(targets.SA_SPECS):
+        if spec.get("proto") == "ah":
+            continue
+        tunnel = spec.get("mode") == "tunnel"
+        block = 16 if "cipher" in spec and spec["cipher"]["alg"].startswith("aes") else (8 if "cipher" in spec else 1)
+        body = (_esp_plaintext(inner_tunnel, 4, block) if tunnel
+                else _esp_plaintext(udp4[20:], 17, block))  # transport: the UDP header and data
+        seeds.append(bytes([i << 1, 0]) + body)
+    seeds += [bytes([(i << 1) | 0x40, 0]) + b"seed payload" for i in range(len(targets.SA_SPECS))]
+    seeds.append(bytes([0xC0, 7]) + b"sealed, then one byte damaged")
+    # Raw frames: what the outbound twins put on the wire, and plain traffic.
     tx, handles = targets.sealing_firmware()
     for i, h in enumerate(handles):
-        frame = tx.transmit(targets.MAC_HDR + (inner_tunnel if i == 1 else udp4),
-                            h, True).frame
+        frame = tx.transmit(targets.MAC_HDR + (inner_tunnel if i == 1 else udp4), h, True).frame
         assert frame is not None, f"SA {i} sealed nothing"
-        seeds.append(b"\x01" + frame)
-    seeds.append(b"\x01" + targets.MAC_HDR + udp4)  # plain traffic
+        seeds.append(b"\x01\x00" + frame)
+    seeds.append(b"\x01\x00" + targets.MAC_HDR + udp4)
     return seeds
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 
 FD_CHECK_EVERY = 1000
@@ -223,30 +224,78 @@ def sealing_firmware():
     return tx_fw, [tx_fw.add_sa([p], packet_offload=True) for p in out]
 
 
+def _ipv4(src: str, dst: str, proto: int, payload: bytes) -> bytes:
+    import ipaddress
+
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0x4000, 64, proto, 0,
+                                ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed))
+    total = sum(struct.unpack("!10H", hdr))  # RFC 791 header checksum
+    total = (total & 0xFFFF) + (total >> 16)
+    struct.pack_into("!H", hdr, 10, ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF)
+    return bytes(hdr) + payload
+
+
+def _ipv6(src: str, dst: str, proto: int, payload: bytes) -> bytes:
+    import ipaddress
+
+    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), proto, 64, ipaddress.IPv6Address(src).packed,
+                       ipaddress.IPv6Address(dst).packed) + payload
+
+
 def esp_rx() -> Callable[[bytes], None]:
+    """Input: kind byte, selector byte, then data. kind bit 0: data is a raw frame off the wire. Else
+    SA = (kind >> 1) % 6: ESP SAs get ``data`` as the *plaintext* (inner packet, padding, pad length,
+    next header, all fuzzed) sealed here with the SA's key and a valid ICV, so decryption succeeds and
+    the trailer and inner-header parsing see hostile bytes; bit 6 instead sends ``data`` as a UDP payload
+    through the outbound twin (packet offload, the card's own encapsulation) and bit 7 then damages one
+    byte after sealing. The AH SA always goes through the twin."""
+    from firmware_model.esp import build_esp_transform
+
     tx_fw, tx_handles = sealing_firmware()
     rx_fw = _firmware()
-    for p in _sa_pair()[1]:
+    out, inb = _sa_pair()
+    for p in inb:
         rx_fw.add_sa([p])
+    seals = [None if p.proto == 51 else build_esp_transform(p) for p in out]
+    seqs = [p.seq for p in out]
+
+    def sealed(i: int, data: bytes) -> bytes:
+        p, t = out[i], seals[i]
+        seqs[i] += 1
+        seq = seqs[i]
+        hdr = struct.pack("!II", p.spi, seq & 0xFFFF_FFFF)
+        iv = bytes(t.iv_len)
+        plain = data
+        if t.block > 1:
+            plain = plain[: len(plain) - len(plain) % t.block] or bytes(t.block)
+        esp = hdr + iv + t.seal(hdr, (seq >> 32) if p.esn else None, iv, plain)
+        if p.encap is not None:  # RFC 3948: UDP header, checksum 0
+            esp = struct.pack("!HHHH", p.encap.sport, p.encap.dport, 8 + len(esp), 0) + esp
+        if ":" in p.src:
+            return MAC_HDR6 + _ipv6(p.src, p.dst, 17 if p.encap else 50, esp)
+        return MAC_HDR + _ipv4(p.src, p.dst, 17 if p.encap else 50, esp)
 
     def run(data: bytes) -> None:
         if len(data) < 2:
             return
-        kind = data[0]
+        kind, sel, body = data[0], data[1], data[2:]
+        i = (kind >> 1) % len(out)
         if kind & 1:  # a raw frame off the wire
-            frame = data[1:]
-        else:  # a fuzzed inner packet, sealed by the outbound twin, optionally damaged after sealing
-            i = (kind >> 1) % len(tx_handles)
-            v6 = data[1] & 0x80 and i != 1
-            inner = data[2:]
-            res = tx_fw.transmit((MAC_HDR6 if v6 else MAC_HDR) + inner, tx_handles[i], True)
+            frame = body
+        elif seals[i] is not None and not kind & 0x40:
+            frame = sealed(i, body)
+        else:  # the outbound twin encapsulates a datagram carrying the input
+            p = out[i]
+            src, dst = (p.inner_src, p.inner_dst) if p.inner_src else (p.src, p.dst)
+            inner = _ipv4(src, dst, 17, struct.pack("!HHHH", 4000, 5000, 8 + len(body), 0) + body)
+            res = tx_fw.transmit(MAC_HDR + inner, tx_handles[i], True)
             if res.frame is None:
-                return
-            frame = bytearray(res.frame)
+                raise Finding(f"the outbound twin of SA {i} sealed nothing (status {res.status})")
+            frame = res.frame
             if kind & 0x80 and len(frame) > 20:
-                pos = 14 + data[1] % (len(frame) - 14)
-                frame[pos] ^= 0xFF
-            frame = bytes(frame)
+                damaged = bytearray(frame)
+                damaged[14 + sel % (len(frame) - 14)] ^= 0xFF
+                frame = bytes(damaged)
         res = rx_fw.receive(frame)
         if not isinstance(res.frame, bytes | bytearray):
             raise Finding("receive returned no frame")
