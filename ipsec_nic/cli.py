@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_vm_run)
 
     sv = sub.add_parser("serve", help="serve the card over vfio-user on a UNIX socket (foreground)")
-    sv.add_argument("--socket", required=True, help="path of the vfio-user UNIX socket to listen on")
+    sv.add_argument("--socket", required=True, help="path of the vfio-user UNIX socket to listen on (created "
+                    "with mode 0600, so only this user can attach; a missing directory is created 0700)")
     sv.add_argument("--profile", help="card profile YAML (default: device/profiles/default.yaml)")
     sv.add_argument("--ready-file", help=argparse.SUPPRESS)
     sv.set_defaults(func=cmd_serve)
