@@ -44,10 +44,8 @@ def card(tmp_path_factory) -> Iterator[CardServer]:
     d = tmp_path_factory.mktemp("hostile")
     sock_dir = d / "run"  # created by the server: must come out private
     profile = write_profile(d / "card.yaml", overrides={
-        "wire": {"type": "loopback"}, "nic": {"admin_buffer_size": 1 << 20}, "firmware": {"sa_capacity": 16384}})
+        "wire": {"type": "loopback"}, "nic": {"admin_buffer_size": 1 << 20}, "firmware": {"sa_capacity": 32768}})
     server = CardServer(sock_dir / "card.sock", profile, d / "card.log", verbose=0)
-    sock_dir.mkdir()  # CardServer's ready file lives beside the socket
-    sock_dir.chmod(0o700)
     server.start()
     yield server
     assert server.alive(), f"the card server died:\n{server.log_tail()}"
@@ -224,9 +222,9 @@ def test_long_admin_lists_do_not_stall_mmio(card):
         w(regs.CTRL, int(regs.Ctrl.ENABLE))
         w(regs.ADMINQ_BASE + regs.QREG_BASE_LO, IOVA)
         w(regs.ADMINQ_BASE + regs.QREG_BASE_HI, 0)
-        w(regs.ADMINQ_BASE + regs.QREG_LEN, 16)
+        w(regs.ADMINQ_BASE + regs.QREG_LEN, 32)
         w(regs.ADMINQ_BASE + regs.QREG_CTRL, 1)
-        lists, per = 8, 1024  # ~0.3 s of cipher setup that one pass used to do at once
+        lists, per = 16, 1024  # ~0.6 s of cipher setup that one pass used to do at once
         addr = 0x1000
         for k in range(lists):
             req = _add_list(0x10000 + k * per, per)
@@ -246,8 +244,9 @@ def test_long_admin_lists_do_not_stall_mmio(card):
         for k in range(lists):
             wb = regs.ADMIN_DESC.unpack(ram[k * 64 : k * 64 + 64])
             assert wb.status == 0 and wb.fw_status == 0 and wb.resp_len == 8 + 8 * per
-        # The loop answered every MMIO read within a few passes, whatever the queue held.
-        assert worst < 0.1, f"an MMIO read waited {worst * 1000:.0f} ms behind the admin queue"
+        # The loop answered every MMIO read within a few passes, whatever the queue held (the bound leaves
+        # room for a loaded host descheduling the server; unsplit, one pass took 0.6 s and more).
+        assert worst < 0.2, f"an MMIO read waited {worst * 1000:.0f} ms behind the admin queue"
     finally:
         ram.close()
         c.close()
