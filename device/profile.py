@@ -8,6 +8,7 @@ typos). The ``firmware:`` section is validated by the firmware model's own
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from device.contract.yaml_file import read_yaml
 
 DEFAULT_PROFILE = "default.yaml"
 WIRE_TYPES = ("none", "loopback", "dgram", "stream", "cable")
+STREAM_MODES = ("server", "client")  # device/nic/wire.py StreamWire
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _VERSION_RE = re.compile(r"^(\d{1,5})\.(\d{1,3})(?:\.(\d{1,3}))?$")
 
@@ -211,5 +213,28 @@ def _wire(v: _Validator, s: Mapping[str, Any]) -> WireProfile:
     path = v.string(s, "path", "wire.path")
     if kind in ("dgram", "stream", "cable") and not path:
         raise v.error("wire.path", f"a {kind} wire needs a socket path")
-    return WireProfile(type=kind, path=path, peer=v.string(s, "peer", "wire.peer"),
-                       pcap=v.string(s, "pcap", "wire.pcap"), mode=v.string(s, "mode", "wire.mode"))
+    mode = v.string(s, "mode", "wire.mode")
+    if mode is not None:
+        if kind != "stream":
+            raise v.error("wire.mode", f"only a stream wire takes a mode (this one is {kind})")
+        if mode not in STREAM_MODES:
+            raise v.error("wire.mode", f"{mode!r} is not one of {', '.join(STREAM_MODES)}")
+    pcap = v.string(s, "pcap", "wire.pcap")
+    if pcap:
+        problem = _unwritable(Path(pcap))
+        if problem:
+            raise v.error("wire.pcap", f"cannot write {pcap}: {problem}")
+    return WireProfile(type=kind, path=path, peer=v.string(s, "peer", "wire.peer"), pcap=pcap, mode=mode)
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why the card could not create or overwrite ``path``, or None (checked before serving, so the
+    error names the profile; the recorder still handles a disk that fills up later)."""
+    if path.is_dir():
+        return "it is a directory"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "permission denied"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"directory {parent} does not exist"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"directory {parent} is not writable"

@@ -77,9 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--inner-src", help="tunnel: inner selector source")
     add.add_argument("--inner-dst", help="tunnel: inner selector destination")
     add.add_argument("--aead", metavar="ALG:KEY:SALT[:ICV]", help="e.g. aes-gcm-128:<hex>:<hex>:16, "
-                     "aes-gmac-128:<hex>:<hex>")
+                     "aes-gmac-128:<hex>:<hex> (keys on the command line are visible in ps and shell "
+                     "history: prefer --key-file or --sa)")
     add.add_argument("--cipher", metavar="ALG:KEY", help="e.g. aes-cbc-128:<hex>")
     add.add_argument("--integrity", metavar="ALG:KEY", help="e.g. hmac-sha256-128:<hex>")
+    add.add_argument("--key-file", metavar="FILE",
+                     help="read the algorithms and keys from FILE ('-' = stdin) instead of the command line: "
+                          "lines 'aead ALG:KEY:SALT[:ICV]', 'cipher ALG:KEY', 'integrity ALG:KEY'; '#' comments")
     add.add_argument("--esn", action="store_true", help="extended sequence numbers (RFC 4304)")
     add.add_argument("--seq", type=_int, default=0, help="outbound: last sequence number used; inbound: start")
     add.add_argument("--replay-window", type=_int, default=64)
@@ -141,6 +145,43 @@ def _alg_key(text: str, what: str) -> tuple[str, bytes]:
     return alg, _hex(key, f"{what} key")
 
 
+KEY_FILE_FIELDS = ("aead", "cipher", "integrity")
+
+
+def read_key_file(path: str, stdin: TextIO | None = None) -> dict[str, str]:
+    """The ``--key-file`` specs by field; UsageError naming the file and line (never the key)."""
+    where = "<stdin>" if path == "-" else path
+    try:
+        if path == "-":
+            text = (stdin or sys.stdin).read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as exc:
+        raise UsageError(f"--key-file {where}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--key-file {where}: not UTF-8 text") from None
+    specs: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        if len(words) != 2 or words[0] not in KEY_FILE_FIELDS:
+            raise UsageError(f"--key-file {where}:{lineno}: expected '{'|'.join(KEY_FILE_FIELDS)} SPEC'")
+        if words[0] in specs:
+            raise UsageError(f"--key-file {where}:{lineno}: {words[0]} given twice")
+        specs[words[0]] = words[1]
+    if not specs:
+        raise UsageError(f"--key-file {where}: no aead, cipher or integrity line")
+    return specs
+
+
+def keys_on_argv(a: argparse.Namespace) -> bool:
+    """True when `sa add` got key material in --aead/--cipher/--integrity."""
+    return getattr(a, "cmd", None) == "sa" and getattr(a, "sa_cmd", None) == "add" and any(
+        getattr(a, name, None) for name in KEY_FILE_FIELDS)
+
+
 def params_from_args(a: argparse.Namespace):
     """SaParams from `sa add` flags; UsageError with a one-line reason."""
     from device.contract.algorithms import AUTH_BY_NAME, ENC_BY_NAME
@@ -150,6 +191,11 @@ def params_from_args(a: argparse.Namespace):
     missing = [n for n in ("spi", "dir", "src", "dst") if getattr(a, n) is None]
     if missing:
         raise UsageError("sa add needs --sa FILE, or " + ", ".join(f"--{m}" for m in missing))
+    if getattr(a, "key_file", None):
+        if any(getattr(a, n) for n in KEY_FILE_FIELDS):
+            raise UsageError("give the keys in --key-file or as --aead/--cipher/--integrity, not both")
+        for name, spec in read_key_file(a.key_file).items():
+            setattr(a, name, spec)
     enc_alg, enc_key, auth_alg, auth_key, icv = EncAlg.NONE, b"", AuthAlg.NONE, b"", 16
     if a.aead and (a.cipher or a.integrity):
         raise UsageError("give --aead, or --cipher/--integrity, not both")
@@ -226,6 +272,7 @@ class Session:
         self.out = out or sys.stdout
         self.card = None
         self.keep_receiving = False  # a session keeps one card handle for all its commands
+        self.from_argv = True  # commands come from the process's argv (not a session script)
 
     def print(self, *items: object) -> None:
         print(*items, file=self.out)
@@ -294,6 +341,9 @@ class Session:
 
     # -- SAs
     def cmd_sa_add(self, a):
+        if self.from_argv and keys_on_argv(a):
+            print("warning: key material on the command line is visible to other users (ps, /proc) and in "
+                  "shell history; use --key-file FILE (or -) or --sa FILE", file=sys.stderr)
         if a.sa:
             from device.contract.sa_file import load_sa_file
 
@@ -398,11 +448,18 @@ class Session:
 
     def cmd_session(self, a):
         self.keep_receiving = True
+        self.from_argv = False  # script lines are not visible to other users
         stream = open(a.script) if a.script else sys.stdin  # noqa: SIM115 - closed below
         worst = EXIT_OK
         try:
             for lineno, line in enumerate(stream, 1):
-                words = shlex.split(line, comments=True)
+                try:
+                    words = shlex.split(line, comments=True)
+                except ValueError as exc:  # "No closing quotation": report it, go on with the next line
+                    print(f"usage error: {a.script or '<stdin>'}:{lineno}: {exc}", file=sys.stderr)
+                    self.print(f"# line {lineno}: exit {EXIT_USAGE}")
+                    worst = max(worst, EXIT_USAGE)
+                    continue
                 if not words:
                     continue
                 if words[0] == "session":

@@ -62,6 +62,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(profile=args.profile, out_dir=Path(args.out), timeout=args.timeout, verbose=args.verbose)
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from ipsec_nic import soak
+
+    return soak.run(minutes=args.minutes, log_dir=args.logs, verbose=args.verbose)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     """Run the test suite the way CI does: toolchain first (with progress), then pytest."""
     if not args.no_vm:
@@ -104,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_vm_run)
 
     sv = sub.add_parser("serve", help="serve the card over vfio-user on a UNIX socket (foreground)")
-    sv.add_argument("--socket", required=True, help="path of the vfio-user UNIX socket to listen on")
+    sv.add_argument("--socket", required=True, help="path of the vfio-user UNIX socket to listen on (created "
+                    "with mode 0600, so only this user can attach; a missing directory is created 0700)")
     sv.add_argument("--profile", help="card profile YAML (default: device/profiles/default.yaml)")
     sv.add_argument("--ready-file", help=argparse.SUPPRESS)
     sv.set_defaults(func=cmd_serve)
@@ -114,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out", help="directory for logs and the wire pcap (default: ./out)")
     d.add_argument("--timeout", type=float, default=600.0, help="seconds before the VM is killed")
     d.set_defaults(func=cmd_demo)
+
+    sk = sub.add_parser("soak", help="benchmark mode: SA churn and traffic both ways against a Linux peer in a "
+                                     "VM for N minutes, then account for every packet")
+    sk.add_argument("--minutes", type=float, default=1.0, help="how long to run rounds (default 1)")
+    sk.add_argument("--logs", help="directory for the card and VM logs (default: a new temporary one)")
+    sk.set_defaults(func=cmd_soak)
 
     t = sub.add_parser("test", help="run the test suite (sets up the VM toolchain first)")
     t.add_argument("--no-vm", action="store_true", help="skip the VM-level tests (quick local runs only)")

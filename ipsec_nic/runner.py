@@ -63,8 +63,22 @@ def serve(socket_path: str, profile: str | None = None, ready_file: str | None =
     finally:
         # Flush and close the wire (pcap file, socket files) however the server ended.
         if card.card.datapath is not None:
+            print(f"ipsec-nic serve: {wire_report(card.card.datapath.wire)}", file=sys.stderr, flush=True)
             card.card.datapath.close()
     return 0
+
+
+def wire_report(wire: Any) -> str:
+    """One line: what the wire carried and what it could not (the guest sees none of these counters)."""
+    s = wire.stats
+    line = (f"wire {wire.describe()}: sent {s.tx_frames}, dropped {s.tx_dropped} (no peer, no link or no room), "
+            f"received {s.rx_frames}, malformed {s.rx_errors}")
+    pcap = getattr(wire, "pcap", None)
+    if pcap is not None:
+        line += f"; pcap {pcap.path}: {pcap.frames} frames recorded"
+        if pcap.failed:
+            line += ", then stopped by a write error (logged)"
+    return line
 
 
 # --- profiles with per-run overrides -----------------------------------------------------------------------

@@ -112,6 +112,7 @@ class Datapath(TxPath, RxPath):
         """Card reset (called by the register file after its registers are back to reset values)."""
         self._drop_backlog()
         self._scheduled.clear()  # queued passes find their rings disabled and do nothing
+        self.admin.abandon()
         self.firmware.reset()
 
     # ------------------------------------------------------------------ register-file hooks

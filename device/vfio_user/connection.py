@@ -55,6 +55,12 @@ TRANSITIONS: dict[State, dict[Transition, State]] = {
 # Server->client requests in flight at once (message DMA). QEMU answers them in order from its
 # main loop; a bound keeps a runaway device from queueing unbounded memory.
 MAX_PENDING_REQUESTS = 1024
+# fds held for messages that have not fully arrived. A sender writes each message with its fds in
+# one sendmsg and Linux ends a recvmsg after the segment that carries fds, so legitimately only the
+# one message still arriving holds fds (<= MAX_MSG_FDS). The slack covers a few chunks received
+# before they are parsed; a client that keeps sending fds on a message it never completes is
+# disconnected at this bound instead of filling our fd table (up to RLIMIT_NOFILE).
+MAX_HELD_FDS = 4 * p.MAX_MSG_FDS
 
 
 class NeedData(Enum):
@@ -128,6 +134,8 @@ class VfioUserConnection:
         # with its fds in one sendmsg (QEMU: one writev), so fds belong to the message holding
         # the last byte of the chunk they came with.
         self._fd_marks: deque[tuple[int, tuple[int, ...], bool]] = deque()
+        self._held_fds = 0  # fds in _fd_marks (bounded by MAX_HELD_FDS)
+        self._overflow: str | None = None  # set when a bound was exceeded: next_event disconnects
         self._pending: dict[int, int] = {}  # our request id -> command
         self._next_id = 0
         self.closed_reason: str | None = None
@@ -147,10 +155,21 @@ class VfioUserConnection:
             _close_fds(fds)
             self._eof = True
             return
+        if self._overflow is not None:
+            _close_fds(fds)
+            return
         self._buf += data
         self._received += len(data)
         if fds or fds_truncated:
-            self._fd_marks.append((self._received, tuple(fds), fds_truncated))
+            fds = tuple(fds)
+            if self._held_fds + len(fds) > MAX_HELD_FDS:
+                _close_fds(fds)
+                self._overflow = (f"more than {MAX_HELD_FDS} fds sent on messages that have not arrived "
+                                  "completely")
+                self._hot = False  # next_event's general path reports the overflow
+                return
+            self._held_fds += len(fds)
+            self._fd_marks.append((self._received, fds, fds_truncated))
 
     @property
     def pending_requests(self) -> int:
@@ -168,6 +187,8 @@ class VfioUserConnection:
         if not self._hot:
             if self.state is State.CLOSED:
                 raise ProtocolError(f"connection is closed ({self.closed_reason})")
+            if self._overflow is not None:
+                return self._disconnect(self._overflow)
         elif avail == 0 and not self._eof:
             return NEED_DATA
         # Hot path: MMIO reads and posted/plain writes once negotiated. One unpack covers header
@@ -233,6 +254,10 @@ class VfioUserConnection:
         except ProtocolError as exc:
             _close_fds(fds)
             return BadRequest(msg_id, command, no_reply, exc.errno, exc.reason)
+        except Exception as exc:  # a parser bug: refuse this message, keep the connection
+            _close_fds(fds)
+            return BadRequest(msg_id, command, no_reply, errno.EINVAL,
+                              f"cannot decode {p.command_name(command)}: {type(exc).__name__}")
         if command == Command.VERSION and msg.major != p.VERSION_MAJOR:
             return BadRequest(msg_id, command, no_reply, errno.ENOTSUP,
                               f"unsupported protocol version {msg.major}.{msg.minor} (we speak 0.0)")
@@ -259,11 +284,14 @@ class VfioUserConnection:
         marks = self._fd_marks
         while marks and marks[0][0] <= stream_end:
             chunk_end, chunk_fds, chunk_trunc = marks.popleft()
+            self._held_fds -= len(chunk_fds)
             if chunk_end > stream_start:
                 fds.extend(chunk_fds)
                 truncated = truncated or chunk_trunc
             else:  # cannot happen with in-order parsing; never leak
                 _close_fds(chunk_fds)
+        if len(fds) > p.MAX_MSG_FDS:  # several chunks of one message each brought fds
+            truncated = True
         return tuple(fds), truncated
 
     def _on_reply(self, msg_id: int, command: int, flags: int, error: int, body: bytes) -> Any:
@@ -297,6 +325,7 @@ class VfioUserConnection:
             self.closed_reason = reason
         while self._fd_marks:
             _close_fds(self._fd_marks.popleft()[1])
+        self._held_fds = 0
         self._buf = bytearray()
         self._pos = 0
         self._pending.clear()
@@ -352,3 +381,9 @@ class VfioUserConnection:
             raise ProtocolError(f"server cannot send {p.command_name(command)}", errno.EINVAL)
         self._pending[msg_id] = command
         return msg_id, out
+
+    def forget_request(self, msg_id: int) -> None:
+        """Give up on one of our requests (timed out): its slot is free again, and a late reply is
+        ignored. Ids advance through all 65,536 values before one is reused, so a late reply cannot
+        be taken for the answer to a newer request unless 64 Ki requests were sent in between."""
+        self._pending.pop(msg_id, None)

@@ -14,6 +14,10 @@ as the vfio-user spec adopts it, plus the forms QEMU's client really sends
 * start + count beyond the index's vector count: EINVAL.
 
 Raising a vector writes 1 to its eventfd (spec "VFIO_USER_DEVICE_SET_IRQS"; os.eventfd_write).
+The single server loop must never block on that write, so SET_IRQS accepts only eventfds (a pipe
+would fill up) and makes each one non-blocking (O_NONBLOCK is shared with the client's copy of the
+fd; QEMU creates them with EFD_NONBLOCK anyway). A counter at its maximum then gives EAGAIN: the
+interrupt is still pending for the reader, nothing is lost and nothing waits.
 """
 
 from __future__ import annotations
@@ -27,6 +31,20 @@ from .device_api import VfioUserError
 from .protocol import IrqSetFlag
 
 F = IrqSetFlag
+
+
+def _check_eventfd(fd: int) -> None:
+    """Refuse anything but an eventfd; make it non-blocking (see the module docstring)."""
+    if fd < 0:
+        return
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if target == "anon_inode:[eventfd]":
+            os.set_blocking(fd, False)
+            return
+    except OSError as exc:
+        raise VfioUserError(errno.EINVAL, f"SET_IRQS: unusable fd: {exc.strerror}") from None
+    raise VfioUserError(errno.EINVAL, f"SET_IRQS: fd is not an eventfd ({target.split(':')[0]})")
 
 
 def _close(fd: int) -> None:
@@ -75,6 +93,8 @@ class IrqTable:
             raise VfioUserError(errno.EINVAL, f"SET_IRQS: DATA_BOOL needs {count} bytes")
         if fds and (data_type != F.DATA_EVENTFD or len(fds) != count):
             raise VfioUserError(errno.EINVAL, f"SET_IRQS: {len(fds)} fds do not match count {count}")
+        for fd in fds:
+            _check_eventfd(fd)
         vectors = range(start, start + count)
 
         if action == F.ACTION_TRIGGER:

@@ -79,6 +79,9 @@ MAX_MESSAGE_SIZE = HEADER_SIZE + 16 + MAX_DATA_XFER_SIZE
 # The capabilities JSON in VERSION is small (QEMU's is ~200 bytes); cap it so json.loads never
 # sees megabytes of attacker input.
 MAX_VERSION_JSON = 16 * 1024
+# The spec's capabilities object nests three levels ({"capabilities": {"migration": {...}}}); a bound
+# of our own keeps json.loads off deep input whatever the interpreter's recursion limit is.
+MAX_VERSION_JSON_DEPTH = 16
 # DMA page size we support; QEMU maps in 4 KiB granules.
 PAGE_SIZE = 4096
 # We implement protocol 0.0, which is what QEMU speaks (it refuses a reply with major != 0 or a
@@ -347,6 +350,28 @@ def _need(payload: bytes, size: int, what: str, exact: bool = False) -> None:
         raise ProtocolError(f"{what}: payload is {n} bytes, expected {want}")
 
 
+def _json_depth(text: bytes) -> int:
+    """Deepest bracket nesting in JSON ``text``, brackets inside strings not counted."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 def _parse_version(hdr: Header, payload: bytes, fds: tuple[int, ...]) -> Version:
     _need(payload, VERSION_HEAD.size, "VERSION")
     major, minor = VERSION_HEAD.unpack_from(payload)
@@ -357,6 +382,8 @@ def _parse_version(hdr: Header, payload: bytes, fds: tuple[int, ...]) -> Version
             raise ProtocolError(f"VERSION: capabilities JSON of {len(raw)} bytes is too long")
         text = bytes(raw).split(b"\0", 1)[0]  # spec: NUL-terminated; tolerate a missing NUL
         if text.strip():
+            if _json_depth(text) > MAX_VERSION_JSON_DEPTH:
+                raise ProtocolError("VERSION: capabilities JSON is nested too deeply")
             try:
                 doc = json.loads(text.decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:

@@ -59,6 +59,17 @@ _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 # How long a DMA_READ/DMA_WRITE may wait for the client (QEMU's own reply timeout is 5 s).
 DMA_REQUEST_TIMEOUT = 5.0
+# Reply bytes queued for one client before we stop reading its requests. QEMU reads every reply
+# it waits for, so it never gets near this; a client that pipelines requests and never reads
+# would otherwise make us buffer without bound (30 k unread 4 KiB reads = 118 MiB). Four of the
+# largest replies (1 MiB REGION_READ) fit, so a client with a few big reads in flight is not
+# slowed. We read again once the client has drained to half of it.
+MAX_QUEUED_OUTPUT = 4 * (p.MAX_DATA_XFER_SIZE + 64)
+RESUME_QUEUED_OUTPUT = MAX_QUEUED_OUTPUT // 2
+# Mode of the listening socket: connecting needs write permission on it (unix(7)), so only the
+# owner can attach. The directory a server creates for it is private too.
+SOCKET_MODE = 0o600
+SOCKET_DIR_MODE = 0o700
 
 
 class TimerHandle:
@@ -78,7 +89,7 @@ class TimerHandle:
 class _DmaOp:
     """One message-based DMA transfer, possibly split into several requests."""
 
-    __slots__ = ("write", "done", "parts", "remaining", "finished", "timer", "iova")
+    __slots__ = ("write", "done", "parts", "remaining", "finished", "timer", "iova", "ids")
 
     def __init__(self, write: bool, iova: int, pieces: int, done: Callable[[Any], None]) -> None:
         self.write = write
@@ -88,6 +99,7 @@ class _DmaOp:
         self.remaining = pieces
         self.finished = False
         self.timer: TimerHandle | None = None
+        self.ids: list[int] = []  # our request ids still waiting for the client
 
 
 class _ClientContext:
@@ -146,6 +158,19 @@ def _prepare_socket_path(path: str) -> None:
     raise RuntimeError(f"a live server is already listening on {path}")
 
 
+def _prepare_socket_dir(path: str) -> None:
+    """Create the socket's directory private (0700) if missing; warn if others may write to it
+    (they could replace the socket file with their own)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=SOCKET_DIR_MODE, exist_ok=True)
+        os.chmod(parent, SOCKET_DIR_MODE)  # makedirs' mode is filtered by the umask
+        return
+    st = os.stat(parent)
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        log.warning("socket directory %s is writable by other users; use a private directory (0700)", parent)
+
+
 class VfioUserServer:
     """Serve ``device`` to vfio-user clients on a UNIX socket, one client at a time.
 
@@ -183,7 +208,10 @@ class VfioUserServer:
         self._irqs = IrqTable([])
         self._batch: list[bytes] = []  # replies without fds, joined at flush
         self._out: deque[tuple[bytes, tuple[int, ...]]] = deque()
-        self._want_write = False
+        self._queued = 0  # bytes in _batch and _out
+        self._paused = False  # not reading the client: too much output queued
+        self._resume_scheduled = False
+        self._events = 0  # selector events registered for the client socket
         self._dma_ops: dict[int, tuple[_DmaOp, int, int, int]] = {}
         self._regions: list[tuple[int, bool, bool]] = []  # (size, readable, writable)
         self._read_limits: list[int] = []
@@ -211,10 +239,13 @@ class VfioUserServer:
         """Bind and listen (removing a stale socket file); then signal readiness."""
         if self._listener is not None:
             return
+        _prepare_socket_dir(self.socket_path)
         _prepare_socket_path(self.socket_path)
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             lsock.bind(self.socket_path)
+            # Before listen(): until then a connect() is refused, so nobody slips in meanwhile.
+            os.chmod(self.socket_path, SOCKET_MODE)
             lsock.listen(4)
             lsock.setblocking(False)
         except OSError:
@@ -380,17 +411,35 @@ class VfioUserServer:
         self._dma = DmaTable()
         self._batch = []
         self._out.clear()
-        self._want_write = False
+        self._queued = 0
+        self._paused = self._resume_scheduled = False
         self._trace = log.isEnabledFor(logging.DEBUG)
+        self._events = selectors.EVENT_READ
         self._sel.register(sock, selectors.EVENT_READ, self._on_client_io)
         self.clients_served += 1
         log.info("client connected on %s (#%d)", self.socket_path, self.clients_served)
 
     def _on_client_io(self, mask: int, _key: Any) -> None:
-        if mask & selectors.EVENT_WRITE:
-            self._flush()
-        if mask & selectors.EVENT_READ and self._sock is not None:
-            self._receive()
+        try:
+            if mask & selectors.EVENT_WRITE:
+                self._flush()
+            if mask & selectors.EVENT_READ and self._sock is not None and not self._paused:
+                self._receive()
+        except Exception as exc:  # a bug or a hostile message: lose this client, keep serving
+            log.exception("internal error serving the client")
+            self._drop_client(f"internal error: {type(exc).__name__}")
+
+    def _resume(self) -> None:
+        """The client drained its replies: handle the requests already buffered, read again."""
+        self._resume_scheduled = False
+        if self._sock is None or not self._paused:
+            return
+        self._paused = False
+        try:
+            self._process()
+        except Exception as exc:
+            log.exception("internal error serving the client")
+            self._drop_client(f"internal error: {type(exc).__name__}")
 
     def _receive(self) -> None:
         sock, conn = self._sock, self._conn
@@ -451,6 +500,15 @@ class VfioUserServer:
                 return
             if self._conn is not conn:  # dropped meanwhile (send failure)
                 return
+            if self._queued > MAX_QUEUED_OUTPUT:  # back-pressure: see MAX_QUEUED_OUTPUT
+                self._flush()
+                if self._conn is not conn:
+                    return
+                if self._queued > MAX_QUEUED_OUTPUT:
+                    log.info("client is not reading its replies (%d bytes queued); pausing its requests",
+                             self._queued)
+                    self._paused = True
+                    break
         self._flush()
 
     def _trace_request(self, ev: Any) -> None:
@@ -465,6 +523,7 @@ class VfioUserServer:
     def _send(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
         if not data:
             return
+        self._queued += len(data)
         if fds:
             if self._batch:
                 self._out.append((b"".join(self._batch), ()))
@@ -477,6 +536,7 @@ class VfioUserServer:
         sock = self._sock
         if sock is None:
             self._batch = []
+            self._queued = 0
             return
         batch = self._batch
         out = self._out
@@ -491,10 +551,10 @@ class VfioUserServer:
                 except OSError as exc:
                     self._drop_client(f"send failed: {exc}")
                     return
+                self._queued -= n
                 if n == len(data):
-                    if self._want_write:
-                        self._want_write = False
-                        self._sel.modify(sock, selectors.EVENT_READ, self._on_client_io)
+                    if self._events != selectors.EVENT_READ:
+                        self._update_events()
                     return
                 data = data[n:]
             out.append((data, ()))
@@ -510,15 +570,28 @@ class VfioUserServer:
             except OSError as exc:
                 self._drop_client(f"send failed: {exc}")
                 return
+            self._queued -= n
             if n < len(data):
                 out[0] = (data[n:], ())  # fds went with the first byte
             else:
                 out.popleft()
-        want_write = bool(out)
-        if want_write != self._want_write:
-            self._want_write = want_write
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
-            self._sel.modify(sock, events, self._on_client_io)
+        self._update_events()
+
+    def _update_events(self) -> None:
+        """Poll for writability while output waits; for requests unless paused (back-pressure)."""
+        if self._paused and self._queued <= RESUME_QUEUED_OUTPUT and not self._resume_scheduled:
+            self._resume_scheduled = True
+            self.call_soon(self._resume)
+        events = (0 if self._paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if self._out else 0)
+        if events != self._events and self._sock is not None:
+            if events:
+                if self._events:
+                    self._sel.modify(self._sock, events, self._on_client_io)
+                else:
+                    self._sel.register(self._sock, events, self._on_client_io)
+            else:  # paused with everything sent: _resume is scheduled
+                self._sel.unregister(self._sock)
+            self._events = events
 
     def _drop_client(self, reason: str) -> None:
         sock, conn, ctx = self._sock, self._conn, self._ctx
@@ -542,6 +615,9 @@ class VfioUserServer:
         self._irqs.close_all()
         self._batch = []
         self._out.clear()
+        self._queued = 0
+        self._paused = False
+        self._events = 0
         if self._listener is not None and not self._stopping:
             with contextlib.suppress(KeyError):  # still registered if the client was adopted
                 self._sel.register(self._listener, selectors.EVENT_READ, self._on_accept)
@@ -582,7 +658,9 @@ class VfioUserServer:
             log.error("device returned %d bytes for a %d-byte read of region %d", len(data), m.count, m.region)
             raise VfioUserError(errno.EIO, "short region read")
         if not m.no_reply:
-            self._batch.append(p.build_region_read_reply(m.msg_id, m.region, m.offset, data))
+            r = p.build_region_read_reply(m.msg_id, m.region, m.offset, data)
+            self._batch.append(r)
+            self._queued += len(r)
 
     def _on_region_write(self, m: p.RegionWrite) -> None:
         data = m.data
@@ -591,7 +669,9 @@ class VfioUserServer:
             raise self._region_error(m.region, m.offset, len(data), True)
         self.device.region_write(m.region, m.offset, data)
         if not m.no_reply:
-            self._batch.append(p.build_region_write_reply(m.msg_id, m.region, m.offset, len(data)))
+            r = p.build_region_write_reply(m.msg_id, m.region, m.offset, len(data))
+            self._batch.append(r)
+            self._queued += len(r)
 
     def _on_region_write_multi(self, m: p.RegionWriteMulti) -> None:
         lim = self._write_limits
@@ -690,6 +770,7 @@ class VfioUserServer:
                 self.call_soon(lambda r=exc.reason: self._finish_op(op, False, r))
                 return
             self._dma_ops[msg_id] = (op, k, iova + off, n)
+            op.ids.append(msg_id)
             self._send(out)
         op.timer = self.call_later(self.dma_timeout, lambda: self._finish_op(op, False, "timed out"))
         if self._trace:
@@ -725,6 +806,16 @@ class VfioUserServer:
         op.finished = True
         if op.timer is not None:
             op.timer.cancel()
+        # Free the request slots of parts still unanswered (timeout, error in another part): else
+        # after MAX_PENDING_REQUESTS timeouts every later DMA of the connection would fail.
+        conn = self._conn
+        for msg_id in op.ids:
+            entry = self._dma_ops.get(msg_id)
+            if entry is not None and entry[0] is op:
+                del self._dma_ops[msg_id]
+                if conn is not None:
+                    conn.forget_request(msg_id)
+        op.ids = []
         if not ok:
             log.warning("message DMA %s at %#x failed: %s", "write" if op.write else "read", op.iova, reason)
             result: Any = False if op.write else None
