@@ -1,0 +1,65 @@
+"""vfio-user REGION_READ round trip: the card server's CPU per message over a real AF_UNIX socket, against
+a minimal Python echo of the same message over the same kind of socket, interleaved in the same run.
+
+QEMU's vCPU waits for each trapped read, so the client sends one REGION_READ and waits for its reply
+(ping-pong). CPU is read from each server process's /proc entry around a burst of messages, so the
+client's own cost is not counted; the median over the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+from pathlib import Path
+
+from .core import Progress, Row, at_most
+from .servers import Child, card_server, echo_server
+
+TARGET = at_most(1.1)
+
+
+def _burst(sock: socket.socket, msg: bytes, n: int, buf: bytearray) -> None:
+    send, recv_into = sock.sendall, sock.recv_into
+    for _ in range(n):
+        send(msg)
+        got = 0
+        while got < 36:  # header 16 + offset/region/count 16 + 4 data bytes
+            got += recv_into(memoryview(buf)[got:])
+
+
+def round_trip(run_dir: Path, messages: int, rounds: int, say: Progress) -> list[Row]:
+    from device.nic import regs
+    from device.vfio_user import protocol as p
+
+    from .vfio_client import VfioUserLink
+
+    say(f"vfio-user REGION_READ round trip: {rounds} rounds of {messages:,} messages, card vs echo")
+    msg = p.HEADER_REGION_RW.pack(7, p.Command.REGION_READ, 32, 0, 0, regs.reg("SCRATCH"), 0, 4)
+    buf = bytearray(64)
+    with Child(run_dir / "rtt-card.sock", card_server()) as card, \
+            Child(run_dir / "rtt-echo.sock", echo_server) as echo:
+        link = VfioUserLink(str(card.socket_path))
+        link.negotiate()
+        echo_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        echo_sock.connect(str(echo.socket_path))
+        results: dict[str, list[tuple[float, float]]] = {"card": [], "echo": []}
+        try:
+            for r in range(rounds + 1):
+                for name, child, sock in (("card", card, link.sock), ("echo", echo, echo_sock)):
+                    c0, t0 = child.cpu(), time.perf_counter()
+                    _burst(sock, msg, messages if r else messages // 4, buf)
+                    if r:  # round 0 warms both up
+                        results[name].append(((child.cpu() - c0) / messages, (time.perf_counter() - t0) / messages))
+        finally:
+            link.close()
+            echo_sock.close()
+    card_cpu = statistics.median(c for c, _ in results["card"]) * 1e6
+    echo_cpu = statistics.median(c for c, _ in results["echo"]) * 1e6
+    card_rtt = statistics.median(w for _, w in results["card"]) * 1e6
+    echo_rtt = statistics.median(w for _, w in results["echo"]) * 1e6
+    return [
+        Row("vfio-user REGION_READ: server CPU per message", card_cpu, "µs", echo_cpu,
+            "µs minimal Python echo", TARGET),
+        Row("vfio-user REGION_READ: round trip (wall)", card_rtt, "µs", echo_rtt, "µs minimal Python echo"),
+    ]
