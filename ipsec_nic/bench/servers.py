@@ -32,10 +32,25 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@contextlib.contextmanager
+def pinned(cpu: int):
+    """Run this process on ``cpu`` only for the duration (the previous affinity comes back after)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def last_cpu() -> int:
+    return max(os.sched_getaffinity(0))
+
+
 class Child:
     """A forked child running ``body(socket_path)``; stopped by SIGTERM then SIGKILL."""
 
-    def __init__(self, socket_path: Path, body: Callable[[str], None]) -> None:
+    def __init__(self, socket_path: Path, body: Callable[[str], None], cpu: int | None = None) -> None:
         self.socket_path = socket_path
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
@@ -44,6 +59,8 @@ class Child:
             code = 0
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which stops us
+                if cpu is not None:
+                    os.sched_setaffinity(0, {cpu})
                 body(str(socket_path))
             except BaseException:  # noqa: BLE001 - report and leave without running the parent's cleanup
                 import traceback
@@ -87,36 +104,43 @@ class Child:
         self.stop()
 
 
+def card_function(wire: str = "discard"):
+    """The card (default profile) as a PCI function. ``wire``: "discard" takes every frame the card sends
+    and drops it with the link up (TX completes as on a cable nobody answers); "loopback" is the
+    profile's loopback wire (TX comes back as RX)."""
+    from device.nic.card import build_card
+    from device.nic.wire import Wire
+    from device.profile import profile_from_dict
+
+    class DiscardWire(Wire):
+        kind = "discard"
+
+        def attach(self, ctx, on_frame, on_link) -> None:
+            super().attach(ctx, on_frame, on_link)
+            self._set_link(True)
+
+        def _send(self, frame: bytes) -> bool:
+            return True
+
+    function = build_card(profile_from_dict({"wire": {"type": "loopback" if wire == "loopback" else "none"}}))
+    datapath = function.card.datapath
+    if wire == "discard":
+        datapath.wire.close()
+        datapath.wire = DiscardWire()
+    return function
+
+
 def card_server(wire: str = "discard") -> Callable[[str], None]:
-    """The card (default profile) behind VfioUserServer. ``wire``: "discard" takes every frame the card
-    sends and drops it with the link up (so TX completes as it would on a cable nobody answers);
-    "loopback" is the profile's loopback wire (TX comes back as RX)."""
+    """A child body serving :func:`card_function` with VfioUserServer until SIGTERM."""
 
     def body(path: str) -> None:
-        from device.nic.card import build_card
-        from device.nic.wire import Wire
-        from device.profile import profile_from_dict
         from device.vfio_user.server import serve
 
-        class DiscardWire(Wire):
-            kind = "discard"
-
-            def attach(self, ctx, on_frame, on_link) -> None:
-                super().attach(ctx, on_frame, on_link)
-                self._set_link(True)
-
-            def _send(self, frame: bytes) -> bool:
-                return True
-
-        function = build_card(profile_from_dict({"wire": {"type": "loopback" if wire == "loopback" else "none"}}))
-        datapath = function.card.datapath
-        if wire == "discard":
-            datapath.wire.close()
-            datapath.wire = DiscardWire()
+        function = card_function(wire)
         try:
             serve(path, function)
         finally:
-            datapath.close()
+            function.card.datapath.close()
 
     return body
 

@@ -4,17 +4,23 @@ a minimal Python echo of the same message over the same kind of socket, interlea
 QEMU's vCPU waits for each trapped read, so the client sends one REGION_READ and waits for its reply
 (ping-pong). CPU is read from each server process's /proc entry around a burst of messages, so the
 client's own cost is not counted; the median over the rounds is reported.
+
+Client and both servers are pinned to one CPU. Unpinned, the scheduler sometimes keeps a ping-pong pair
+on one CPU (a direct switch) and sometimes splits it (each message then pays a cross-CPU wakeup, which
+the woken process is charged for): on 2-CPU machines that flips a run's figure by 4x at random. Pinned,
+both servers are charged the same kind of switch and the ratio compares their own work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import statistics
 import time
 from pathlib import Path
 
 from .core import Progress, Row, at_most
-from .servers import Child, card_server, echo_server
+from .servers import Child, card_server, echo_server, last_cpu, pinned
 
 TARGET = at_most(1.1)
 
@@ -37,8 +43,9 @@ def round_trip(run_dir: Path, messages: int, rounds: int, say: Progress) -> list
     say(f"vfio-user REGION_READ round trip: {rounds} rounds of {messages:,} messages, card vs echo")
     msg = p.HEADER_REGION_RW.pack(7, p.Command.REGION_READ, 32, 0, 0, regs.reg("SCRATCH"), 0, 4)
     buf = bytearray(64)
-    with Child(run_dir / "rtt-card.sock", card_server()) as card, \
-            Child(run_dir / "rtt-echo.sock", echo_server) as echo:
+    cpu = last_cpu()
+    with Child(run_dir / "rtt-card.sock", card_server(), cpu) as card, \
+            Child(run_dir / "rtt-echo.sock", echo_server, cpu) as echo, pinned(cpu):
         link = VfioUserLink(str(card.socket_path))
         link.negotiate()
         echo_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -56,6 +63,8 @@ def round_trip(run_dir: Path, messages: int, rounds: int, say: Progress) -> list
             echo_sock.close()
         say("vfio-user posted REGION_WRITE stream (doorbell-like), card server CPU per message")
         posted = _posted_stream(card, messages, rounds)
+    say("vfio-user REGION_READ without a socket (the server's sans-I/O path, in this process)")
+    sans_io = _sans_io(run_dir, messages, rounds)
     card_cpu = statistics.median(c for c, _ in results["card"]) * 1e6
     echo_cpu = statistics.median(c for c, _ in results["echo"]) * 1e6
     card_rtt = statistics.median(w for _, w in results["card"]) * 1e6
@@ -64,6 +73,9 @@ def round_trip(run_dir: Path, messages: int, rounds: int, say: Progress) -> list
         Row("vfio-user REGION_READ: server CPU per message", card_cpu, "µs", echo_cpu,
             "µs minimal Python echo", TARGET),
         Row("vfio-user REGION_READ: round trip (wall)", card_rtt, "µs", echo_rtt, "µs minimal Python echo"),
+        Row("vfio-user REGION_READ: server CPU per message without the socket", sans_io, "µs",
+            note="bytes -> connection -> handlers -> card -> reply bytes" if sans_io is not None
+            else "n/a: the server's internals changed (bench/vfio_rtt.py _sans_io)"),
         Row("vfio-user posted REGION_WRITE (SCRATCH): server CPU per message", posted, "µs",
             note="stream of 256 posted writes, then one read"),
     ]
@@ -95,3 +107,63 @@ def _posted_stream(card: Child, messages: int, rounds: int) -> float:
     finally:
         link.close()
     return statistics.median(per) * 1e6
+
+
+class _Sink:
+    """Stands in for the client socket: takes every reply whole."""
+
+    def send(self, data) -> int:
+        return len(data)
+
+
+def _sans_io(run_dir: Path, messages: int, rounds: int) -> float | None:
+    """CPU per REGION_READ through the server's own receive -> process -> reply path with the socket
+    replaced by a sink: what a message costs the server before any syscall. Reaches into the server's
+    private loop (no public sans-I/O entry point exists); None if that has changed."""
+    from device.nic import regs
+    from device.vfio_user import protocol as p
+    from device.vfio_user.server import VfioUserServer
+
+    from .servers import card_function
+    from .vfio_client import _CAPS
+
+    function = card_function("discard")
+    server = VfioUserServer(str(run_dir / "sans-io.sock"), function)
+    a, b = socket.socketpair()
+    try:
+        server.adopt_client(a)
+        b.sendall(_version_message(_CAPS))
+        server._receive()  # negotiate through the real path
+        b.recv(65536)
+        server._sock = _Sink()  # type: ignore[assignment]
+        conn, process = server._conn, server._process
+        msg = p.HEADER_REGION_RW.pack(7, p.Command.REGION_READ, 32, 0, 0, regs.reg("SCRATCH"), 0, 4)
+        per = []
+        for r in range(rounds + 1):
+            n = messages if r else messages // 4
+            c0 = time.thread_time()
+            for _ in range(n):
+                conn.receive_data(msg)
+                process()
+            if r:
+                per.append((time.thread_time() - c0) / n)
+        return statistics.median(per) * 1e6
+    except (AttributeError, TypeError):
+        return None
+    finally:
+        server._sock = a
+        with contextlib.suppress(Exception):
+            server.close()
+        a.close()
+        b.close()
+        if function.card.datapath is not None:
+            function.card.datapath.close()
+
+
+def _version_message(caps: dict) -> bytes:
+    import json
+
+    from device.vfio_user import protocol as p
+
+    body = p.VERSION_HEAD.pack(p.VERSION_MAJOR, p.VERSION_MINOR) + json.dumps(caps).encode() + b"\0"
+    return p.HEADER.pack(1, p.Command.VERSION, p.HEADER_SIZE + len(body), 0, 0) + body
