@@ -127,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra arguments for pytest, passed on in order, e.g. -x -k firmware")
     t.set_defaults(func=cmd_test)
 
-    b = sub.add_parser("bench", help="measure every performance figure against same-run references; one table")
+    b = sub.add_parser(
+        "bench", help="measure every performance figure against same-run references; one table",
+        description="Run every benchmark and print one table: figure, value, unit, the reference measured in "
+                    "the same run, their ratio, the target and whether it is met. Progress goes to stderr. "
+                    "The full run boots one VM and runs the demo (about 5 minutes).")
     from ipsec_nic.bench.runner import add_arguments as add_bench_arguments
 
     add_bench_arguments(b)
