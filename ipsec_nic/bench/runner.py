@@ -68,7 +68,7 @@ def _vfio_user(s: Settings, say: Progress) -> list[Row]:
 def _datapath(s: Settings, say: Progress) -> list[Row]:
     from .datapath import host_datapath
 
-    return host_datapath(s.run_dir, s.frames, say, s.seconds, s.rounds)
+    return host_datapath(s.run_dir, s.frames, say, s.rounds)
 
 
 def _sadb(s: Settings, say: Progress) -> list[Row]:
