@@ -72,3 +72,11 @@ def test_access_accounting_follows_the_servers_sparse_mmap(tmp_path):
         server.stop()
         thread.join(5)
         os.close(device.bar2_fd)
+
+
+def test_unknown_benchmark_name_is_refused_with_the_list(capsys):
+    from ipsec_nic.cli import main
+
+    assert main(["bench", "--only", "esp,nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "nonsense" in err and "vfio-user" in err
