@@ -30,6 +30,11 @@ _CAPS = {"capabilities": {"max_msg_fds": 16, "max_data_xfer_size": 1 << 20, "pgs
                           "max_dma_maps": 65535, "write_multiple": True}}
 
 
+def version_payload() -> bytes:
+    """VERSION request body: major, minor, NUL-terminated JSON capabilities (what QEMU offers)."""
+    return p.VERSION_HEAD.pack(p.VERSION_MAJOR, p.VERSION_MINOR) + json.dumps(_CAPS).encode() + b"\0"
+
+
 class ClientError(RuntimeError):
     pass
 
@@ -121,8 +126,7 @@ class VfioUserLink:
         return self._recv_reply(msg_id)
 
     def negotiate(self) -> None:
-        self.request(p.Command.VERSION, p.VERSION_HEAD.pack(p.VERSION_MAJOR, p.VERSION_MINOR)
-                     + json.dumps(_CAPS).encode() + b"\0")
+        self.request(p.Command.VERSION, version_payload())
 
     def dma_map(self, iova: int, size: int, fd: int) -> None:
         flags = p.DMA_MAP_FLAG_READ | p.DMA_MAP_FLAG_WRITE

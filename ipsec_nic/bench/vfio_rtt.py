@@ -125,14 +125,15 @@ def _sans_io(run_dir: Path, messages: int, rounds: int) -> float | None:
     from device.vfio_user.server import VfioUserServer
 
     from .servers import card_function
-    from .vfio_client import _CAPS
+    from .vfio_client import version_payload
 
     function = card_function("discard")
     server = VfioUserServer(str(run_dir / "sans-io.sock"), function)
     a, b = socket.socketpair()
     try:
         server.adopt_client(a)
-        b.sendall(_version_message(_CAPS))
+        body = version_payload()
+        b.sendall(p.HEADER.pack(1, p.Command.VERSION, p.HEADER_SIZE + len(body), 0, 0) + body)
         server._receive()  # negotiate through the real path
         b.recv(65536)
         server._sock = _Sink()  # type: ignore[assignment]
@@ -158,12 +159,3 @@ def _sans_io(run_dir: Path, messages: int, rounds: int) -> float | None:
         b.close()
         if function.card.datapath is not None:
             function.card.datapath.close()
-
-
-def _version_message(caps: dict) -> bytes:
-    import json
-
-    from device.vfio_user import protocol as p
-
-    body = p.VERSION_HEAD.pack(p.VERSION_MAJOR, p.VERSION_MINOR) + json.dumps(caps).encode() + b"\0"
-    return p.HEADER.pack(1, p.Command.VERSION, p.HEADER_SIZE + len(body), 0, 0) + body
