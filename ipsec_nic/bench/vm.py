@@ -65,7 +65,7 @@ def vm_figures(seconds: float, say: Progress, logs: Path) -> list[Row]:
             wire = {"type": "dgram", "path": str(d / "card-wire.sock"), "peer": str(d / "peer.sock")}
             profile = write_profile(d / "card.yaml", overrides={"wire": wire})
             with CardServer(d / "card.sock", profile, logs / "card.log", verbose=0) as card:
-                say("VM: booting with the card and QEMU's edu device (TCG)")
+                say("VM: booting with the card and QEMU's edu device")
                 cfg = VmConfig(cards=(VfioUserCard(d / "card.sock"),), extra_args=("-device", "edu"),
                                log_dir=logs / "vm")
                 with Vm(cfg, tc) as vm:
@@ -81,9 +81,9 @@ def vm_figures(seconds: float, say: Progress, logs: Path) -> list[Row]:
         finally:
             drain.close()
     rows += [
-        Row("guest register reads/s, card ICR (hot path; trapped)", mm["card_read"], "read/s", mm["edu_read"],
+        Row("guest register reads/s, card ICR (the hot-path read)", mm["card_read"], "read/s", mm["edu_read"],
             "read/s on QEMU's edu BAR", MMIO_TARGET),
-        Row("guest doorbells/s, card TX tail (trapped)", mm["card_doorbell"], "write/s", mm["edu_write"],
+        Row("guest doorbells/s, card TX tail", mm["card_doorbell"], "write/s", mm["edu_write"],
             "write/s on QEMU's edu BAR"),
         Row("guest Python loop on plain memory (interpreter floor)", mm["python_floor"], "access/s"),
     ]
