@@ -81,6 +81,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, cwd=REPO)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ipsec_nic.bench import runner as bench_runner
+
+    return bench_runner.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ipsec-nic", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("pytest_args", nargs="*", metavar="PYTEST_ARG",
                    help="extra arguments for pytest, passed on in order, e.g. -x -k firmware")
     t.set_defaults(func=cmd_test)
+
+    b = sub.add_parser(
+        "bench", help="measure every performance figure against same-run references; one table",
+        description="Run every benchmark and print one table: figure, value, unit, the reference measured in "
+                    "the same run, their ratio, the target and whether it is met. Progress goes to stderr. "
+                    "The full run boots one VM and runs the demo (about 5 minutes).")
+    from ipsec_nic.bench.runner import add_arguments as add_bench_arguments
+
+    add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     try:
         from firmware_model import fwtool

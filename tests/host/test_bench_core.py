@@ -1,0 +1,82 @@
+"""The benchmark harness's arithmetic and output (ipsec_nic/bench/core.py), and the vfio-user client's
+access accounting against the real server with a sparse-mmapped region (tests/protocol/fake_device.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+
+from device.vfio_user.server import VfioUserServer
+from ipsec_nic.bench.core import Row, at_least, at_most, format_markdown, format_table, rates, write_json
+from ipsec_nic.bench.vfio_client import LinkMmio, VfioUserLink
+
+from ..protocol.fake_device import FakeDevice
+
+
+def test_ratio_and_target_follow_value_and_reference():
+    fast = Row("x", 450.0, "pkt/s", 1000.0, "ref/s", at_least(0.45))
+    slow = Row("x", 440.0, "pkt/s", 1000.0, "ref/s", at_least(0.45))
+    assert fast.ratio == pytest.approx(0.45) and fast.met is True
+    assert slow.met is False
+    cpu = Row("cpu", 12.0, "µs", 10.0, "µs", at_most(1.1))
+    assert cpu.ratio == pytest.approx(1.2) and cpu.met is False
+    assert Row("cpu", 11.0, "µs", 10.0, "µs", at_most(1.1)).met is True
+
+
+def test_rows_without_value_or_reference_have_no_ratio_and_no_verdict():
+    missing = Row("kernel driver", None, "pkt/s", target=at_least(3), note="n/a — needs the kernel driver")
+    assert missing.ratio is None and missing.met is None
+    report = Row("boot", 12.5, "s")
+    assert report.ratio is None and report.met is None
+    table = format_table([missing, report])
+    assert "n/a — needs the kernel driver" in table and "12.5" in table
+    assert "| kernel driver | n/a — needs the kernel driver |" in format_markdown([missing])
+
+
+def test_json_rows_carry_the_documented_fields(tmp_path):
+    path = tmp_path / "bench.json"
+    write_json([Row("a", 2.0, "x/s", 4.0, "ref", at_least(0.4))], path, {"quick": True})
+    (row,) = json.loads(path.read_text())["rows"]
+    assert {"name", "value", "unit", "reference", "ratio", "target", "met"} <= row.keys()
+    assert row["ratio"] == pytest.approx(0.5) and row["target"] == "≥ 0.4×" and row["met"] is True
+
+
+def test_rates_ranks_a_cheaper_call_above_a_dearer_one():
+    cheap, dear = rates([(len, b"x"), (lambda n: sum(range(n)), 2000)], seconds=0.06, rounds=3, batch=20)
+    assert cheap > 5 * dear > 0
+
+
+def test_access_accounting_follows_the_servers_sparse_mmap(tmp_path):
+    """BAR2 of the fake device: its first page is a sparse-mmap area (no message), the second is not."""
+    device = FakeDevice()
+    server = VfioUserServer(str(tmp_path / "s.sock"), device)
+    thread = server.start_in_thread()
+    link = VfioUserLink(server.socket_path)
+    try:
+        link.negotiate()
+        mmio = LinkMmio(link, 2, 8192)
+        mmio.write32(0x10, 0xA5A5_0001)  # mapped page
+        mmio.write32(0x1010, 0x5A5A_0002)  # trapped page: a posted REGION_WRITE
+        assert mmio.read32(0x10) == 0xA5A5_0001
+        assert mmio.read32(0x1010) == 0x5A5A_0002  # the read also proves the posted write landed
+        c = link.counts
+        assert (c.reads, c.writes, c.mapped_reads, c.mapped_writes, c.messages) == (2, 2, 1, 1, 2)
+        # Both paths reach the same device memory.
+        assert struct.unpack("<I", os.pread(device.bar2_fd, 4, 0x10))[0] == 0xA5A5_0001
+        mmio.close()
+    finally:
+        link.close()
+        server.stop()
+        thread.join(5)
+        os.close(device.bar2_fd)
+
+
+def test_unknown_benchmark_name_is_refused_with_the_list(capsys):
+    from ipsec_nic.cli import main
+
+    assert main(["bench", "--only", "esp,nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "nonsense" in err and "vfio-user" in err
