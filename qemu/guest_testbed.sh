@@ -116,6 +116,18 @@ reachable() {
     retry 10 ping -6 -c 1 -W 2 "$TB_PEER6" || fail "the peer $TB_PEER6 does not answer ping -6 from $1"
 }
 
+# After ARP/ND worked once: permanent neighbour entries on both ends. Unicast neighbour probes between
+# the two addresses would otherwise ride host-to-host IPsec policies later and upset exact packet counts.
+pin_neighbours() {
+    card_mac=$(cat "/sys/class/net/$1/address")
+    peer_mac=$(ip netns exec "$TB_NETNS" cat "/sys/class/net/$2/address")
+    ip neigh replace "$TB_PEER4" lladdr "$peer_mac" dev "$1" nud permanent &&
+        ip neigh replace "$TB_PEER6" lladdr "$peer_mac" dev "$1" nud permanent &&
+        ip -n "$TB_NETNS" neigh replace "$TB_CARD4" lladdr "$card_mac" dev "$2" nud permanent &&
+        ip -n "$TB_NETNS" neigh replace "$TB_CARD6" lladdr "$card_mac" dev "$2" nud permanent ||
+        fail "cannot pin the neighbour entries"
+}
+
 write_env() {
     {
         echo "export IPSEC_NIC_DEV='$1'"
@@ -143,6 +155,7 @@ setup() {
         if [ "$TB_PEER" = 1 ]; then
             vif=$(setup_peer) || exit 125
             reachable "$dev"
+            pin_neighbours "$dev" "$vif"
         fi
     elif [ "$TB_PEER" = 1 ]; then
         vif=$(setup_python_peer) || exit 125

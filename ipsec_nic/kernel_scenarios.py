@@ -1,0 +1,312 @@
+"""Scenarios through the card's Linux driver: plain `ip xfrm ... offload crypto|packet dev DEV` in the guest.
+
+The kernel-path twin of guest_tools/scenario.py, for `ipsec-nic demo --kernel-driver` and tests/vm:
+the same Spec and the same SAs (guest_tools.scenario.sa_document), but the card side is the guest
+kernel's own XFRM stack in the root netns, handing its states (and, for packet offload, its
+policies) to the card's driver; the peer in netns ``peer`` is software XFRM with the mirrored states
+(guest_tools/xfrm_peer.py). Traffic is ping from the card's side: ``count`` echo requests go out on
+the card's outbound SA and ``count`` replies come back on its inbound SA.
+
+The host builds every command and parses every answer; keys travel to the guest inside commands
+and never come back: each `ip xfrm state` listing is filtered in the guest (KEY_FILTER) first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import time
+from typing import Any
+
+from firmware_model.params import Direction, SaParams
+from firmware_model.sa_file import parse_sa_document
+from guest_tools import xfrm_peer
+from guest_tools.scenario import SPI_IN, SPI_OUT, Spec, fill_keys, sa_document
+
+NETNS = xfrm_peer.DEFAULT_NETNS
+SECTION = "@@section "
+# Drops the algorithm lines (they carry the keys) from `ip xfrm state` output, in the guest.
+KEY_FILTER = "grep -v -E '^[[:space:]]+(aead|enc|auth|auth-trunc|comp) '"
+PING_INTERVAL_S = 0.05
+PING_DEADLINE_S = 60
+# The card's counters in `ethtool -S` (mlx5's names for offloaded packets).
+ETHTOOL_TX, ETHTOOL_RX = "ipsec_tx_pkts", "ipsec_rx_pkts"
+# UDP-ESP (RFC 3948) needs a socket with UDP_ENCAP_ESPINUDP on port 4500 for the stack to decapsulate
+# (net/ipv4/udp.c); an IKE daemon holds one. This holds one (with bypass policies, as IKE daemons do
+# for their own socket: guest_tools.scenario.bypass_policy) until killed.
+NATT_HOLDER = (
+    "import socket, sys, time\n"
+    "from guest_tools.scenario import (NAT_T_PORT, SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP, XFRM_POLICY_IN,\n"
+    "    XFRM_POLICY_OUT, bypass_policy)\n"
+    "family = int(sys.argv[1])\n"
+    "s = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM)\n"
+    "if family == 6:\n"
+    "    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n"
+    "s.setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)\n"
+    "for d in (XFRM_POLICY_IN, XFRM_POLICY_OUT):\n"
+    "    s.setsockopt(*bypass_policy(family, d))\n"
+    "s.bind(('0.0.0.0' if family == 4 else '::', NAT_T_PORT))\n"
+    "open(sys.argv[2], 'w').close()\n"
+    "time.sleep(3600)\n"
+)
+
+
+class KernelScenarioError(RuntimeError):
+    """A guest command of the scenario failed in a way that is not a result (message has its output)."""
+
+
+# --- commands (pure) ------------------------------------------------------------------------------------
+
+
+def _flipped(p: SaParams) -> SaParams:
+    """The same SA seen from the other end. xfrm_peer.state_add/policy_add build the peer's view of a
+    card SA; the card's own kernel state is the peer's view of the flipped SA (the card's outbound SA
+    gets its output counter from ``seq``, its inbound one the receive window, its policy the own dir)."""
+    other = Direction.INBOUND if p.direction == Direction.OUTBOUND else Direction.OUTBOUND
+    return dataclasses.replace(p, direction=other)
+
+
+def card_state_add(p: SaParams, reqid: int, dev: str, offload: str) -> list[str]:
+    """argv (after `ip`) for the card's own state, handed to the driver (man ip-xfrm: offload ... dev ... dir)."""
+    if offload not in ("crypto", "packet"):
+        raise ValueError(f"offload must be crypto or packet, not {offload!r}")
+    way = "out" if p.direction == Direction.OUTBOUND else "in"
+    return [*xfrm_peer.state_add(_flipped(p), reqid), "offload", offload, "dev", dev, "dir", way]
+
+
+def card_policy_add(p: SaParams, reqid: int, dev: str, offload: str) -> list[str]:
+    """argv for the card's policy; packet offload hands the policy to the driver too (before the template,
+    which iproute2 parses up to the end of the line)."""
+    argv = xfrm_peer.policy_add(_flipped(p), reqid)
+    if offload == "packet":
+        at = argv.index("tmpl")
+        argv[at:at] = ["offload", "packet", "dev", dev]
+    return argv
+
+
+def card_commands(sas: list[SaParams], dev: str, offload: str, first_reqid: int = 1) -> list[list[str]]:
+    out: list[list[str]] = []
+    for i, p in enumerate(sas):
+        out.append(card_state_add(p, first_reqid + i, dev, offload))
+        out.append(card_policy_add(p, first_reqid + i, dev, offload))
+    return out
+
+
+def batch(commands: list[list[str]], netns: str | None = None) -> str:
+    """Guest shell: `ip -batch` over a here-document (keys stay out of argv, ps and error messages:
+    iproute2 reports the failing line's number)."""
+    ns = f"-n {netns} " if netns else ""
+    return f"ip {ns}-batch - <<'IPSEC_NIC_EOF'\n{xfrm_peer.batch_text(commands)}IPSEC_NIC_EOF\n"
+
+
+def sections(output: str) -> dict[str, str]:
+    """Split a guest command's output at `@@section NAME` lines."""
+    out: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in output.splitlines():
+        if line.startswith(SECTION):
+            current = out.setdefault(line[len(SECTION):].strip(), [])
+        elif current is not None:
+            current.append(line)
+    return {name: "\n".join(lines) for name, lines in out.items()}
+
+
+def section(name: str, command: str) -> str:
+    return f"echo '{SECTION}{name}'; {command}"
+
+
+def counters_command(dev: str) -> str:
+    """Everything read before and after traffic, in one guest command (keys filtered out)."""
+    return "\n".join([
+        section("ethtool", f"ethtool -S {dev}"),
+        section("card_states", f"ip -s xfrm state | {KEY_FILTER}"),
+        section("peer_states", f"ip -n {NETNS} -s xfrm state | {KEY_FILTER}"),
+        section("card_xfrm_stat", "cat /proc/net/xfrm_stat"),
+        section("peer_xfrm_stat", f"ip netns exec {NETNS} cat /proc/net/xfrm_stat"),
+        section("card_policies", "ip xfrm policy"),
+    ])
+
+
+FLUSH = "ip xfrm policy flush; ip xfrm state flush; ip -n {ns} xfrm policy flush; ip -n {ns} xfrm state flush"
+
+
+# --- parsing (pure) -------------------------------------------------------------------------------------
+
+
+def parse_ethtool_stats(text: str) -> dict[str, int]:
+    """`ethtool -S DEV`: '     name: value' lines."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, sep, value = line.strip().rpartition(":")
+        if sep and value.strip().isdigit():
+            out[name.strip()] = int(value)
+    return out
+
+
+_OFFLOAD = re.compile(r"(crypto|packet)? ?offload parameters: dev (\S+) dir (\S+)(?: mode (\S+))?")
+
+
+def parse_state_offload(text: str) -> dict[int, dict[str, str]]:
+    """SPI -> {dev, dir, mode} for the states of `ip xfrm state` that are offloaded (iproute2 ipxfrm.c
+    prints 'crypto offload parameters: dev D dir in|out mode crypto|packet')."""
+    out: dict[int, dict[str, str]] = {}
+    spi: int | None = None
+    for line in text.splitlines():
+        m = re.search(r"\bproto esp spi (0x[0-9a-f]+)", line)
+        if m:
+            spi = int(m.group(1), 16)
+            continue
+        m = _OFFLOAD.search(line)
+        if m and spi is not None:
+            out[spi] = {"dev": m.group(2), "dir": m.group(3), "mode": m.group(4) or m.group(1) or ""}
+    return out
+
+
+def parse_ping(text: str) -> dict[str, int]:
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", text)
+    return {"sent": int(m.group(1)), "received": int(m.group(2))} if m else {"sent": 0, "received": 0}
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def read_counters(output: str) -> dict[str, Any]:
+    parts = sections(output)
+    return {
+        "ethtool": parse_ethtool_stats(parts.get("ethtool", "")),
+        "card_states": [s.as_dict() for s in xfrm_peer.parse_state_stats(parts.get("card_states", ""))],
+        "card_offload": parse_state_offload(parts.get("card_states", "")),
+        "peer_states": [s.as_dict() for s in xfrm_peer.parse_state_stats(parts.get("peer_states", ""))],
+        "card_xfrm_stat": xfrm_peer.parse_xfrm_stat(parts.get("card_xfrm_stat", "")),
+        "peer_xfrm_stat": xfrm_peer.parse_xfrm_stat(parts.get("peer_xfrm_stat", "")),
+        "card_policy_offload": len(re.findall(r"offload parameters: dev", parts.get("card_policies", ""))),
+    }
+
+
+# --- one scenario in a running topology ---------------------------------------------------------------
+
+
+def natt_holders(family: int) -> str:
+    """Guest shell: start a NAT-T socket holder on each side (PIDs in /run/natt-*.pid), wait until both hold."""
+    lines = ["rm -f /run/natt-card.ready /run/natt-peer.ready", f"NATT={shlex.quote(NATT_HOLDER)}"]
+    for side, prefix in (("card", ""), ("peer", f"ip netns exec {NETNS} ")):
+        lines.append(f'{prefix}python3 -c "$NATT" {family} /run/natt-{side}.ready >/run/natt-{side}.log 2>&1 '
+                     f"</dev/null & echo $! >/run/natt-{side}.pid")
+    lines.append("for i in $(seq 100); do [ -e /run/natt-card.ready ] && [ -e /run/natt-peer.ready ] && break; "
+                 "sleep 0.1; done")
+    return "\n".join(lines) + "\n"
+
+
+def traffic_addresses(spec: Spec) -> tuple[str, str]:
+    """(card, peer) addresses the ping uses: the endpoints, or the inner networks in tunnel mode."""
+    return xfrm_peer.PeerNet().addrs(spec.family, tunnel=spec.tunnel)
+
+
+def _state(states: list[dict[str, Any]], spi: int) -> dict[str, Any]:
+    return next((s for s in states if s.get("spi") == spi), {})
+
+
+def run_scenario(topo: Any, spec: Spec, dev: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Run one scenario through ``topo`` (ipsec_nic.topology.Topology with a kernel module); returns the
+    result. A refused SA is a result (``add_error``), not an exception."""
+    spec.check()
+    t0 = time.monotonic()
+    sas = parse_sa_document(fill_keys(sa_document(spec)))
+    flush = FLUSH.format(ns=NETNS)
+    result: dict[str, Any] = {"name": spec.name, "spec": dataclasses.asdict(spec)}
+
+    def guest(command: str, what: str, check: bool = True):
+        r = topo.guest(command, timeout)
+        if r.timed_out or (check and r.exit_code != 0):
+            raise KernelScenarioError(f"{spec.name}: {what} failed (exit {r.exit_code}):\n{r.output[-2000:]}")
+        return r
+
+    before = read_counters(guest(f"{flush}\n{counters_command(dev)}", "reading the counters").output)
+    add = guest(batch(card_commands(sas, dev, spec.offload)) + batch(xfrm_peer.peer_commands(sas), NETNS),
+                "adding the SAs", check=False)
+    if add.exit_code != 0:
+        result["add_error"] = add.output.strip()[-1000:]
+        guest(flush, "flushing")
+        return result
+    holders = natt_holders(spec.family) if spec.encap else ""
+    _, peer_addr = traffic_addresses(spec)
+    ping = (f"ping -{spec.family} -c {spec.count} -s {spec.size} -i {PING_INTERVAL_S} -W 5 -w {PING_DEADLINE_S} "
+            f"{peer_addr}")
+    traffic = guest(f"{holders}{section('ping', ping)}; {section('after', counters_command(dev))}"
+                    + ("\nkill $(cat /run/natt-card.pid /run/natt-peer.pid)" if spec.encap else ""),
+                    "the traffic", check=False)
+    parts = sections(traffic.output)
+    after_text = traffic.output.split(f"{SECTION}after", 1)[-1]
+    after = read_counters(after_text)
+    result["ping"] = parse_ping(parts.get("ping", ""))
+    result["ping_output"] = parts.get("ping", "")[-600:]
+    result["card_states"], result["peer_states"] = after["card_states"], after["peer_states"]
+    result["card_offload"] = {f"{k:#x}": v for k, v in after["card_offload"].items()}
+    result["card_policy_offload"] = after["card_policy_offload"]
+    result["ethtool_delta"] = _delta(after["ethtool"], before["ethtool"])
+    result["card_xfrm_stat_delta"] = _delta(after["card_xfrm_stat"], before["card_xfrm_stat"])
+    result["peer_xfrm_stat_delta"] = _delta(after["peer_xfrm_stat"], before["peer_xfrm_stat"])
+    if not spec.keep_sas:
+        result["after_flush"] = flush_and_count(topo, dev)
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    return result
+
+
+def flush_and_count(topo: Any, dev: str) -> dict[str, Any]:
+    """Flush both sides; what is left: states on each side and the card's own SA count (ethtool -S)."""
+    r = topo.guest(f"{FLUSH.format(ns=NETNS)}\n" + section("card", "ip xfrm state | grep -c '^src' || true")
+                   + "; " + section("peer", f"ip -n {NETNS} xfrm state | grep -c '^src' || true")
+                   + "; " + section("ethtool", f"ethtool -S {dev}"))
+    parts = sections(r.output)
+    stats = parse_ethtool_stats(parts.get("ethtool", ""))
+    return {"card_states": int(parts.get("card", "-1").strip() or -1),
+            "peer_states": int(parts.get("peer", "-1").strip() or -1),
+            "card_sas": stats.get("sa_count")}
+
+
+def kernel_failures(spec: Spec, result: dict[str, Any], dev: str) -> list[str]:
+    """Everything wrong with a kernel-path scenario; [] when every ping came back, both sides counted
+    exactly ``count`` packets on each SA, the card's counters say the same, and nothing moved an error counter."""
+    bad: list[str] = []
+    n = spec.count
+
+    def expect(what: str, got: object, want: object) -> None:
+        if got != want:
+            bad.append(f"{what}: got {got!r}, expected {want!r}")
+
+    if "add_error" in result:
+        return [f"adding the SAs failed: {result['add_error']}"]
+    expect("ping (transmitted, received)", (result["ping"]["sent"], result["ping"]["received"]), (n, n))
+    out_spi, in_spi = SPI_OUT + spec.spi_base, SPI_IN + spec.spi_base
+    for spi, way in ((out_spi, "out"), (in_spi, "in")):
+        offload = result["card_offload"].get(f"{spi:#x}")
+        expect(f"card state {spi:#x} offload (dev, dir)", (offload or {}).get("dev"), dev)
+        expect(f"card state {spi:#x} offload dir", (offload or {}).get("dir"), way)
+        card = _state(result["card_states"], spi)
+        peer = _state(result["peer_states"], spi)
+        expect(f"card state {spi:#x} packets", card.get("packets"), n)
+        expect(f"peer state {spi:#x} packets", peer.get("packets"), n)
+        for key in ("integrity_failed", "replay", "replay_window_errors"):
+            expect(f"peer state {spi:#x} {key}", peer.get(key), 0)
+            expect(f"card state {spi:#x} {key}", card.get(key), 0)
+    if spec.offload == "packet":
+        expect("card policies handed to the driver", result["card_policy_offload"], 2)
+    delta = result["ethtool_delta"]
+    expect(f"card ethtool {ETHTOOL_TX}", delta.get(ETHTOOL_TX, 0), n)
+    expect(f"card ethtool {ETHTOOL_RX}", delta.get(ETHTOOL_RX, 0), n)
+    if spec.esn:
+        last = spec.seq + n
+        want = (last >> 32, last & 0xFFFF_FFFF)
+        card_out, peer_in = _state(result["card_states"], out_spi), _state(result["peer_states"], out_spi)
+        expect("card output position (oseq-hi, oseq)", (card_out.get("oseq_hi"), card_out.get("oseq")), want)
+        expect("peer receive position (seq-hi, seq)", (peer_in.get("seq_hi"), peer_in.get("seq")), want)
+    expect("card /proc/net/xfrm_stat counters that moved", result["card_xfrm_stat_delta"], {})
+    expect("peer /proc/net/xfrm_stat counters that moved", result["peer_xfrm_stat_delta"], {})
+    if not spec.keep_sas:
+        left = result.get("after_flush", {})
+        expect("states left after flush (card, peer)", (left.get("card_states"), left.get("peer_states")), (0, 0))
+        if left.get("card_sas") is not None:
+            expect("SAs left on the card after flush", left.get("card_sas"), 0)
+    return bad
