@@ -143,6 +143,7 @@ struct ipnc_adapter {
 	bool sa_delete_req_pending;
 
 	struct work_struct link_work;
+	struct dentry *debugfs;
 };
 
 /* registers */
@@ -174,5 +175,7 @@ bool ipnc_ipsec_tx(struct ipnc_adapter *a, struct sk_buff *skb, struct ipnc_tx_d
 bool ipnc_ipsec_tx_plain(struct ipnc_adapter *a, struct sk_buff *skb, struct ipnc_tx_desc *desc);
 void ipnc_ipsec_rx(struct ipnc_adapter *a, struct sk_buff *skb, const struct ipnc_rx_desc *desc);
 void ipnc_ipsec_sa_delete_req(struct ipnc_adapter *a);
+void ipnc_debugfs_init(struct ipnc_adapter *a, struct dentry *root);
+void ipnc_debugfs_exit(struct ipnc_adapter *a);
 
 #endif /* IPSEC_NIC_H */

@@ -16,9 +16,11 @@
  * xdo_dev_state_free -> V2_DELETE_SA, xdo_dev_state_advance_esn -> V2_UPDATE_SA,
  * xdo_dev_state_update_stats <- GET_SA_STATS (cached by a work item).
  */
+#include <linux/debugfs.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/seq_file.h>
 #include <linux/slab.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
@@ -324,6 +326,11 @@ static int ipnc_state_add(struct xfrm_state *x, struct netlink_ext_ack *extack)
 
 	if (x->id.proto != IPPROTO_ESP) {
 		NL_SET_ERR_MSG_MOD(extack, "only ESP SAs can be offloaded");
+		return -EINVAL;
+	}
+	if (ntohl(x->id.spi) < 256) {
+		/* RFC 4303 2.1: SPIs 1..255 are reserved; the card refuses them */
+		NL_SET_ERR_MSG_MOD(extack, "SPI 1..255 is reserved (RFC 4303 2.1): the card refuses it");
 		return -EINVAL;
 	}
 	if (x->props.family != AF_INET && x->props.family != AF_INET6) {
@@ -928,6 +935,77 @@ static void ipnc_stats_work(struct work_struct *work)
 	mutex_unlock(&a->sa_list_lock);
 	if (any)
 		schedule_delayed_work(&a->stats_work, IPNC_STATS_INTERVAL);
+}
+
+/*
+ * debugfs <root>/ipsec_nic/<pci>/ipsec: the card's own SA table (LIST_SAS), in the
+ * spirit of netdevsim's ipsec file that the kernel selftests read back.
+ */
+static int ipnc_sa_table_show(struct seq_file *m, void *unused)
+{
+	struct ipnc_adapter *a = m->private;
+	struct ipnc_list_sas_request req = { .max_entries = cpu_to_le32(64) };
+	struct ipnc_list_sas_response *head;
+	struct ipnc_sa_list_entry *e;
+	u32 len, i, start = 0, guard, row = 0;
+	bool first = true;
+	u8 *buf;
+	int err = 0;
+
+	buf = kmalloc(a->aq_buf_size, GFP_KERNEL);
+	if (!buf)
+		return -ENOMEM;
+	for (guard = 0; guard < 1024; guard++) {
+		req.start_index = cpu_to_le32(start);
+		len = a->aq_buf_size;
+		err = ipnc_admin_cmd(a, IPNC_OPCODE_LIST_SAS, &req, sizeof(req), buf, &len);
+		if (err || len < sizeof(*head)) {
+			err = err ? err : -EPROTO;
+			break;
+		}
+		head = (struct ipnc_list_sas_response *)buf;
+		if (first) {
+			seq_printf(m, "SA count=%u tx=%llu rx=%llu\n", le32_to_cpu(head->total),
+				   READ_ONCE(a->sw.ipsec_tx_pkts), READ_ONCE(a->sw.ipsec_rx_pkts));
+			first = false;
+		}
+		for (i = 0; i < le32_to_cpu(head->count) &&
+		     sizeof(*head) + (i + 1) * sizeof(*e) <= len; i++, row++) {
+			u32 flags;
+
+			e = (struct ipnc_sa_list_entry *)(buf + sizeof(*head)) + i;
+			flags = le32_to_cpu(e->flags);
+			seq_printf(m, "sa[%u] handle=0x%08x %s spi=0x%08x proto=0x%02x mode=%s family=%u%s%s%s%s\n",
+				   row, le32_to_cpu(e->offload_handle),
+				   e->direction == 1 ? "rx" : "tx", le32_to_cpu(e->spi), e->proto,
+				   e->mode ? "tunnel" : "transport", e->family,
+				   flags & IPNC_SA_LIST_FLAGS_PACKET_OFFLOAD ? " packet" : " crypto",
+				   flags & IPNC_SA_LIST_FLAGS_ESN ? " esn" : "",
+				   flags & IPNC_SA_LIST_FLAGS_UDP_ENCAP ? " udp-encap" : "",
+				   flags & IPNC_SA_LIST_FLAGS_DELETE_REQUESTED ? " delete-requested" : "");
+		}
+		if (le32_to_cpu(head->next_index) == 0xffffffff ||
+		    le32_to_cpu(head->next_index) == start)
+			break;
+		start = le32_to_cpu(head->next_index);
+	}
+	kfree(buf);
+	return err;
+}
+DEFINE_SHOW_ATTRIBUTE(ipnc_sa_table);
+
+void ipnc_debugfs_init(struct ipnc_adapter *a, struct dentry *root)
+{
+	if (IS_ERR_OR_NULL(root))
+		return;
+	a->debugfs = debugfs_create_dir(pci_name(a->pdev), root);
+	debugfs_create_file("ipsec", 0400, a->debugfs, a, &ipnc_sa_table_fops);
+}
+
+void ipnc_debugfs_exit(struct ipnc_adapter *a)
+{
+	debugfs_remove_recursive(a->debugfs);
+	a->debugfs = NULL;
 }
 
 void ipnc_ipsec_init(struct ipnc_adapter *a)

@@ -7,6 +7,7 @@
  * share MSI-X vector 1 (the card's reset IVAR map); vector 0 carries the admin,
  * link, error and SaDeleteReq causes.
  */
+#include <linux/debugfs.h>
 #include <linux/delay.h>
 #include <linux/dma-mapping.h>
 #include <linux/etherdevice.h>
@@ -21,6 +22,8 @@ static const struct pci_device_id ipnc_pci_tbl[] = {
 	{ }
 };
 MODULE_DEVICE_TABLE(pci, ipnc_pci_tbl);
+
+static struct dentry *ipnc_debugfs_root;
 
 #define IPNC_QUEUE_CAUSES	(IPNC_CAUSE_TX0 | IPNC_CAUSE_RX0)
 #define IPNC_MISC_CAUSES	(IPNC_CAUSE_LINK | IPNC_CAUSE_ERROR | IPNC_CAUSE_SA_DELETE_REQ)
@@ -111,12 +114,12 @@ static bool ipnc_clean_tx(struct ipnc_adapter *a, int budget)
 		dma_rmb();
 		status = le16_to_cpu(d->wb_status);
 		dma_unmap_single(&a->pdev->dev, s->dma, s->len, DMA_TO_DEVICE);
+		a->sw.tx_status[min_t(u16, status, IPNC_TX_STATUS_BAD_DESCRIPTOR)]++;
 		if (status == IPNC_TX_STATUS_OK) {
 			pkts++;
 			bytes += s->len;
 		} else {
 			nd->stats.tx_errors++;
-			a->sw.tx_status[min_t(u16, status, IPNC_TX_STATUS_BAD_DESCRIPTOR)]++;
 		}
 		napi_consume_skb(s->skb, budget);
 		s->skb = NULL;
@@ -698,6 +701,7 @@ static int ipnc_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	if (err)
 		goto del_napi;
 	ipnc_wr(a, IPNC_REG_IMS, IPNC_MISC_CAUSES);
+	ipnc_debugfs_init(a, ipnc_debugfs_root);
 	netdev_info(nd, "ipsec-nic %s, hw %u.%u fw %u.%u, MAC %pM, %u SAs, features %#x\n",
 		    pci_name(pdev), a->hw_version >> 16, (a->hw_version >> 8) & 0xff,
 		    a->fw_version >> 16, (a->fw_version >> 8) & 0xff, nd->dev_addr,
@@ -721,6 +725,7 @@ static void ipnc_remove(struct pci_dev *pdev)
 	/* The stack flushes our SAs (xdo_dev_state_free -> DELETE_SA) while the
 	 * admin queue still runs.
 	 */
+	ipnc_debugfs_exit(a);
 	unregister_netdev(a->netdev);
 	ipnc_ipsec_stop(a);
 	cancel_work_sync(&a->link_work);
@@ -753,7 +758,25 @@ static struct pci_driver ipnc_driver = {
 	.remove		= ipnc_remove,
 	.shutdown	= ipnc_shutdown,
 };
-module_pci_driver(ipnc_driver);
+static int __init ipnc_init(void)
+{
+	int err;
+
+	ipnc_debugfs_root = debugfs_create_dir(IPNC_DRV_NAME, NULL);
+	err = pci_register_driver(&ipnc_driver);
+	if (err)
+		debugfs_remove_recursive(ipnc_debugfs_root);
+	return err;
+}
+
+static void __exit ipnc_exit(void)
+{
+	pci_unregister_driver(&ipnc_driver);
+	debugfs_remove_recursive(ipnc_debugfs_root);
+}
+
+module_init(ipnc_init);
+module_exit(ipnc_exit);
 
 MODULE_AUTHOR("ipsec-nic project");
 MODULE_DESCRIPTION("ipsec-nic emulated Ethernet card with IPsec crypto and packet offload");
