@@ -29,7 +29,7 @@ SECTION = "@@section "
 # Drops the algorithm lines (they carry the keys) from `ip xfrm state` output, in the guest.
 KEY_FILTER = "grep -v -E '^[[:space:]]+(aead|enc|auth|auth-trunc|comp) '"
 PING_INTERVAL_S = 0.05
-PING_DEADLINE_S = 60
+PING_WAIT_S = 5
 # The card's counters in `ethtool -S` (mlx5's names for offloaded packets).
 ETHTOOL_TX, ETHTOOL_RX = "ipsec_tx_pkts", "ipsec_rx_pkts"
 # UDP-ESP (RFC 3948) needs a socket with UDP_ENCAP_ESPINUDP on port 4500 for the stack to decapsulate
@@ -71,8 +71,11 @@ def card_state_add(p: SaParams, reqid: int, dev: str, offload: str) -> list[str]
     """argv (after `ip`) for the card's own state, handed to the driver (man ip-xfrm: offload ... dev ... dir)."""
     if offload not in ("crypto", "packet"):
         raise ValueError(f"offload must be crypto or packet, not {offload!r}")
-    way = "out" if p.direction == Direction.OUTBOUND else "in"
-    return [*xfrm_peer.state_add(_flipped(p), reqid), "offload", offload, "dev", dev, "dir", way]
+    outbound = p.direction == Direction.OUTBOUND
+    # iproute2 also sends the offload's `dir` as the SA's direction (XFRMA_SA_DIR), and Linux refuses an
+    # output SA with a replay window (net/xfrm/xfrm_user.c verify_replay): none on the outbound state.
+    state = xfrm_peer.state_add(_flipped(p), reqid, replay_window=0 if outbound else None)
+    return [*state, "offload", offload, "dev", dev, "dir", "out" if outbound else "in"]
 
 
 def card_policy_add(p: SaParams, reqid: int, dev: str, offload: str) -> list[str]:
@@ -224,16 +227,16 @@ def run_scenario(topo: Any, spec: Spec, dev: str, timeout: float = 120.0) -> dic
         return r
 
     before = read_counters(guest(f"{flush}\n{counters_command(dev)}", "reading the counters").output)
-    add = guest(batch(card_commands(sas, dev, spec.offload)) + batch(xfrm_peer.peer_commands(sas), NETNS),
-                "adding the SAs", check=False)
+    add = guest(f"{batch(card_commands(sas, dev, spec.offload))}[ $? = 0 ] || exit 1\n"
+                + batch(xfrm_peer.peer_commands(sas), NETNS), "adding the SAs", check=False)
     if add.exit_code != 0:
         result["add_error"] = add.output.strip()[-1000:]
         guest(flush, "flushing")
         return result
     holders = natt_holders(spec.family) if spec.encap else ""
     _, peer_addr = traffic_addresses(spec)
-    ping = (f"ping -{spec.family} -c {spec.count} -s {spec.size} -i {PING_INTERVAL_S} -W 5 -w {PING_DEADLINE_S} "
-            f"{peer_addr}")
+    # -W without -w: exactly `count` requests, then up to PING_WAIT_S for the last replies.
+    ping = f"ping -{spec.family} -c {spec.count} -s {spec.size} -i {PING_INTERVAL_S} -W {PING_WAIT_S} {peer_addr}"
     traffic = guest(f"{holders}{section('ping', ping)}; {section('after', counters_command(dev))}"
                     + ("\nkill $(cat /run/natt-card.pid /run/natt-peer.pid)" if spec.encap else ""),
                     "the traffic", check=False)
