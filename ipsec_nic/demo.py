@@ -299,7 +299,7 @@ def run_kernel(profile: str | None = None, out_dir: Path = Path("out"), timeout:
                 summary["scenarios"].append({"title": title, "failures": failures, "result": result})
             _say(f"{total_steps}/{total_steps} flushing every state and policy on both sides")
             left = flush_and_count(topo, dev)
-            ok = left.get("card_states") == 0 and left.get("peer_states") == 0 and left.get("card_sas") in (0, None)
+            ok = left.get("card_states") == 0 and left.get("peer_states") == 0 and left.get("card_sas") == 0
             failed += not ok
             _say(f"    {'ok' if ok else 'FAILED'}: states left on the card's side {left.get('card_states')}, "
                  f"SAs left on the card {left.get('card_sas')}, peer states left {left.get('peer_states')}")

@@ -25,9 +25,13 @@ def test_card_states_are_the_peers_with_the_direction_and_offload_of_the_card():
     # The card sends from seq + 1 (its output counter) and receives with its window at seq.
     assert out_state[out_state.index("replay-oseq") + 1] == "0xfffffff0" and "replay-seq" not in out_state
     assert in_state[in_state.index("replay-seq") + 1] == "0xfffffff0" and "replay-oseq" not in in_state
-    # Same SA parameters as the peer's state for that SA (which has no offload).
+    # Same SA parameters as the peer's state for that SA (which has no offload), but no replay window on
+    # the output state (Linux refuses one once the SA has a direction).
     peer = xfrm_peer.state_add(out_sa, 1)
-    assert out_state[:out_state.index("flag")] == peer[:peer.index("flag")]
+    assert out_state[out_state.index("replay-window") + 1] == "0"
+    assert in_state[in_state.index("replay-window") + 1] == "128"
+    for word in ("src", "dst", "spi", "mode", "aead"):
+        assert out_state[out_state.index(word) + 1] == peer[peer.index(word) + 1]
 
 
 def test_packet_offload_hands_the_policies_to_the_driver_before_the_template():
@@ -137,3 +141,14 @@ def test_kernel_failures_checks_the_esn_positions_on_both_ends():
     result["card_states"][0].update(oseq_hi=1, oseq=0x10)
     result["peer_states"][0].update(seq_hi=1, seq=0x10)
     assert ks.kernel_failures(spec, result, "eth1") == []
+
+
+def test_sa_table_dump_parses():
+    table = ks.parse_sa_table(
+        "SA count=2 tx=3 rx=3\n"
+        "sa[0] handle=0x80000000 tx spi=0x00001009 proto=0x32 mode=transport family=4 crypto\n"
+        "sa[1] handle=0x80000001 rx spi=0x00001009 proto=0x32 mode=tunnel family=6 packet\n")
+    assert (table["count"], table["tx"], table["rx"]) == (2, 3, 3)
+    assert [(s["dir"], s["spi"], s["mode"], s["family"], s["offload"]) for s in table["sas"]] == \
+        [("tx", 0x1009, "transport", 4, "crypto"), ("rx", 0x1009, "tunnel", 6, "packet")]
+    assert ks.parse_sa_table("cat: /sys/kernel/debug/ipsec_nic/*/ipsec: No such file")["count"] is None
