@@ -220,6 +220,7 @@
 #define IPNC_TX_FLAGS_IPSEC_CRYPTO                       2
 #define IPNC_TX_FLAGS_IPSEC_PACKET                       4
 #define IPNC_TX_FLAGS_REPORT_STATUS                      8
+#define IPNC_TX_FLAGS_SEQ_HI                             0x10
 
 /* TxWbFlags */
 #define IPNC_TX_WB_FLAGS_DONE                            1
@@ -309,7 +310,7 @@ struct ipnc_tx_desc {
 	__le32 tunnel_handle;
 	__le16 wb_status;
 	__le16 wb_flags;
-	__le32 reserved;
+	__le32 seq_hi;
 } __packed;
 static_assert(sizeof(struct ipnc_tx_desc) == 32);
 

@@ -699,13 +699,11 @@ bool ipnc_ipsec_tx(struct ipnc_adapter *a, struct sk_buff *skb, struct ipnc_tx_d
 	d->esp_offset = cpu_to_le16(skb_transport_offset(skb));
 	d->pad_length = trailer[0];
 	d->next_header = trailer[1];
-#ifdef IPNC_TX_FLAGS_SEQ_HI
 	if (x->props.flags & XFRM_STATE_ESN) {
 		/* RFC 4304: the high half is never sent; the card needs it for the ICV. */
 		d->flags |= cpu_to_le16(IPNC_TX_FLAGS_SEQ_HI);
 		d->seq_hi = cpu_to_le32(xo->seq.hi);
 	}
-#endif
 	a->sw.ipsec_tx_pkts++;
 	return true;
 }
