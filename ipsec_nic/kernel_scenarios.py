@@ -213,9 +213,44 @@ def _state(states: list[dict[str, Any]], spi: int) -> dict[str, Any]:
     return next((s for s in states if s.get("spi") == spi), {})
 
 
-def run_scenario(topo: Any, spec: Spec, dev: str, timeout: float = 120.0) -> dict[str, Any]:
+BULK_PORT = 5201
+BULK_TIMEOUT_S = 60
+
+
+def bulk_command(spec: Spec, size: int) -> str:
+    """Guest shell: ``size`` random bytes over TCP card -> peer, then the same file peer -> card (socat),
+    with the SHA-256 of what was sent and of what each side received, in sections bulk_c2p / bulk_p2c."""
+    card, peer = traffic_addresses(spec)
+    fam = "TCP4" if spec.family == 4 else "TCP6"
+
+    def target(addr: str) -> str:
+        return f"{fam}:{addr if spec.family == 4 else f'[{addr}]'}:{BULK_PORT}"
+
+    peer_ns = f"ip netns exec {NETNS} "
+    lines = [f"head -c {size} /dev/urandom >/tmp/bulk.sent", "rm -f /tmp/bulk.at-peer /tmp/bulk.at-card"]
+    for name, server, client, received, dst in (("bulk_c2p", peer_ns, "", "/tmp/bulk.at-peer", peer),
+                                                ("bulk_p2c", "", peer_ns, "/tmp/bulk.at-card", card)):
+        # timeout(1): a datapath that loses packets must fail the check, not hang the guest command.
+        lines += [
+            f"{server}timeout {BULK_TIMEOUT_S} socat -u {fam}-LISTEN:{BULK_PORT},reuseaddr CREATE:{received} & "
+            "server=$!",
+            f"{client}timeout {BULK_TIMEOUT_S} socat -u OPEN:/tmp/bulk.sent {target(dst)},retry=100,interval=0.1; "
+            "echo \"client $?\"",
+            "wait $server; echo \"server $?\"",
+            section(name, f"sha256sum /tmp/bulk.sent {received}"),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_bulk(text: str) -> list[str]:
+    """The hashes of a bulk section, sent first (a missing file gives fewer)."""
+    return [line.split()[0] for line in text.splitlines() if re.match(r"^[0-9a-f]{64}\s", line)]
+
+
+def run_scenario(topo: Any, spec: Spec, dev: str, timeout: float = 120.0, bulk_bytes: int = 0) -> dict[str, Any]:
     """Run one scenario through ``topo`` (ipsec_nic.topology.Topology with a kernel module); returns the
-    result. A refused SA is a result (``add_error``), not an exception."""
+    result. A refused SA is a result (``add_error``), not an exception. ``bulk_bytes``: after the pings,
+    a TCP transfer of that many bytes each way, checked by SHA-256 on both ends."""
     spec.check()
     t0 = time.monotonic()
     sas = parse_sa_document(fill_keys(sa_document(spec)))
@@ -239,7 +274,8 @@ def run_scenario(topo: Any, spec: Spec, dev: str, timeout: float = 120.0) -> dic
     _, peer_addr = traffic_addresses(spec)
     # -W without -w: exactly `count` requests, then up to PING_WAIT_S for the last replies.
     ping = f"ping -{spec.family} -c {spec.count} -s {spec.size} -i {PING_INTERVAL_S} -W {PING_WAIT_S} {peer_addr}"
-    traffic = guest(f"{holders}{section('ping', ping)}; {section('after', counters_command(dev))}"
+    bulk = bulk_command(spec, bulk_bytes) if bulk_bytes else ""
+    traffic = guest(f"{holders}{section('ping', ping)}\n{bulk}{section('after', counters_command(dev))}"
                     + ("\nkill $(cat /run/natt-card.pid /run/natt-peer.pid)" if spec.encap else ""),
                     "the traffic", check=False)
     parts = sections(traffic.output)
@@ -247,6 +283,9 @@ def run_scenario(topo: Any, spec: Spec, dev: str, timeout: float = 120.0) -> dic
     after = read_counters(after_text)
     result["ping"] = parse_ping(parts.get("ping", ""))
     result["ping_output"] = parts.get("ping", "")[-600:]
+    if bulk_bytes:
+        result["bulk"] = {"bytes": bulk_bytes, "card_to_peer": parse_bulk(parts.get("bulk_c2p", "")),
+                          "peer_to_card": parse_bulk(parts.get("bulk_p2c", ""))}
     result["card_states"], result["peer_states"] = after["card_states"], after["peer_states"]
     result["card_offload"] = {f"{k:#x}": v for k, v in after["card_offload"].items()}
     result["card_policy_offload"] = after["card_policy_offload"]
@@ -309,28 +348,57 @@ def kernel_failures(spec: Spec, result: dict[str, Any], dev: str) -> list[str]:
         return [f"adding the SAs failed: {result['add_error']}"]
     expect("ping (transmitted, received)", (result["ping"]["sent"], result["ping"]["received"]), (n, n))
     out_spi, in_spi = SPI_OUT + spec.spi_base, SPI_IN + spec.spi_base
+    bulk = result.get("bulk")
+    delta = result["ethtool_delta"]
     for spi, way in ((out_spi, "out"), (in_spi, "in")):
         offload = result["card_offload"].get(f"{spi:#x}")
         expect(f"card state {spi:#x} offload (dev, dir)", (offload or {}).get("dev"), dev)
         expect(f"card state {spi:#x} offload dir", (offload or {}).get("dir"), way)
         card = _state(result["card_states"], spi)
         peer = _state(result["peer_states"], spi)
-        expect(f"card state {spi:#x} packets", card.get("packets"), n)
-        expect(f"peer state {spi:#x} packets", peer.get("packets"), n)
+        if not bulk:
+            expect(f"card state {spi:#x} packets", card.get("packets"), n)
+            expect(f"peer state {spi:#x} packets", peer.get("packets"), n)
         for key in ("integrity_failed", "replay", "replay_window_errors"):
             expect(f"peer state {spi:#x} {key}", peer.get(key), 0)
             expect(f"card state {spi:#x} {key}", card.get(key), 0)
     if spec.offload == "packet":
         expect("card policies handed to the driver", result["card_policy_offload"], 2)
-    delta = result["ethtool_delta"]
-    expect(f"card ethtool {ETHTOOL_TX}", delta.get(ETHTOOL_TX, 0), n)
-    expect(f"card ethtool {ETHTOOL_RX}", delta.get(ETHTOOL_RX, 0), n)
+    peer_rx = _state(result["peer_states"], out_spi).get("packets")
+    peer_tx = _state(result["peer_states"], in_spi).get("packets")
+    if bulk:
+        # Every packet the card encrypted is one the peer decrypted, and every packet the card decrypted
+        # is one its stack accepted. Outbound states count what TCP handed down before GSO segmentation
+        # (net/xfrm/xfrm_output.c), so the senders' own state counters are not per wire packet here; the
+        # ping-only runs compare all four exactly, and no error counter may move on either side.
+        card_rx = _state(result["card_states"], in_spi).get("packets")
+        expect(f"card ethtool {ETHTOOL_TX} vs peer state {out_spi:#x} packets", delta.get(ETHTOOL_TX, 0), peer_rx)
+        expect(f"card ethtool {ETHTOOL_RX} vs card state {in_spi:#x} packets", delta.get(ETHTOOL_RX, 0), card_rx)
+        if not peer_rx or not peer_tx or not card_rx or min(peer_rx, peer_tx, card_rx) < n:
+            bad.append(f"too few packets for a bulk transfer: peer decrypted {peer_rx} and sent {peer_tx}, "
+                       f"card decrypted {card_rx}")
+        for way in ("card_to_peer", "peer_to_card"):
+            hashes = bulk.get(way, [])
+            if len(hashes) != 2 or hashes[0] != hashes[1]:
+                bad.append(f"TCP bulk {way.replace('_', ' ')}: {bulk['bytes']} bytes did not arrive intact "
+                           f"(SHA-256 sent, received: {hashes})")
+    else:
+        expect(f"card ethtool {ETHTOOL_TX}", delta.get(ETHTOOL_TX, 0), n)
+        expect(f"card ethtool {ETHTOOL_RX}", delta.get(ETHTOOL_RX, 0), n)
     if spec.esn:
-        last = spec.seq + n
-        want = (last >> 32, last & 0xFFFF_FFFF)
         card_out, peer_in = _state(result["card_states"], out_spi), _state(result["peer_states"], out_spi)
-        expect("card output position (oseq-hi, oseq)", (card_out.get("oseq_hi"), card_out.get("oseq")), want)
-        expect("peer receive position (seq-hi, seq)", (peer_in.get("seq_hi"), peer_in.get("seq")), want)
+        card_in, peer_out = _state(result["card_states"], in_spi), _state(result["peer_states"], in_spi)
+        if bulk:
+            # Past 2^32 on both SAs: the high halves moved on at both ends.
+            want_hi = (spec.seq + n) >> 32
+            expect("ESN high halves (card out, peer in, peer out, card in)",
+                   (card_out.get("oseq_hi"), peer_in.get("seq_hi"), peer_out.get("oseq_hi"), card_in.get("seq_hi")),
+                   (want_hi,) * 4)
+        else:
+            last = spec.seq + n
+            want = (last >> 32, last & 0xFFFF_FFFF)
+            expect("card output position (oseq-hi, oseq)", (card_out.get("oseq_hi"), card_out.get("oseq")), want)
+            expect("peer receive position (seq-hi, seq)", (peer_in.get("seq_hi"), peer_in.get("seq")), want)
     expect("card /proc/net/xfrm_stat counters that moved", result["card_xfrm_stat_delta"], {})
     expect("peer /proc/net/xfrm_stat counters that moved", result["peer_xfrm_stat_delta"], {})
     if not spec.keep_sas:
