@@ -41,7 +41,9 @@ int ipnc_admin_init(struct ipnc_adapter *a)
 	if (len < IPNC_MIN_RING_SIZE)
 		return -EINVAL;
 	a->aq_len = len;
-	a->aq_buf_size = min_t(u32, IPNC_ADMIN_BUF_SIZE, a->aq_max_buf ? a->aq_max_buf : IPNC_ADMIN_BUF_SIZE);
+	a->aq_buf_size = IPNC_ADMIN_BUF_SIZE;
+	if (a->aq_max_buf && a->aq_max_buf < a->aq_buf_size)
+		a->aq_buf_size = a->aq_max_buf;
 	a->aq = dma_alloc_coherent(dev, len * sizeof(*a->aq), &a->aq_dma, GFP_KERNEL);
 	a->aq_req = dma_alloc_coherent(dev, a->aq_buf_size, &a->aq_req_dma, GFP_KERNEL);
 	a->aq_resp = dma_alloc_coherent(dev, a->aq_buf_size, &a->aq_resp_dma, GFP_KERNEL);

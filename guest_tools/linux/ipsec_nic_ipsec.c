@@ -226,6 +226,7 @@ static int ipnc_build_add(struct ipnc_adapter *a, struct xfrm_state *x, const st
 	struct ipnc_v2_add_sa_ex *ex;
 	struct ipnc_sa_v2 *sa;
 	u16 family = x->props.family;
+	u32 flags;
 	u8 *buf;
 
 	buf = kzalloc(fixed + keys, GFP_KERNEL);
@@ -239,8 +240,10 @@ static int ipnc_build_add(struct ipnc_adapter *a, struct xfrm_state *x, const st
 	ex->header_revision = IPNC_NDIS_REVISION_1;
 	ex->header_size = cpu_to_le16(fixed);
 	ex->num_ext_hdrs = cpu_to_le32(1);
-	ex->flags = cpu_to_le32((x->xso.dir == XFRM_DEV_OFFLOAD_IN ? IPNC_V2_ADD_FLAGS_INBOUND : 0) |
-				(family == AF_INET6 ? IPNC_V2_ADD_FLAGS_IPV6 : 0));
+	flags = x->xso.dir == XFRM_DEV_OFFLOAD_IN ? IPNC_V2_ADD_FLAGS_INBOUND : 0;
+	if (family == AF_INET6)
+		flags |= IPNC_V2_ADD_FLAGS_IPV6;
+	ex->flags = cpu_to_le32(flags);
 	ipnc_addr(ex->src_addr, &x->props.saddr, family);
 	ipnc_addr(ex->dest_addr, &x->id.daddr, family);
 	sa = &ex->sec_assoc[0];
@@ -269,6 +272,7 @@ static int ipnc_build_add(struct ipnc_adapter *a, struct xfrm_state *x, const st
 	if (packet) {
 		struct ipnc_add_sa_packet *pk = (struct ipnc_add_sa_packet *)buf;
 		const struct xfrm_selector *sel = &x->sel;
+		const struct xfrm_replay_state_esn *esn = x->replay_esn;
 		u64 seq;
 
 		pk->mode = cpu_to_le32(x->props.mode == XFRM_MODE_TUNNEL ? IPNC_SA_MODE_TUNNEL :
@@ -282,14 +286,12 @@ static int ipnc_build_add(struct ipnc_adapter *a, struct xfrm_state *x, const st
 			pk->encap_dport = cpu_to_le16(ntohs(x->encap->encap_dport));
 		}
 		if (x->xso.dir == XFRM_DEV_OFFLOAD_IN) {
-			u32 window = x->replay_esn ? x->replay_esn->replay_window : x->props.replay_window;
+			u32 window = esn ? esn->replay_window : x->props.replay_window;
 
 			pk->replay_window = cpu_to_le32(min(window, a->max_replay_window));
-			seq = x->replay_esn ? ((u64)x->replay_esn->seq_hi << 32) | x->replay_esn->seq :
-			      x->replay.seq;
+			seq = esn ? ((u64)esn->seq_hi << 32) | esn->seq : x->replay.seq;
 		} else {
-			seq = x->replay_esn ? ((u64)x->replay_esn->oseq_hi << 32) | x->replay_esn->oseq :
-			      x->replay.oseq;
+			seq = esn ? ((u64)esn->oseq_hi << 32) | esn->oseq : x->replay.oseq;
 		}
 		pk->initial_seq = cpu_to_le64(seq);
 		pk->soft_packets = cpu_to_le64(ipnc_limit(x->lft.soft_packet_limit));
@@ -302,7 +304,9 @@ static int ipnc_build_add(struct ipnc_adapter *a, struct xfrm_state *x, const st
 			pk->sel_src_prefix = sel->prefixlen_s;
 			pk->sel_dst_prefix = sel->prefixlen_d;
 			pk->sel_proto = sel->proto;
-			pk->sel_flags = IPNC_SEL_PRESENT | (sel->family == AF_INET6 ? IPNC_SEL_IPV6 : 0);
+			pk->sel_flags = IPNC_SEL_PRESENT;
+			if (sel->family == AF_INET6)
+				pk->sel_flags |= IPNC_SEL_IPV6;
 			pk->sel_sport = cpu_to_le16(ntohs(sel->sport & sel->sport_mask));
 			pk->sel_dport = cpu_to_le16(ntohs(sel->dport & sel->dport_mask));
 		}
@@ -343,10 +347,6 @@ static int ipnc_state_add(struct xfrm_state *x, struct netlink_ext_ack *extack)
 	}
 	if (x->props.mode != XFRM_MODE_TRANSPORT && x->props.mode != XFRM_MODE_TUNNEL) {
 		NL_SET_ERR_MSG_MOD(extack, "only transport and tunnel mode can be offloaded");
-		return -EINVAL;
-	}
-	if (x->props.mode == XFRM_MODE_TUNNEL && x->sel.family && x->sel.family != x->props.family) {
-		NL_SET_ERR_MSG_MOD(extack, "tunnel SAs must carry the outer address family inside");
 		return -EINVAL;
 	}
 	if (x->tfcpad) {
@@ -724,6 +724,9 @@ bool ipnc_ipsec_tx_plain(struct ipnc_adapter *a, struct sk_buff *skb, struct ipn
 	return true;
 }
 
+#define IPNC_XO_AUTH_FAILED	(CRYPTO_TRANSPORT_AH_AUTH_FAILED | CRYPTO_TRANSPORT_ESP_AUTH_FAILED | \
+				 CRYPTO_TUNNEL_AH_AUTH_FAILED | CRYPTO_TUNNEL_ESP_AUTH_FAILED)
+
 static u8 ipnc_xo_status(u16 crypto_status)
 {
 	switch (crypto_status) {
@@ -785,8 +788,7 @@ void ipnc_ipsec_rx(struct ipnc_adapter *a, struct sk_buff *skb, const struct ipn
 		a->sw.ipsec_rx_pkts++;
 		if (flags & IPNC_RX_WB_FLAGS_DECAPSULATED)
 			a->sw.ipsec_rx_decap++;
-	} else if (xo->status & (CRYPTO_TRANSPORT_AH_AUTH_FAILED | CRYPTO_TRANSPORT_ESP_AUTH_FAILED |
-				 CRYPTO_TUNNEL_AH_AUTH_FAILED | CRYPTO_TUNNEL_ESP_AUTH_FAILED)) {
+	} else if (xo->status & IPNC_XO_AUTH_FAILED) {
 		a->sw.ipsec_rx_auth_fail++;
 	} else {
 		a->sw.ipsec_rx_bad++;

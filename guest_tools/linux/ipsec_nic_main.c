@@ -356,7 +356,8 @@ static int ipnc_alloc_rings(struct ipnc_adapter *a)
 
 	a->tx_count = count;
 	a->rx_count = count;
-	a->rx_buf_len = ALIGN(max_t(u32, 2048 - NET_IP_ALIGN, a->netdev->mtu + IPNC_ETH_OVERHEAD), 64);
+	a->rx_buf_len = max_t(u32, 2048 - NET_IP_ALIGN, a->netdev->mtu + IPNC_ETH_OVERHEAD);
+	a->rx_buf_len = ALIGN(a->rx_buf_len, 64);
 	a->tx_ring = dma_alloc_coherent(dev, count * sizeof(*a->tx_ring), &a->tx_dma, GFP_KERNEL);
 	a->rx_ring = dma_alloc_coherent(dev, count * sizeof(*a->rx_ring), &a->rx_dma, GFP_KERNEL);
 	a->tx_slots = kcalloc(count, sizeof(*a->tx_slots), GFP_KERNEL);
@@ -487,7 +488,8 @@ static_assert(ARRAY_SIZE(ipnc_sw_stat_names) == sizeof(struct ipnc_sw_stats) / s
 static_assert(ARRAY_SIZE(ipnc_reg_stat_names) == IPNC_NUM_STATS);
 static_assert(ARRAY_SIZE(ipnc_fw_stat_names) == IPNC_NUM_FW_STATS);
 
-#define IPNC_NUM_ETHTOOL_STATS	(ARRAY_SIZE(ipnc_sw_stat_names) + IPNC_NUM_STATS + IPNC_NUM_FW_STATS)
+#define IPNC_NUM_ETHTOOL_STATS \
+	(ARRAY_SIZE(ipnc_sw_stat_names) + IPNC_NUM_STATS + IPNC_NUM_FW_STATS)
 
 static void ipnc_get_drvinfo(struct net_device *nd, struct ethtool_drvinfo *info)
 {
