@@ -676,19 +676,15 @@ bool ipnc_ipsec_tx(struct ipnc_adapter *a, struct sk_buff *skb, struct ipnc_tx_d
 	u8 trailer[2];
 	u32 icv;
 
+	/* Without XFRM_XMIT the stack encrypted in software (CRYPTO_FALLBACK): send as is. */
+	if (!xo || !(xo->flags & XFRM_XMIT))
+		return true;
 	x = xfrm_input_state(skb);
-	if (!xo || !x || x->xso.dev != a->netdev || !x->xso.offload_handle) {
+	if (!x || x->xso.dev != a->netdev || !x->xso.offload_handle ||
+	    x->xso.type != XFRM_DEV_OFFLOAD_CRYPTO) {
 		a->sw.ipsec_tx_no_handle++;
 		return false;
 	}
-	if (x->xso.type == XFRM_DEV_OFFLOAD_PACKET) {
-		d->flags = cpu_to_le16(IPNC_TX_FLAGS_IPSEC_PACKET);
-		d->offload_handle = cpu_to_le32(x->xso.offload_handle);
-		a->sw.ipsec_tx_pkts++;
-		return true;
-	}
-	if (!(xo->flags & XFRM_XMIT))
-		return false;
 	/* The stack built the trailer: pad length and next header sit before the ICV. */
 	icv = crypto_aead_authsize(x->data);
 	if (skb->len < skb_transport_offset(skb) + icv + 2 ||

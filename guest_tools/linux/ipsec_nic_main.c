@@ -99,7 +99,7 @@ static u32 ipnc_tx_free(struct ipnc_adapter *a)
 	return a->tx_count - 1 - ((a->tx_next_use - a->tx_next_clean) & (a->tx_count - 1));
 }
 
-static bool ipnc_clean_tx(struct ipnc_adapter *a, int budget)
+static void ipnc_clean_tx(struct ipnc_adapter *a, int budget)
 {
 	struct net_device *nd = a->netdev;
 	unsigned int pkts = 0, bytes = 0;
@@ -127,9 +127,9 @@ static bool ipnc_clean_tx(struct ipnc_adapter *a, int budget)
 	}
 	nd->stats.tx_packets += pkts;
 	nd->stats.tx_bytes += bytes;
+	smp_mb();	/* pairs with the one in ipnc_xmit */
 	if (unlikely(netif_queue_stopped(nd)) && ipnc_tx_free(a) >= a->tx_count / 4)
 		netif_wake_queue(nd);
-	return a->tx_next_clean == a->tx_next_use;
 }
 
 static netdev_tx_t ipnc_xmit(struct sk_buff *skb, struct net_device *nd)
@@ -172,8 +172,13 @@ static netdev_tx_t ipnc_xmit(struct sk_buff *skb, struct net_device *nd)
 	a->tx_next_use = (i + 1) & (a->tx_count - 1);
 	dma_wmb();
 	ipnc_wr(a, IPNC_TXQ(0, IPNC_QREG_TAIL), a->tx_next_use);
-	if (!ipnc_tx_free(a))
+	if (!ipnc_tx_free(a)) {
 		netif_stop_queue(nd);
+		/* NAPI may have cleaned everything between our check and the stop */
+		smp_mb();
+		if (ipnc_tx_free(a))
+			netif_start_queue(nd);
+	}
 	return NETDEV_TX_OK;
 drop:
 	nd->stats.tx_dropped++;
@@ -223,6 +228,7 @@ static int ipnc_clean_rx(struct ipnc_adapter *a, int budget)
 		struct ipnc_rx_desc *d = &a->rx_ring[i];
 		struct ipnc_rx_slot *s = &a->rx_slots[i];
 		struct sk_buff *skb;
+		dma_addr_t dma;
 		u16 flags, len;
 
 		flags = le16_to_cpu(READ_ONCE(d->wb_flags));
@@ -238,20 +244,14 @@ static int ipnc_clean_rx(struct ipnc_adapter *a, int budget)
 			goto rearm;
 		}
 		skb = s->skb;
-		dma_unmap_single(&a->pdev->dev, s->dma, a->rx_buf_len, DMA_FROM_DEVICE);
+		dma = s->dma;
 		if (ipnc_alloc_rx_buf(a, i, GFP_ATOMIC)) {
-			/* keep the old buffer, drop the frame */
-			s->dma = dma_map_single(&a->pdev->dev, skb->data, a->rx_buf_len,
-						DMA_FROM_DEVICE);
-			if (dma_mapping_error(&a->pdev->dev, s->dma)) {
-				dev_kfree_skb_any(skb);
-				s->skb = NULL;
-				s->dma = 0;
-			}
+			/* no replacement: drop the frame, the card keeps the old buffer */
 			nd->stats.rx_dropped++;
 			a->sw.rx_alloc_fail++;
 			goto rearm;
 		}
+		dma_unmap_single(&a->pdev->dev, dma, a->rx_buf_len, DMA_FROM_DEVICE);
 		skb_put(skb, len);
 		skb->protocol = eth_type_trans(skb, nd);
 		nd->stats.rx_packets++;
@@ -260,8 +260,7 @@ static int ipnc_clean_rx(struct ipnc_adapter *a, int budget)
 			ipnc_ipsec_rx(a, skb, d);
 		napi_gro_receive(&a->napi, skb);
 rearm:
-		if (a->rx_slots[i].skb)
-			ipnc_arm_rx(a, i);
+		ipnc_arm_rx(a, i);
 		last = i;
 		a->rx_next_clean = (i + 1) & (a->rx_count - 1);
 	}
@@ -276,15 +275,12 @@ rearm:
 static int ipnc_poll(struct napi_struct *napi, int budget)
 {
 	struct ipnc_adapter *a = container_of(napi, struct ipnc_adapter, napi);
-	bool tx_done;
 	int done;
 
 	/* Acknowledge first: a cause that latches while we work re-fires on IMS. */
 	ipnc_wr(a, IPNC_REG_ICR, IPNC_QUEUE_CAUSES);
-	tx_done = ipnc_clean_tx(a, budget);
+	ipnc_clean_tx(a, budget);
 	done = ipnc_clean_rx(a, budget);
-	if (!tx_done && done < budget)
-		done = budget > 0 ? budget - 1 : 0;	/* keep polling for completions */
 	if (done < budget && napi_complete_done(napi, done))
 		ipnc_wr(a, IPNC_REG_IMS, IPNC_QUEUE_CAUSES);
 	return done;
