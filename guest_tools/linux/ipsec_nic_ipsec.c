@@ -35,9 +35,11 @@ struct ipnc_policy {
 	struct rcu_head rcu;
 	struct xfrm_policy *xp;
 	struct xfrm_selector sel;
+	u32 priority;			/* lower wins, as in the kernel's SPD */
 	u32 reqid;
 	xfrm_address_t tmpl_daddr;
 	u16 family;
+	bool bypass;			/* no template: the packet goes out plain */
 };
 
 /* Algorithms: what Linux names and the card's NDIS identifiers. */
@@ -529,7 +531,7 @@ static void ipnc_update_stats(struct xfrm_state *x)
 static int ipnc_policy_add(struct xfrm_policy *xp, struct netlink_ext_ack *extack)
 {
 	struct ipnc_adapter *a = netdev_priv(xp->xdo.dev);
-	struct ipnc_policy *p;
+	struct ipnc_policy *p, *q;
 
 	if (xp->xdo.type != XFRM_DEV_OFFLOAD_PACKET) {
 		NL_SET_ERR_MSG_MOD(extack, "only packet offload policies");
@@ -539,12 +541,13 @@ static int ipnc_policy_add(struct xfrm_policy *xp, struct netlink_ext_ack *extac
 		NL_SET_ERR_MSG_MOD(extack, "card has no packet offload");
 		return -EINVAL;
 	}
-	if (xp->xfrm_nr != 1 || xp->xfrm_vec[0].id.proto != IPPROTO_ESP) {
-		NL_SET_ERR_MSG_MOD(extack, "policy must have exactly one ESP template");
-		return -EINVAL;
-	}
 	if (xp->action != XFRM_POLICY_ALLOW) {
 		NL_SET_ERR_MSG_MOD(extack, "only allow policies can be offloaded");
+		return -EINVAL;
+	}
+	/* No template: a bypass policy (IKE daemons add them for their own traffic). */
+	if (xp->xfrm_nr > 1 || (xp->xfrm_nr && xp->xfrm_vec[0].id.proto != IPPROTO_ESP)) {
+		NL_SET_ERR_MSG_MOD(extack, "policy must have one ESP template, or none (bypass)");
 		return -EINVAL;
 	}
 	if (xp->xdo.dir != XFRM_DEV_OFFLOAD_OUT)
@@ -554,11 +557,18 @@ static int ipnc_policy_add(struct xfrm_policy *xp, struct netlink_ext_ack *extac
 		return -ENOMEM;
 	p->xp = xp;
 	p->sel = xp->selector;
-	p->reqid = xp->xfrm_vec[0].reqid;
-	p->tmpl_daddr = xp->xfrm_vec[0].id.daddr;
-	p->family = xp->xfrm_vec[0].encap_family ? xp->xfrm_vec[0].encap_family : xp->family;
+	p->priority = xp->priority;
+	p->bypass = !xp->xfrm_nr;
+	if (!p->bypass) {
+		p->reqid = xp->xfrm_vec[0].reqid;
+		p->tmpl_daddr = xp->xfrm_vec[0].id.daddr;
+		p->family = xp->xfrm_vec[0].encap_family ? : xp->family;
+	}
 	spin_lock_bh(&a->sa_lock);
-	list_add_tail_rcu(&p->node, &a->policies);
+	list_for_each_entry(q, &a->policies, node)
+		if (q->priority > p->priority)
+			break;
+	list_add_tail_rcu(&p->node, &q->node);	/* before the first lower-priority one */
 	spin_unlock_bh(&a->sa_lock);
 	return 0;
 }
@@ -606,7 +616,10 @@ static bool ipnc_addr_match(const xfrm_address_t *pfx, const void *addr, u8 plen
 	return ipv6_prefix_equal((const struct in6_addr *)pfx->a6, addr, plen);
 }
 
-/* Packet offload TX: the SA of the first offloaded policy whose selector matches. */
+/*
+ * Packet offload TX: the SA of the first offloaded policy, in priority order,
+ * whose selector matches; none for a bypass policy or no match.
+ */
 static u32 ipnc_packet_handle(struct ipnc_adapter *a, struct sk_buff *skb)
 {
 	const void *saddr, *daddr;
@@ -654,6 +667,8 @@ static u32 ipnc_packet_handle(struct ipnc_adapter *a, struct sk_buff *skb)
 		    ((sport ^ ntohs(sel->sport)) & ntohs(sel->sport_mask)) ||
 		    ((dport ^ ntohs(sel->dport)) & ntohs(sel->dport_mask)))
 			continue;
+		if (p->bypass)
+			return 0;
 		hash_for_each_rcu(a->sa_table, bkt, sa, node) {
 			struct xfrm_state *x = sa->xs;
 
