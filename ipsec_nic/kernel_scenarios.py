@@ -214,7 +214,7 @@ def _state(states: list[dict[str, Any]], spi: int) -> dict[str, Any]:
 
 
 BULK_PORT = 5201
-BULK_TIMEOUT_S = 60
+BULK_TIMEOUT_S = 30
 
 
 def bulk_command(spec: Spec, size: int) -> str:
@@ -274,18 +274,18 @@ def run_scenario(topo: Any, spec: Spec, dev: str, timeout: float = 120.0, bulk_b
     _, peer_addr = traffic_addresses(spec)
     # -W without -w: exactly `count` requests, then up to PING_WAIT_S for the last replies.
     ping = f"ping -{spec.family} -c {spec.count} -s {spec.size} -i {PING_INTERVAL_S} -W {PING_WAIT_S} {peer_addr}"
-    bulk = bulk_command(spec, bulk_bytes) if bulk_bytes else ""
-    traffic = guest(f"{holders}{section('ping', ping)}\n{bulk}{section('after', counters_command(dev))}"
-                    + ("\nkill $(cat /run/natt-card.pid /run/natt-peer.pid)" if spec.encap else ""),
-                    "the traffic", check=False)
-    parts = sections(traffic.output)
-    after_text = traffic.output.split(f"{SECTION}after", 1)[-1]
-    after = read_counters(after_text)
-    result["ping"] = parse_ping(parts.get("ping", ""))
-    result["ping_output"] = parts.get("ping", "")[-600:]
-    if bulk_bytes:
+    pinged = guest(f"{holders}{section('ping', ping)}", "the pings", check=False)
+    result["ping"] = parse_ping(sections(pinged.output).get("ping", ""))
+    result["ping_output"] = sections(pinged.output).get("ping", "")[-600:]
+    # A datapath that answers no ping would only make the bulk transfer wait for its time-outs.
+    if bulk_bytes and result["ping"]["received"]:
+        parts = sections(guest(bulk_command(spec, bulk_bytes), "the TCP bulk transfer", check=False).output)
         result["bulk"] = {"bytes": bulk_bytes, "card_to_peer": parse_bulk(parts.get("bulk_c2p", "")),
                           "peer_to_card": parse_bulk(parts.get("bulk_p2c", ""))}
+    elif bulk_bytes:
+        result["bulk"] = {"bytes": bulk_bytes, "card_to_peer": [], "peer_to_card": []}
+    stop = "\nkill $(cat /run/natt-card.pid /run/natt-peer.pid)" if spec.encap else ""
+    after = read_counters(guest(counters_command(dev) + stop, "reading the counters", check=False).output)
     result["card_states"], result["peer_states"] = after["card_states"], after["peer_states"]
     result["card_offload"] = {f"{k:#x}": v for k, v in after["card_offload"].items()}
     result["card_policy_offload"] = after["card_policy_offload"]
