@@ -109,10 +109,10 @@ def default_command(testbed: Testbed) -> str:
     """What `vm run --kernel-driver/--peer` runs without --script/--command: the test bed's state."""
     lines = ["env | grep '^IPSEC_NIC_' | sort"]
     if testbed.kernel_driver:
-        lines += ['ip -br addr show dev "$IPSEC_NIC_DEV"', 'ethtool -i "$IPSEC_NIC_DEV"',
+        lines += ['ip -c=never -br addr show dev "$IPSEC_NIC_DEV"', 'ethtool -i "$IPSEC_NIC_DEV"',
                   "ethtool -k \"$IPSEC_NIC_DEV\" | grep -E '^esp-'"]
     if testbed.peer:
-        lines += ['ip -n "$IPSEC_NIC_PEER_NS" -br addr show dev "$IPSEC_NIC_PEER_DEV"']
+        lines += ['ip -c=never -n "$IPSEC_NIC_PEER_NS" -br addr show dev "$IPSEC_NIC_PEER_DEV"']
     if testbed.peer and testbed.kernel_driver:
         lines += ['ping -c 2 -W 2 "$IPSEC_NIC_PEER_ADDR"', 'ping -6 -c 2 -W 2 "$IPSEC_NIC_PEER_ADDR6"']
     return "\n".join(lines) + "\n"

@@ -72,7 +72,7 @@ def check_inline_command(command: str) -> str:
         raise CommandTooLong(
             f"the guest command is too long for the kernel command line that carries it "
             f"({len(command.encode())} bytes, at most {MAX_INLINE_COMMAND_BYTES * 3 // 4}): put it in a file "
-            "and run that with `ipsec-nic vm run --script FILE` (or use Vm.run, which has no such limit)"
+            "and run that with `ipsec-nic vm run --script FILE`"
         )
     return encoded
 
