@@ -380,7 +380,6 @@ nomem:
 static int ipnc_open(struct net_device *nd)
 {
 	struct ipnc_adapter *a = netdev_priv(nd);
-	u32 ctrl;
 	int err;
 
 	err = ipnc_alloc_rings(a);
@@ -395,9 +394,6 @@ static int ipnc_open(struct net_device *nd)
 	napi_enable(&a->napi);
 	ipnc_wr(a, IPNC_REG_ICR, IPNC_QUEUE_CAUSES);
 	ipnc_wr(a, IPNC_REG_IMS, IPNC_QUEUE_CAUSES | IPNC_MISC_CAUSES);
-	ctrl = ipnc_rd(a, IPNC_REG_CTRL) & IPNC_CTRL_PROMISC;
-	ctrl |= IPNC_CTRL_ENABLE | (IPNC_INT_MODE_VECTORS << IPNC_CTRL_INT_MODE_SHIFT);
-	ipnc_wr(a, IPNC_REG_CTRL, ctrl);
 	netif_carrier_off(nd);
 	ipnc_update_link(a);
 	netif_start_queue(nd);
@@ -620,6 +616,27 @@ static void ipnc_free_irqs(struct ipnc_adapter *a)
 	pci_free_irq_vectors(a->pdev);
 }
 
+/*
+ * CTRL.ENABLE stays set from probe to remove: the admin queue only runs while it
+ * is (datasheet 4.1), and SAs can be added and counters read with the link down.
+ * ndo_open/ndo_stop switch the rings.
+ */
+static int ipnc_enable(struct ipnc_adapter *a)
+{
+	int i;
+
+	ipnc_wr(a, IPNC_REG_CTRL,
+		IPNC_CTRL_ENABLE | (IPNC_INT_MODE_VECTORS << IPNC_CTRL_INT_MODE_SHIFT));
+	for (i = 0; i < 200; i++) {
+		if (ipnc_rd(a, IPNC_REG_STATUS) & IPNC_STATUS_ENABLED)
+			return 0;
+		msleep(10);
+	}
+	dev_err(&a->pdev->dev, "card did not enable (ERR_CODE %u ERR_INFO %#x)\n",
+		ipnc_rd(a, IPNC_REG_ERR_CODE), ipnc_rd(a, IPNC_REG_ERR_INFO));
+	return -EIO;
+}
+
 static void ipnc_reset(struct ipnc_adapter *a)
 {
 	/* Every register, ring and SA back to reset state; self-clearing. */
@@ -686,6 +703,9 @@ static int ipnc_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	err = ipnc_setup_irqs(a);
 	if (err)
 		goto free_admin;
+	err = ipnc_enable(a);
+	if (err)
+		goto free_irqs;
 
 	nd->netdev_ops = &ipnc_netdev_ops;
 	nd->ethtool_ops = &ipnc_ethtool_ops;
@@ -709,6 +729,8 @@ static int ipnc_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 del_napi:
 	ipnc_ipsec_stop(a);
 	netif_napi_del(&a->napi);
+free_irqs:
+	ipnc_wr(a, IPNC_REG_CTRL, 0);
 	ipnc_free_irqs(a);
 free_admin:
 	ipnc_admin_stop(a);
