@@ -72,9 +72,12 @@ struct ipnc_sa {
 	u32 want_seq_hi;		/* inbound: what advance_esn asked for */
 	bool delete_req;		/* SaDeleteReq seen, expire not yet reported */
 	bool delete_req_reported;
-	/* packet offload: the card's counters, cached by the stats work */
+	/* packet offload: the card's counters, cached by the stats work ... */
 	u64 packets;
 	u64 bytes;
+	/* ... and what the driver itself handed over or received, always current */
+	atomic64_t drv_packets;
+	atomic64_t drv_bytes;
 };
 
 struct ipnc_adapter {

@@ -519,8 +519,11 @@ static void ipnc_update_stats(struct xfrm_state *x)
 	rcu_read_lock();
 	sa = ipnc_sa_lookup(a, x->xso.offload_handle);
 	if (sa && sa->xs == x) {
-		x->curlft.packets = max(x->curlft.packets, READ_ONCE(sa->packets));
-		x->curlft.bytes = max(x->curlft.bytes, READ_ONCE(sa->bytes));
+		/* the driver's count is current; the card's (polled) may be ahead after a refusal */
+		x->curlft.packets = max3(x->curlft.packets, READ_ONCE(sa->packets),
+					 (u64)atomic64_read(&sa->drv_packets));
+		x->curlft.bytes = max3(x->curlft.bytes, READ_ONCE(sa->bytes),
+				       (u64)atomic64_read(&sa->drv_bytes));
 	}
 	rcu_read_unlock();
 }
@@ -620,7 +623,7 @@ static bool ipnc_addr_match(const xfrm_address_t *pfx, const void *addr, u8 plen
  * Packet offload TX: the SA of the first offloaded policy, in priority order,
  * whose selector matches; none for a bypass policy or no match.
  */
-static u32 ipnc_packet_handle(struct ipnc_adapter *a, struct sk_buff *skb)
+static struct ipnc_sa *ipnc_packet_sa(struct ipnc_adapter *a, struct sk_buff *skb)
 {
 	const void *saddr, *daddr;
 	struct ipnc_policy *p;
@@ -629,7 +632,7 @@ static u32 ipnc_packet_handle(struct ipnc_adapter *a, struct sk_buff *skb)
 	int thoff;
 
 	if (list_empty(&a->policies))
-		return 0;
+		return NULL;
 	if (skb->protocol == htons(ETH_P_IP)) {
 		const struct iphdr *iph = ip_hdr(skb);
 
@@ -647,7 +650,7 @@ static u32 ipnc_packet_handle(struct ipnc_adapter *a, struct sk_buff *skb)
 		proto = ip6->nexthdr;
 		thoff = skb_network_offset(skb) + sizeof(*ip6);
 	} else {
-		return 0;
+		return NULL;
 	}
 	if ((proto == IPPROTO_TCP || proto == IPPROTO_UDP) && skb->len >= thoff + 4) {
 		const __be16 *ports = (const __be16 *)(skb->data + thoff);
@@ -668,7 +671,7 @@ static u32 ipnc_packet_handle(struct ipnc_adapter *a, struct sk_buff *skb)
 		    ((dport ^ ntohs(sel->dport)) & ntohs(sel->dport_mask)))
 			continue;
 		if (p->bypass)
-			return 0;
+			return NULL;
 		hash_for_each_rcu(a->sa_table, bkt, sa, node) {
 			struct xfrm_state *x = sa->xs;
 
@@ -677,10 +680,10 @@ static u32 ipnc_packet_handle(struct ipnc_adapter *a, struct sk_buff *skb)
 				continue;
 			if (p->reqid ? x->props.reqid == p->reqid :
 			    xfrm_addr_equal(&x->id.daddr, &p->tmpl_daddr, p->family))
-				return sa->handle;
+				return sa;
 		}
 	}
-	return 0;
+	return NULL;
 }
 
 /* Fill the TX descriptor's offload fields; false = drop the frame. */
@@ -722,17 +725,19 @@ bool ipnc_ipsec_tx(struct ipnc_adapter *a, struct sk_buff *skb, struct ipnc_tx_d
 /* Packet offload, plain frame with no sec_path: the card encapsulates it. */
 bool ipnc_ipsec_tx_plain(struct ipnc_adapter *a, struct sk_buff *skb, struct ipnc_tx_desc *d)
 {
-	u32 handle;
+	struct ipnc_sa *sa;
 
 	rcu_read_lock();
-	handle = ipnc_packet_handle(a, skb);
+	sa = ipnc_packet_sa(a, skb);
+	if (sa) {
+		d->flags = cpu_to_le16(IPNC_TX_FLAGS_IPSEC_PACKET);
+		d->offload_handle = cpu_to_le32(sa->handle);
+		atomic64_inc(&sa->drv_packets);
+		atomic64_add(skb->len - skb_network_offset(skb), &sa->drv_bytes);
+		a->sw.ipsec_tx_pkts++;
+	}
 	rcu_read_unlock();
-	if (!handle)
-		return true;	/* not ours to protect: send as is */
-	d->flags = cpu_to_le16(IPNC_TX_FLAGS_IPSEC_PACKET);
-	d->offload_handle = cpu_to_le32(handle);
-	a->sw.ipsec_tx_pkts++;
-	return true;
+	return true;	/* no SA: not ours to protect, sent as is */
 }
 
 #define IPNC_XO_AUTH_FAILED	(CRYPTO_TRANSPORT_AH_AUTH_FAILED | CRYPTO_TRANSPORT_ESP_AUTH_FAILED | \
@@ -797,8 +802,12 @@ void ipnc_ipsec_rx(struct ipnc_adapter *a, struct sk_buff *skb, const struct ipn
 	xo->status = ipnc_xo_status(status);
 	if (status == IPNC_CRYPTO_STATUS_SUCCESS) {
 		a->sw.ipsec_rx_pkts++;
-		if (flags & IPNC_RX_WB_FLAGS_DECAPSULATED)
+		if (flags & IPNC_RX_WB_FLAGS_DECAPSULATED) {
+			/* plain IP packet bytes, as the card counts them (datasheet 7.9) */
 			a->sw.ipsec_rx_decap++;
+			atomic64_inc(&sa->drv_packets);
+			atomic64_add(skb->len, &sa->drv_bytes);
+		}
 	} else if (xo->status & IPNC_XO_AUTH_FAILED) {
 		a->sw.ipsec_rx_auth_fail++;
 	} else {
