@@ -129,8 +129,12 @@ def test_run_sh_copies_the_script_and_returns_its_exit_status(tmp_path):
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout.splitlines() == [f"dev=[] cwd={tmp_path}", f"arg-free {tmp_path / 'copy.sh'}"]
     assert (tmp_path / "copy.sh").read_bytes() == script.read_bytes()
-    # Without a driver or a peer there is no address to give.
-    assert "IPSEC_NIC_ADDR" not in (tmp_path / "testbed.env").read_text()
+    # Without a driver or a peer there is no address to give; the host reads the file the same way.
+    from ipsec_nic.topology import parse_env_file
+
+    assert parse_env_file((tmp_path / "testbed.env").read_text()) == {"IPSEC_NIC_DEV": ""}
+    assert parse_env_file("export IPSEC_NIC_DEV='eth1'\nexport IPSEC_NIC_PEER_NS='peer'\njunk\n") == \
+        {"IPSEC_NIC_DEV": "eth1", "IPSEC_NIC_PEER_NS": "peer"}
 
 
 def test_run_sh_without_script_runs_the_command_and_keeps_its_quoting(tmp_path):
