@@ -79,7 +79,9 @@ def _define(name: str, value: int | str, width: int = 48) -> str:
     text = value if isinstance(value, str) else (f"0x{value:X}" if value > 9 else str(value))
     if isinstance(value, int) and value > 0x7FFFFFFF:
         text += "U"
-    return f"#define {name:<{width}} {text}"
+    line = f"#define {name:<{width}} {text}"
+    # Kernel coding style caps lines at 100 columns (scripts/checkpatch.pl): a long value is not aligned.
+    return line if len(line) <= 100 else f"#define {name} {text}"
 
 
 def _members(e: type[enum.Enum]) -> list[tuple[str, int]]:

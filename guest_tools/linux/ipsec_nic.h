@@ -138,7 +138,7 @@ struct ipnc_adapter {
 	/* offloaded SAs */
 	spinlock_t sa_lock;		/* sa_table writers */
 	DECLARE_HASHTABLE(sa_table, 6);
-	struct mutex sa_list_lock;
+	struct mutex sa_list_lock;	/* sa_list and the SA walks of sa/stats_work */
 	struct list_head sa_list;
 	struct list_head policies;	/* packet offload, outbound (RCU, sa_lock) */
 	struct work_struct sa_work;	/* ESN updates, SaDeleteReq, deferred deletes */

@@ -625,7 +625,7 @@ struct ipnc_global_stats {
 static_assert(sizeof(struct ipnc_global_stats) == 264);
 
 /* GLOBAL_STATS 64-bit counters, in order, from field tx_packets on */
-#define IPNC_FW_STAT_FIRST                               offsetof(struct ipnc_global_stats, tx_packets)
+#define IPNC_FW_STAT_FIRST offsetof(struct ipnc_global_stats, tx_packets)
 #define IPNC_NUM_FW_STATS                                0x1F
 #define IPNC_FW_STAT_NAMES { \
 	"tx_packets", \

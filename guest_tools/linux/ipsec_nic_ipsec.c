@@ -85,16 +85,19 @@ static int ipnc_parse_algs(struct ipnc_adapter *a, struct xfrm_state *x, struct 
 		u32 icv = x->aead->alg_icv_len;
 
 		if (ipnc_gcm_id(x->aead->alg_key_len, &enc, &gmac)) {
-			NL_SET_ERR_MSG_MOD(extack, "AES-GCM/GMAC key must be 128, 192 or 256 bits plus a 32-bit salt");
+			NL_SET_ERR_MSG_MOD(extack,
+					   "AES-GCM/GMAC key must be 128, 192 or 256 bits plus a 32-bit salt");
 			return -EINVAL;
 		}
 		if (!strcmp(name, "rfc4106(gcm(aes))")) {
 			if (icv != 64 && icv != 96 && icv != 128) {
-				NL_SET_ERR_MSG_MOD(extack, "AES-GCM ICV must be 64, 96 or 128 bits");
+				NL_SET_ERR_MSG_MOD(extack,
+						   "AES-GCM ICV must be 64, 96 or 128 bits");
 				return -EINVAL;
 			}
 			if (!(a->enc_algos & enc)) {
-				NL_SET_ERR_MSG_MOD(extack, "card does not offer this AES-GCM key size");
+				NL_SET_ERR_MSG_MOD(extack,
+						   "card does not offer this AES-GCM key size");
 				return -EINVAL;
 			}
 			p->enc_id = enc;
@@ -106,11 +109,13 @@ static int ipnc_parse_algs(struct ipnc_adapter *a, struct xfrm_state *x, struct 
 		}
 		if (!strcmp(name, "rfc4543(gcm(aes))")) {
 			if (icv != 128) {
-				NL_SET_ERR_MSG_MOD(extack, "AES-GMAC ICV must be 128 bits (RFC 4543)");
+				NL_SET_ERR_MSG_MOD(extack,
+						   "AES-GMAC ICV must be 128 bits (RFC 4543)");
 				return -EINVAL;
 			}
 			if (!(a->auth_algos & gmac) || !(a->enc_algos & IPNC_ENC_ALG_NONE)) {
-				NL_SET_ERR_MSG_MOD(extack, "card does not offer this AES-GMAC key size");
+				NL_SET_ERR_MSG_MOD(extack,
+						   "card does not offer this AES-GMAC key size");
 				return -EINVAL;
 			}
 			p->enc_id = IPNC_ENCRYPTION_ID_NONE;
@@ -120,7 +125,8 @@ static int ipnc_parse_algs(struct ipnc_adapter *a, struct xfrm_state *x, struct 
 			p->icv_len = 16;
 			return 0;
 		}
-		NL_SET_ERR_MSG_MOD(extack, "AEAD not offloadable: use rfc4106(gcm(aes)) or rfc4543(gcm(aes))");
+		NL_SET_ERR_MSG_MOD(extack,
+				   "AEAD not offloadable: use rfc4106(gcm(aes)) or rfc4543(gcm(aes))");
 		return -EINVAL;
 	}
 	if (!x->ealg) {
@@ -206,7 +212,8 @@ static int ipnc_fw_refusal(u32 fw_status, struct netlink_ext_ack *extack)
 		NL_SET_ERR_MSG_MOD(extack, "card does not support these SA parameters");
 		return -EINVAL;
 	case IPNC_NDIS_STATUS_INVALID_PARAMETER:
-		NL_SET_ERR_MSG_MOD(extack, "card refused the SA (duplicate SPI, bad address or parameter)");
+		NL_SET_ERR_MSG_MOD(extack,
+				   "card refused the SA (duplicate SPI, bad address or parameter)");
 		return -EINVAL;
 	default:
 		NL_SET_ERR_MSG_MOD(extack, "card refused the SA");
@@ -336,7 +343,8 @@ static int ipnc_state_add(struct xfrm_state *x, struct netlink_ext_ack *extack)
 	}
 	if (ntohl(x->id.spi) < 256) {
 		/* RFC 4303 2.1: SPIs 1..255 are reserved; the card refuses them */
-		NL_SET_ERR_MSG_MOD(extack, "SPI 1..255 is reserved (RFC 4303 2.1): the card refuses it");
+		NL_SET_ERR_MSG_MOD(extack,
+				   "SPI 1..255 is reserved (RFC 4303 2.1): the card refuses it");
 		return -EINVAL;
 	}
 	if (x->props.family != AF_INET && x->props.family != AF_INET6) {
@@ -366,7 +374,8 @@ static int ipnc_state_add(struct xfrm_state *x, struct netlink_ext_ack *extack)
 		}
 		if (x->encap && (x->encap->encap_type != UDP_ENCAP_ESPINUDP ||
 				 !(a->features & IPNC_FEATURES_UDP_ESP))) {
-			NL_SET_ERR_MSG_MOD(extack, "only RFC 3948 UDP encapsulation can be offloaded");
+			NL_SET_ERR_MSG_MOD(extack,
+					   "only RFC 3948 UDP encapsulation can be offloaded");
 			return -EINVAL;
 		}
 	} else if (x->encap) {
@@ -519,7 +528,9 @@ static void ipnc_update_stats(struct xfrm_state *x)
 	rcu_read_lock();
 	sa = ipnc_sa_lookup(a, x->xso.offload_handle);
 	if (sa && sa->xs == x) {
-		/* the driver's count is current; the card's (polled) may be ahead after a refusal */
+		/* the driver's count is current; the card's (polled) may be
+		 * ahead after a refusal
+		 */
 		x->curlft.packets = max3(x->curlft.packets, READ_ONCE(sa->packets),
 					 (u64)atomic64_read(&sa->drv_packets));
 		x->curlft.bytes = max3(x->curlft.bytes, READ_ONCE(sa->bytes),
@@ -740,8 +751,10 @@ bool ipnc_ipsec_tx_plain(struct ipnc_adapter *a, struct sk_buff *skb, struct ipn
 	return true;	/* no SA: not ours to protect, sent as is */
 }
 
-#define IPNC_XO_AUTH_FAILED	(CRYPTO_TRANSPORT_AH_AUTH_FAILED | CRYPTO_TRANSPORT_ESP_AUTH_FAILED | \
-				 CRYPTO_TUNNEL_AH_AUTH_FAILED | CRYPTO_TUNNEL_ESP_AUTH_FAILED)
+#define IPNC_XO_AUTH_FAILED	(CRYPTO_TRANSPORT_AH_AUTH_FAILED | \
+				 CRYPTO_TRANSPORT_ESP_AUTH_FAILED | \
+				 CRYPTO_TUNNEL_AH_AUTH_FAILED | \
+				 CRYPTO_TUNNEL_ESP_AUTH_FAILED)
 
 static u8 ipnc_xo_status(u16 crypto_status)
 {
@@ -999,10 +1012,12 @@ static int ipnc_sa_table_show(struct seq_file *m, void *unused)
 				   row, le32_to_cpu(e->offload_handle),
 				   e->direction == 1 ? "rx" : "tx", le32_to_cpu(e->spi), e->proto,
 				   e->mode ? "tunnel" : "transport", e->family,
-				   flags & IPNC_SA_LIST_FLAGS_PACKET_OFFLOAD ? " packet" : " crypto",
+				   flags & IPNC_SA_LIST_FLAGS_PACKET_OFFLOAD ?
+				   " packet" : " crypto",
 				   flags & IPNC_SA_LIST_FLAGS_ESN ? " esn" : "",
 				   flags & IPNC_SA_LIST_FLAGS_UDP_ENCAP ? " udp-encap" : "",
-				   flags & IPNC_SA_LIST_FLAGS_DELETE_REQUESTED ? " delete-requested" : "");
+				   flags & IPNC_SA_LIST_FLAGS_DELETE_REQUESTED ?
+				   " delete-requested" : "");
 		}
 		if (le32_to_cpu(head->next_index) == 0xffffffff ||
 		    le32_to_cpu(head->next_index) == start)

@@ -555,7 +555,7 @@ static int ipnc_wait_ready(struct ipnc_adapter *a)
 	for (i = 0; i < 200; i++) {
 		if (ipnc_rd(a, IPNC_REG_STATUS) & IPNC_STATUS_READY)
 			return 0;
-		msleep(10);
+		usleep_range(10000, 20000);
 	}
 	return -ETIMEDOUT;
 }
@@ -630,7 +630,7 @@ static int ipnc_enable(struct ipnc_adapter *a)
 	for (i = 0; i < 200; i++) {
 		if (ipnc_rd(a, IPNC_REG_STATUS) & IPNC_STATUS_ENABLED)
 			return 0;
-		msleep(10);
+		usleep_range(10000, 20000);
 	}
 	dev_err(&a->pdev->dev, "card did not enable (ERR_CODE %u ERR_INFO %#x)\n",
 		ipnc_rd(a, IPNC_REG_ERR_CODE), ipnc_rd(a, IPNC_REG_ERR_INFO));
@@ -778,6 +778,7 @@ static struct pci_driver ipnc_driver = {
 	.remove		= ipnc_remove,
 	.shutdown	= ipnc_shutdown,
 };
+
 static int __init ipnc_init(void)
 {
 	int err;
