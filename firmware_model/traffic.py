@@ -110,7 +110,9 @@ class TrafficPath:
     sadb: Sadb
     _stats: ndis.GlobalStats
 
-    def transmit(self, frame: bytes, handle: int, packet_offload: bool) -> TxResult:
+    def transmit(self, frame: bytes, handle: int, packet_offload: bool, seq_hi: int | None = None) -> TxResult:
+        """One TX frame. ``seq_hi``: crypto offload ESN high half carried by the descriptor (TxFlags.SEQ_HI),
+        used instead of the SA's (UPDATE_SA) for this frame."""
         st = self._stats
         st.tx_packets += 1
         st.tx_bytes += len(frame)
@@ -129,7 +131,7 @@ class TrafficPath:
             return TxResult(TxOutcome.BAD_HANDLE, None)
         buf = bytearray(frame)
         rt = sa.runtime()
-        verdict = rt.crypto_encrypt(buf, l3)
+        verdict = rt.crypto_encrypt(buf, l3, seq_hi)
         if verdict:  # anything but Verdict.OK (0)
             st.tx_errors += 1
             return TxResult(_TX_FROM_VERDICT.get(verdict, TxOutcome.ERROR), None)

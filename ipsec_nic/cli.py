@@ -47,6 +47,10 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         as_json=args.json,
         timeout=args.timeout,
         verbose=args.verbose,
+        script=args.script,
+        kernel_driver=args.kernel_driver,
+        peer=args.peer,
+        pcap=args.pcap,
     )
 
 
@@ -59,7 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ipsec_nic import demo
 
-    return demo.run(profile=args.profile, out_dir=Path(args.out), timeout=args.timeout, verbose=args.verbose)
+    return demo.run(profile=args.profile, out_dir=Path(args.out), timeout=args.timeout, verbose=args.verbose,
+                    kernel_driver=args.kernel_driver)
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
@@ -87,6 +92,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_runner.run(args)
 
 
+def _vm_run_epilog() -> str:
+    from ipsec_nic.testbed import SCRIPT_VARIABLES
+
+    width = max(map(len, SCRIPT_VARIABLES))
+    table = "\n".join(f"  {name:<{width}}  {meaning}" for name, meaning in SCRIPT_VARIABLES.items())
+    return ("The guest command or script sees these variables (with --script, --kernel-driver or --peer):\n"
+            f"{table}\n\n"
+            "Example:\n"
+            "  ipsec-nic vm run --kernel-driver --peer --script my-offload-test.sh")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ipsec-nic", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,13 +120,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_vm_setup)
     r = vm_sub.add_parser(
         "run",
-        help="start the card, boot a VM with it, run a guest command (default: the probe tool), shut down",
+        help="start the card, boot a VM with it, run a guest command or script (default: the probe), shut down",
+        description="Start the card, boot a VM with it, run a command or script in the guest (default: the "
+                    "probe tool), stream its output and shut down; the exit status is the guest command's.",
+        epilog=_vm_run_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument("--profile", help="card profile YAML (default: device/profiles/default.yaml)")
-    r.add_argument(
+    what = r.add_mutually_exclusive_group()
+    what.add_argument(
         "--command",
-        help="shell command to run inside the guest (default: python3 -m guest_tools.probe)",
+        help="shell command to run inside the guest (default: python3 -m guest_tools.probe); it travels on the "
+             "kernel command line, so keep it short and use --script for anything longer",
     )
+    what.add_argument(
+        "--script", metavar="FILE",
+        help="host file copied into the guest and run with sh (cwd /tmp) after the test bed is set up; "
+             "its exit status is the command's",
+    )
+    r.add_argument(
+        "--kernel-driver", action="store_true",
+        help="build (once) and load the card's Linux driver: the card is a netdev ($IPSEC_NIC_DEV) in the "
+             "root netns with $IPSEC_NIC_ADDR/$IPSEC_NIC_ADDR6",
+    )
+    r.add_argument(
+        "--peer", action="store_true",
+        help="add a virtio-net NIC on the other end of the card's wire, moved into netns 'peer' and addressed "
+             "(the Linux IPsec peer of the demo); with --kernel-driver it is checked reachable by ping, IPv4 and IPv6",
+    )
+    r.add_argument("--pcap", metavar="FILE", help="record every frame on the card's wire to FILE")
     r.add_argument("--json", action="store_true", help="print the probe's result as JSON")
     r.add_argument("--timeout", type=float, default=300.0, help="seconds before the VM is killed")
     r.set_defaults(func=cmd_vm_run)
@@ -126,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--profile", help="card profile YAML (default: device/profiles/default.yaml)")
     d.add_argument("--out", default="out", help="directory for logs and the wire pcap (default: ./out)")
     d.add_argument("--timeout", type=float, default=600.0, help="seconds before the VM is killed")
+    d.add_argument(
+        "--kernel-driver", action="store_true",
+        help="run the scenarios through the card's Linux driver: plain `ip xfrm ... offload crypto|packet dev` "
+             "in the guest instead of the Python user-space driver",
+    )
     d.set_defaults(func=cmd_demo)
 
     sk = sub.add_parser("soak", help="benchmark mode: SA churn and traffic both ways against a Linux peer in a "

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -189,25 +189,112 @@ def run_dir(prefix: str = "ipsec-nic-") -> Iterator[Path]:
 PROBE_COMMAND = "python3 -m guest_tools.probe"
 
 
-def vm_run(profile: str | None = None, guest_command: str | None = None, as_json: bool = False,
-           timeout: float = 300.0, verbose: int = 0) -> int:
-    """Start the card, boot a VM with it, run the guest command (default: the probe), shut down."""
-    from qemu import toolchain as vm_toolchain
-    from qemu.launch import VfioUserCard, VmConfig, VmError, run_vm
+class RunError(RuntimeError):
+    """A `vm run` request that cannot work as given (message says why and what to do instead)."""
 
+
+def _check_run_options(guest_command: str | None, script: str | None, as_json: bool, testbed: bool) -> None:
+    from qemu.launch import CommandTooLong, check_inline_command
+
+    if guest_command is not None and script is not None:
+        raise RunError("--command and --script are alternatives: give one of them")
+    if as_json and (guest_command is not None or script is not None or testbed):
+        raise RunError("--json formats the probe's report; it does not apply with --command, --script, "
+                       "--kernel-driver or --peer")
+    if script is not None and not Path(script).is_file():
+        raise RunError(f"--script {script}: no such file")
+    if guest_command is not None and not testbed and script is None:
+        try:
+            check_inline_command(guest_command)
+        except CommandTooLong as exc:
+            raise RunError(str(exc)) from None
+
+
+def load_kernel_module(toolchain, progress: Callable[[str], None] | None = None):
+    """The card's kernel driver for this toolchain, built once per source hash (qemu/kmod.py)."""
+    from qemu import kmod
+
+    return kmod.ensure_module(toolchain, progress=progress or (lambda line: _say(f"kernel driver: {line}")))
+
+
+def module_shares(module: Any) -> tuple[Any, ...]:
+    """The ShareDir a kernel module needs when its files live outside the tree and the checkout."""
+    from qemu.launch import ShareDir
+
+    share = getattr(module, "share", None)
+    if share is None:
+        return ()
+    return (ShareDir(Path(share), getattr(module, "share_name", None) or "ipsec-nic-kmod"),)
+
+
+def vm_run(profile: str | None = None, guest_command: str | None = None, as_json: bool = False,
+           timeout: float = 300.0, verbose: int = 0, script: str | None = None, kernel_driver: bool = False,
+           peer: bool = False, pcap: str | None = None) -> int:
+    """Start the card, boot a VM with it, run the guest command (default: the probe), shut down.
+
+    With ``kernel_driver``/``peer``/``script`` the guest first sets up the test bed (ipsec_nic/testbed.py)
+    and the command or script runs with its IPSEC_NIC_* variables. The command's output streams as it
+    comes; the return value is its exit status."""
+    from device.profile import load_profile
+    from ipsec_nic import testbed as tb
+    from qemu import toolchain as vm_toolchain
+    from qemu.launch import ShareDir, VfioUserCard, VmConfig, VmError, run_vm
+
+    testbed_mode = kernel_driver or peer or script is not None
+    try:
+        _check_run_options(guest_command, script, as_json, testbed_mode)
+    except RunError as exc:
+        print(f"ipsec-nic vm run: {exc}", file=sys.stderr)
+        return 2
     tc = vm_toolchain.setup()
-    command = guest_command or (PROBE_COMMAND + (" --json" if as_json else ""))
+    module = None
+    if kernel_driver:
+        try:
+            module = load_kernel_module(tc)
+        except Exception as exc:  # the build explains itself (log path, what failed)
+            _say(f"the kernel driver is not usable: {exc}")
+            return 1
     t0 = time.monotonic()
     with run_dir() as d:
-        prof = write_profile(d / "card.yaml", profile)
+        overrides: dict[str, Any] = {}
+        extra_args: tuple[str, ...] = ()
+        if peer:
+            card_wire, qemu_wire = d / "wire-card.sock", d / "wire-qemu.sock"
+            overrides = tb.wire_overrides(card_wire, qemu_wire, Path(pcap).resolve() if pcap else None)
+            extra_args = tb.netdev_args(card_wire, qemu_wire)
+        elif pcap:
+            overrides = {"wire": {"pcap": str(Path(pcap).resolve())}}
+        try:
+            prof = write_profile(d / "card.yaml", profile, overrides)
+            pci = load_profile(prof).pci
+        except (ValueError, OSError) as exc:
+            print(f"ipsec-nic vm run: {exc}", file=sys.stderr)
+            return 2
+        shares: tuple[ShareDir, ...] = ()
+        if testbed_mode:
+            bed = tb.Testbed(peer=peer, load_command=module.load_command if module else "",
+                             pci_id=(pci.vendor_id, pci.device_id))
+            share_dir = d / "run"
+            share_dir.mkdir()
+            try:
+                tb.prepare_run_dir(share_dir, bed, Path(script) if script else None, guest_command)
+            except ValueError as exc:
+                print(f"ipsec-nic vm run: {exc}", file=sys.stderr)
+                return 2
+            command = tb.guest_run_command()
+            shares = (ShareDir(share_dir, tb.RUN_SHARE), *module_shares(module))
+        else:
+            command = guest_command or (PROBE_COMMAND + (" --json" if as_json else ""))
         log_dir = Path(tempfile.mkdtemp(prefix="ipsec-nic-logs-"))
         with CardServer(d / "card.sock", prof, log_dir / "card.log", verbose=1) as card:
-            _say(f"card server up (pid {card.process.pid if card.process else '?'}); booting the VM (TCG, "
-                 "about 15 s)")
-            cfg = VmConfig(command=command, cards=(VfioUserCard(d / "card.sock"),), timeout_s=timeout,
-                           log_dir=log_dir)
+            what = " and a Linux peer" if peer else ""
+            _say(f"card server up (pid {card.process.pid if card.process else '?'}); booting the VM{what} "
+                 "(TCG, about 15 s)")
+            cfg = VmConfig(command=command, cards=(VfioUserCard(d / "card.sock"),), extra_args=extra_args,
+                           shares=shares, timeout_s=timeout, log_dir=log_dir)
+            console = (lambda line: _say(f"console: {line}")) if verbose else None
             try:
-                result = run_vm(cfg, tc, on_output=(lambda line: _say(f"console: {line}")) if verbose else None)
+                result = run_vm(cfg, tc, on_output=console, on_command_output=lambda line: print(line, flush=True))
             except VmError as exc:
                 _say(f"VM failed: {exc}")
                 _say(f"card server log ({log_dir / 'card.log'}):\n{card.log_tail()}")
@@ -215,7 +302,8 @@ def vm_run(profile: str | None = None, guest_command: str | None = None, as_json
             if not card.alive():
                 _say(f"the card server died during the run:\n{card.log_tail()}")
                 return 1
-    print(result.output)
+    if testbed_mode and result.exit_code == tb.SETUP_FAILED and "ipsec-nic test bed:" in result.output:
+        _say(f"the test bed could not be set up, so the script did not run; logs in {log_dir}")
     _say(f"guest command exited with {result.exit_code}; time to guest command {result.boot_seconds:.1f} s, "
          f"VM wall time {result.wall_seconds:.1f} s, total {time.monotonic() - t0:.1f} s; logs in {log_dir}")
     return result.exit_code

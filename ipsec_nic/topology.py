@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from guest_tools.scenario import RESULT_PREFIX, Spec
-from ipsec_nic.runner import CardServer, run_dir, write_profile
+from ipsec_nic.runner import CardServer, module_shares, run_dir, write_profile
+from ipsec_nic.testbed import NETDEV_KINDS, Testbed, netdev_args, wire_overrides
 from qemu.launch import VfioUserCard, Vm, VmConfig
 from qemu.toolchain import Toolchain
 
-PEER_MAC = "52:54:00:49:50:02"  # the virtio-net NIC (locally administered QEMU range)
-PEER_NETDEV = "peer0"
 SCENARIO_TIMEOUT_S = 120.0
 
 
@@ -36,28 +36,12 @@ class TopologyError(RuntimeError):
     """The topology could not start, or the guest's scenario runner failed (message has the details)."""
 
 
-NETDEV_KINDS = ("dgram", "stream")
+_EXPORT = re.compile(r"^export (IPSEC_NIC_[A-Z0-9_]+)='([^']*)'$")
 
 
-def netdev_args(card_wire: Path, qemu_wire: Path, mac: str = PEER_MAC, kind: str = "dgram") -> tuple[str, ...]:
-    """QEMU arguments for the peer NIC whose netdev is the other end of the card's wire.
-
-    dgram: QEMU binds ``qemu_wire`` and sends to ``card_wire``. stream: QEMU connects (server=off) to the
-    card listening on ``card_wire``, frames carry a 4-byte length (QEMU net/stream.c)."""
-    if kind == "stream":
-        netdev = f"stream,id={PEER_NETDEV},server=off,addr.type=unix,addr.path={card_wire}"
-    else:
-        netdev = (f"dgram,id={PEER_NETDEV},local.type=unix,local.path={qemu_wire},"
-                  f"remote.type=unix,remote.path={card_wire}")
-    return ("-netdev", netdev, "-device", f"virtio-net-pci,netdev={PEER_NETDEV},mac={mac}")
-
-
-def wire_overrides(card_wire: Path, qemu_wire: Path, pcap: Path | None, kind: str = "dgram") -> dict[str, Any]:
-    if kind == "stream":
-        return {"wire": {"type": "stream", "path": str(card_wire), "mode": "server", "peer": None,
-                         "pcap": str(pcap) if pcap else None}}
-    return {"wire": {"type": "dgram", "path": str(card_wire), "peer": str(qemu_wire),
-                     "pcap": str(pcap) if pcap else None}}
+def parse_env_file(text: str) -> dict[str, str]:
+    """The variables of the test bed's env file (`export NAME='value'` lines, see qemu/guest_testbed.sh)."""
+    return {m.group(1): m.group(2) for m in map(_EXPORT.match, text.splitlines()) if m}
 
 
 def parse_guest_result(output: str) -> dict[str, Any]:
@@ -82,7 +66,8 @@ class Topology:
 
     def __init__(self, toolchain: Toolchain, log_dir: Path, *, profile: str | None = None,
                  pcap: Path | None = None, timeout_s: float = 300.0, verbose: int = 0,
-                 on_console: Callable[[str], None] | None = None, netdev: str = "dgram") -> None:
+                 on_console: Callable[[str], None] | None = None, netdev: str = "dgram",
+                 kernel_module: Any | None = None) -> None:
         if netdev not in NETDEV_KINDS:
             raise ValueError(f"netdev must be one of {NETDEV_KINDS}, not {netdev!r}")
         self.netdev = netdev
@@ -93,6 +78,9 @@ class Topology:
         self.timeout_s = timeout_s
         self.verbose = verbose
         self.on_console = on_console
+        # qemu.kmod.KernelModule: the card's Linux driver is loaded and the card is a netdev (setup_info["dev"])
+        self.kernel_module = kernel_module
+        self.testbed = Testbed(peer=True, load_command=kernel_module.load_command) if kernel_module else None
         self.card: CardServer | None = None
         self.vm: Vm | None = None
         self.setup_info: dict[str, Any] = {}
@@ -121,7 +109,7 @@ class Topology:
         self.card = stack.enter_context(
             CardServer(sockets / "card.sock", profile, self.log_dir / "card.log", verbose=max(1, self.verbose)))
         cfg = VmConfig(cards=(VfioUserCard(sockets / "card.sock"),), extra_args=netdev_args(card_wire, qemu_wire, kind=self.netdev),
-                       timeout_s=self.timeout_s, log_dir=self.log_dir / "vm")
+                       shares=module_shares(self.kernel_module), timeout_s=self.timeout_s, log_dir=self.log_dir / "vm")
         t0 = time.monotonic()
         try:
             self.vm = stack.enter_context(Vm(cfg, self.toolchain, on_output=self.on_console))
@@ -130,8 +118,23 @@ class Topology:
                 from None
         self.boot_seconds = time.monotonic() - t0
         t1 = time.monotonic()
-        self.setup_info = self.guest_json("python3 -m guest_tools.scenario setup").get("setup", {})
+        if self.testbed is not None:
+            self.setup_info = self.kernel_setup()
+        else:
+            self.setup_info = self.guest_json("python3 -m guest_tools.scenario setup").get("setup", {})
         self.setup_seconds = time.monotonic() - t1
+
+    def kernel_setup(self, action: str = "setup") -> dict[str, Any]:
+        """Load the driver, address the card's netdev and the peer (qemu/guest_testbed.sh); returns the
+        test bed's variables, e.g. {"IPSEC_NIC_DEV": "eth1", ...}. ``card`` (re)loads and configures
+        the card only (after an rmmod)."""
+        assert self.testbed is not None
+        result = self.guest(self.testbed.setup_command(action))
+        if result.exit_code != 0:
+            raise TopologyError(f"the kernel test bed did not come up (exit {result.exit_code}):\n"
+                                f"{result.output[-3000:]}" + self._card_state())
+        env = self.guest(f"cat {self.testbed.paths.env_file}").output
+        return parse_env_file(env)
 
     def __exit__(self, *exc_info: object) -> None:
         if self._stack is not None:

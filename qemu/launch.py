@@ -58,6 +58,25 @@ class VmTimeout(VmError):
     pass
 
 
+class CommandTooLong(ValueError):
+    """A run_vm command that does not fit on the kernel command line (message says what to do)."""
+
+
+def check_inline_command(command: str) -> str:
+    """The base64 form of ``command`` for ``ipsec_nic.cmd=``; CommandTooLong when it does not fit.
+
+    The command travels on the kernel command line (x86: 2048 bytes in all), base64-encoded so that
+    quoting survives; anything longer belongs in a file (`ipsec-nic vm run --script FILE`)."""
+    encoded = base64.b64encode(command.encode()).decode("ascii")
+    if len(encoded) > MAX_INLINE_COMMAND_BYTES:
+        raise CommandTooLong(
+            f"the guest command is too long for the kernel command line that carries it "
+            f"({len(command.encode())} bytes, at most {MAX_INLINE_COMMAND_BYTES * 3 // 4}): put it in a file "
+            "and run that with `ipsec-nic vm run --script FILE`"
+        )
+    return encoded
+
+
 @dataclass(frozen=True)
 class VfioUserCard:
     """One -device vfio-user-pci, connecting to a server listening on socket_path."""
@@ -193,13 +212,7 @@ def kernel_cmdline(cfg: VmConfig, paths: VmRunPaths, *, agent: bool) -> str:
     if agent:
         args.append(f"ipsec_nic.agent={AGENT_DEVICE}")
     elif cfg.command is not None:
-        encoded = base64.b64encode(cfg.command.encode()).decode("ascii")
-        if len(encoded) > MAX_INLINE_COMMAND_BYTES:
-            raise ValueError(
-                f"command is {len(cfg.command)} bytes; too long for the kernel command line "
-                "(put it in a script in the checkout, or use Vm.run)"
-            )
-        args.append(f"ipsec_nic.cmd={encoded}")
+        args.append(f"ipsec_nic.cmd={check_inline_command(cfg.command)}")
     args.extend(cfg.cmdline_extra)
     return " ".join(args)
 
@@ -388,10 +401,12 @@ def _tail(path: Path, lines: int = 30) -> str:
 class _Console:
     """Reads the guest console from QEMU's stdout on a thread: lines, markers, callback."""
 
-    def __init__(self, stream, nonce: str, on_output: OutputCallback | None) -> None:
+    def __init__(self, stream, nonce: str, on_output: OutputCallback | None,
+                 on_command_output: OutputCallback | None = None) -> None:
         self.stream = stream
         self.nonce = nonce
         self.on_output = on_output
+        self.on_command_output = on_command_output  # the command's own lines only, as they arrive
         self.lines: list[str] = []
         self.command_output: list[str] = []
         self.begin_time: float | None = None
@@ -449,7 +464,9 @@ class _Console:
 
     def _emit(self, line: str) -> None:
         self.command_output.append(line)
-        if self.on_output is not None:
+        if self.on_command_output is not None:
+            self.on_command_output(line)
+        elif self.on_output is not None:
             self.on_output(line)
 
 
@@ -467,12 +484,14 @@ class _Boot:
     """Starts virtiofsd(s) and QEMU for one configuration; stop() undoes everything."""
 
     def __init__(
-        self, cfg: VmConfig, toolchain: Toolchain, *, agent: bool, on_output: OutputCallback | None
+        self, cfg: VmConfig, toolchain: Toolchain, *, agent: bool, on_output: OutputCallback | None,
+        on_command_output: OutputCallback | None = None,
     ) -> None:
         self.cfg = cfg
         self.toolchain = toolchain
         self.agent = agent
         self.on_output = on_output
+        self.on_command_output = on_command_output
         self.children = _Children()
         nonce = secrets.token_hex(8)
         # Created in start(), so an object that never starts leaves nothing behind.
@@ -514,7 +533,7 @@ class _Boot:
                 stderr=qemu_log,
                 env=self.toolchain.qemu_env_for(),
             )
-        self.console = _Console(self.qemu.stdout, self.paths.nonce, self.on_output)
+        self.console = _Console(self.qemu.stdout, self.paths.nonce, self.on_output, self.on_command_output)
 
     def failure(self, what: str) -> str:
         serial = "\n".join(self.console.lines[-30:]) if self.console else ""
@@ -586,11 +605,17 @@ def resolve_accel(cfg: VmConfig, toolchain: Toolchain) -> str:
 # --- one command per boot ---------------------------------------------------------------------------------------
 
 
-def run_vm(cfg: VmConfig, toolchain: Toolchain, on_output: OutputCallback | None = None) -> VmResult:
-    """Boot, run cfg.command in the guest, power off. Raises VmError/VmTimeout if it never finishes."""
+def run_vm(cfg: VmConfig, toolchain: Toolchain, on_output: OutputCallback | None = None,
+           on_command_output: OutputCallback | None = None) -> VmResult:
+    """Boot, run cfg.command in the guest, power off. Raises VmError/VmTimeout if it never finishes.
+
+    ``on_command_output`` sees the command's lines as they arrive, ``on_output`` every other console
+    line (all of them when ``on_command_output`` is None); the result holds the command's lines too. A command too long for the kernel command line raises
+    CommandTooLong before anything starts."""
     if cfg.command is None:
         raise ValueError("run_vm needs cfg.command")
-    boot = _Boot(cfg, toolchain, agent=False, on_output=on_output)
+    check_inline_command(cfg.command)
+    boot = _Boot(cfg, toolchain, agent=False, on_output=on_output, on_command_output=on_command_output)
     with _sigterm_unwinds():
         try:
             boot.start()

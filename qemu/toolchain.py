@@ -44,9 +44,15 @@ MIN_QEMU_VERSION = (10, 1)
 # Bump when the recipe changes in a way the lists below do not show.
 RECIPE_VERSION = 1
 
-# Installed from trixie itself. --no-install-recommends keeps the tree near 1 GB.
+# Installed from trixie itself, in ONE apt run: linux-headers-amd64 depends on the identically
+# versioned image, and the archive drops old headers on each kernel update, so image and headers
+# must be resolved together. --no-install-recommends keeps the tree near 1.5 GB.
 GUEST_PACKAGES = (
     "linux-image-amd64",
+    # Building the kernel driver (qemu/kmod.py) inside the tree: headers + the kernel's own gcc.
+    "linux-headers-amd64",
+    "gcc-14",
+    "make",
     "initramfs-tools",
     "virtiofsd",
     "python3",
@@ -59,6 +65,14 @@ GUEST_PACKAGES = (
     "kmod",
     "procps",
     "tcpdump",
+    # What a driver tester expects in the guest: link/counters, ping, an IKE daemon with the
+    # kernel-netlink plugin (strongswan-libcharon) and swanctl, and a TCP bulk transfer.
+    "ethtool",
+    "iputils-ping",
+    "strongswan-charon",
+    "strongswan-swanctl",
+    "socat",
+    "iperf3",
 )
 # QEMU's vfio-user client first shipped in 10.1; trixie itself has 10.0.
 BACKPORTS_PACKAGES = ("qemu-system-x86", "ipxe-qemu", "seabios")

@@ -552,6 +552,7 @@ class TxFlags(DocFlag):
     IPSEC_CRYPTO = 1 << 1, "Crypto offload: encrypt/ICV the ESP the host built, with SA offload_handle"
     IPSEC_PACKET = 1 << 2, "Packet offload: encapsulate the IP packet with SA offload_handle"
     REPORT_STATUS = 1 << 3, "Write back wb_flags/wb_status and raise TXn when done"
+    SEQ_HI = 1 << 4, "Crypto offload, ESN SA: seq_hi is this frame's ESN high half (else the SA's, UPDATE_SA)"
 
 
 class TxWbFlags(DocFlag):
@@ -585,7 +586,7 @@ TX_DESC = Layout(
         ("tunnel_handle", "I", "Crypto offload: outer (tunnel) SA for transport-over-tunnel, else 0"),
         ("wb_status", "H", "Write-back: TxStatus"),
         ("wb_flags", "H", "Write-back: TxWbFlags"),
-        ("reserved", "I", "Zero"),
+        ("seq_hi", "I", "With SEQ_HI: ESN high 32 bits for this frame (RFC 4304), first descriptor only; else zero"),
     ),
 )
 

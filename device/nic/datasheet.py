@@ -114,7 +114,7 @@ TX_STATUS_WHEN: dict[str, tuple[str, str]] = {
                        "a whole number of cipher blocks, transport SA given a packet of the other IP family "
                        "(packet offload), sequence number would cycle (packet offload), hard lifetime reached, packet offload with handle 0 and no selector match",
                        "TX_OFFLOAD_ERROR"),
-    "BAD_DESCRIPTOR": ("Reserved field not zero, unknown flag bits, both IPSEC flags, or no EOP within "
+    "BAD_DESCRIPTOR": ("Reserved field not zero, seq_hi without SEQ_HI or SEQ_HI without IPSEC_CRYPTO, unknown flag bits, both IPSEC flags, or no EOP within "
                        "min(64, LEN - 1) descriptors (that many are refused)",
                        "BAD_DESCRIPTOR (one per descriptor)"),
 }

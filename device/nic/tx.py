@@ -45,7 +45,9 @@ _TXD_FLAGS_AT = _TXD_FLAGS.offset
 _TXD_FLAGS_UNPACK = _TXD_FLAGS.field_struct.unpack_from
 _TX_WB_AT = _TXD.offset_of("wb_status")
 _TX_WB = struct.Struct("<HH")  # wb_status, wb_flags
-_TX_KNOWN_FLAGS = int(TxFlags.EOP | TxFlags.IPSEC_CRYPTO | TxFlags.IPSEC_PACKET | TxFlags.REPORT_STATUS)
+_TX_KNOWN_FLAGS = int(TxFlags.EOP | TxFlags.IPSEC_CRYPTO | TxFlags.IPSEC_PACKET | TxFlags.REPORT_STATUS |
+                      TxFlags.SEQ_HI)
+_SEQ_HI = int(TxFlags.SEQ_HI)
 _TX_IPSEC = int(TxFlags.IPSEC_CRYPTO | TxFlags.IPSEC_PACKET)
 _EOP = int(TxFlags.EOP)
 _RS = int(TxFlags.REPORT_STATUS)
@@ -131,10 +133,12 @@ class TxPath:
                   stats: list[int]) -> tuple[int, bool]:
         """Validate, read, offload and send the frame in descriptors k..j. Returns (TxStatus, REPORT_STATUS)."""
         (addr, length, flags, handle, _esp_off, _pad, _nh, tunnel_handle, _wbs, _wbf,
-         reserved) = _TXD_UNPACK(block, k * _TXD_SIZE)
+         seq_hi) = _TXD_UNPACK(block, k * _TXD_SIZE)
         rs = bool(flags & _RS)
         status = TxStatus.OK
-        if reserved or flags & ~_TX_KNOWN_FLAGS or flags & _TX_IPSEC == _TX_IPSEC:
+        # SEQ_HI only with IPSEC_CRYPTO (the host's ESN high half, RFC 4304); else seq_hi is reserved
+        if (seq_hi and not flags & _SEQ_HI) or (flags & _SEQ_HI and flags & _TX_IPSEC != _IPSEC_CRYPTO) \
+                or flags & ~_TX_KNOWN_FLAGS or flags & _TX_IPSEC == _TX_IPSEC:
             status = TxStatus.BAD_DESCRIPTOR
         elif not length:
             status = TxStatus.BAD_LENGTH
@@ -145,7 +149,7 @@ class TxPath:
             for i in range(k + 1, j + 1):
                 a, ln, fl, _h, _e, _p, _n, _t, _s, _f, res = _TXD_UNPACK(block, i * _TXD_SIZE)
                 rs |= bool(fl & _RS)
-                if res or fl & ~_TX_KNOWN_FLAGS:
+                if res or fl & ~_TX_KNOWN_FLAGS or fl & _SEQ_HI:
                     status = TxStatus.BAD_DESCRIPTOR
                 elif not ln and status == TxStatus.OK:
                     status = TxStatus.BAD_LENGTH
@@ -168,7 +172,8 @@ class TxPath:
             if tunnel_handle or (ipsec == _IPSEC_CRYPTO and not handle):
                 stats[TX_OFFLOAD_ERROR] += 1
                 return TxStatus.BAD_HANDLE, rs
-            result = self.firmware.transmit(frame, handle, ipsec == _IPSEC_PACKET)
+            result = self.firmware.transmit(frame, handle, ipsec == _IPSEC_PACKET,
+                                            seq_hi if flags & _SEQ_HI else None)
             fw_status = result.status
             if result.sa_delete_req:
                 self._cause(SA_DELETE_CAUSE)

@@ -99,8 +99,19 @@ def test_command_travels_base64_on_the_kernel_command_line(tc, paths):
 
 
 def test_too_long_command_is_refused_not_truncated(tc, paths):
-    with pytest.raises(ValueError, match="too long"):
+    with pytest.raises(launch.CommandTooLong, match="too long.*--script FILE"):
         launch.qemu_argv(VmConfig(command="x" * 2000), tc, paths)
+    longest = "x" * (launch.MAX_INLINE_COMMAND_BYTES * 3 // 4)
+    assert base64.b64decode(cmdline_params(launch.qemu_argv(VmConfig(command=longest), tc, paths))
+                            ["ipsec_nic.cmd"]).decode() == longest
+    with pytest.raises(launch.CommandTooLong):
+        launch.check_inline_command(longest + "x")
+
+
+def test_run_vm_refuses_a_long_command_before_starting_anything(tc, tmp_path):
+    with pytest.raises(launch.CommandTooLong):
+        launch.run_vm(VmConfig(command="x" * 2000, log_dir=tmp_path / "logs"), tc)
+    assert not (tmp_path / "logs").exists()
 
 
 def test_agent_mode_adds_a_second_serial_port_and_no_command(tc, paths):
@@ -241,6 +252,7 @@ def test_load_refuses_a_tree_from_another_recipe(tmp_path, monkeypatch):
 def test_stage0_and_guest_init_are_valid_shell():
     subprocess.run(["sh", "-n", "-c", toolchain.STAGE0_SCRIPT], check=True)
     subprocess.run(["sh", "-n", str(REPO / "qemu/guest_init.sh")], check=True)
+    subprocess.run(["sh", "-n", str(REPO / "qemu/guest_testbed.sh")], check=True)
 
 
 # --- console markers and the guest agent ---------------------------------------------------------
@@ -273,6 +285,20 @@ def test_console_takes_output_between_this_runs_markers_only():
     assert console.begin_time is not None
     assert console.seen[0] == "[    1.0] kernel line"
     assert console.lines[-1] == "[    2.0] reboot: Power down"
+
+
+def test_console_streams_the_commands_lines_apart_from_the_boot_chatter():
+    read_fd, write_fd = os.pipe()
+    other: list[str] = []
+    command: list[str] = []
+    with open(read_fd, "rb", buffering=0) as stream:
+        console = launch._Console(stream, "n0nce", other.append, command.append)
+        os.write(write_fd, b"[ 1.0] boot\n@@ipsec-nic-begin n0nce@@\none\ntwo\n@@ipsec-nic-exit n0nce 3@@\n[ 2.0] off\n")
+        os.close(write_fd)
+        assert console.closed.wait(5)
+    assert command == ["one", "two"]
+    assert other == ["[ 1.0] boot", "[ 2.0] off"]
+    assert console.command_output == ["one", "two"] and console.exit_code == 3
 
 
 def test_console_without_exit_marker_has_no_exit_code():
