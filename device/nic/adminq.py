@@ -20,7 +20,8 @@ The server has one loop and QEMU waits (5 s at most) for every MMIO reply, so on
 time (AQ_PASS_SECONDS), not only in descriptors: a V2_ADD_SA list may hold 4,096 SAs (~0.15 s of
 cipher setup, far more on a loaded host). Such a list is executed LIST_CHUNK entries per pass, as
 V2_ADD_SA commands of its own, and the per-entry results are joined into the one response (the
-command already succeeds per entry, so the split does not change what the driver sees).
+command already succeeds per entry, so the split does not change what the driver sees). The list is
+decoded whole first (a malformed list adds nothing): that one step is not split (~60 ms for 4,096 entries).
 """
 
 from __future__ import annotations
