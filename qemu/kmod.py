@@ -22,15 +22,13 @@ snippet that loads the ESP offload modules (xfrm needs ``x->type_offload``) and 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,19 +87,6 @@ def load_command(guest_dir: str) -> str:
     return f"modprobe esp4_offload && modprobe esp6_offload && insmod {guest_dir}/{MODULE_NAME}.ko"
 
 
-@contextlib.contextmanager
-def _locked(path: Path, progress: Progress) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress(f"waiting for another kernel module build ({path}) ...")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -166,7 +151,7 @@ def ensure_module(toolchain: tc.Toolchain, progress: Progress = print, force: bo
     base = toolchain.cache_dir / "kmod"
     out_dir = base / key
     ko = out_dir / f"{MODULE_NAME}.ko"
-    with _locked(base / "lock", progress):
+    with tc.locked(base / "lock", "kernel module build", progress):
         if force or not ko.is_file():
             out_dir.mkdir(parents=True, exist_ok=True)
             _compile(toolchain, kver, sources, out_dir, progress)

@@ -380,13 +380,14 @@ def load() -> Toolchain | None:
 
 
 @contextlib.contextmanager
-def _locked(cache: Path, progress: Progress) -> Iterator[None]:
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / "lock", "w") as lock:
+def locked(path: Path, what: str, progress: Progress) -> Iterator[None]:
+    """Hold the flock on ``path`` (one build of ``what`` at a time), saying so when another holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            progress(f"waiting for another ipsec-nic toolchain build ({cache / 'lock'}) ...")
+            progress(f"waiting for another {what} ({path}) ...")
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -612,7 +613,7 @@ def setup(force: bool = False, progress: Progress = print) -> Toolchain:
             "building the VM toolchain needs root (debootstrap and chroot); run `sudo ipsec-nic vm setup` "
             f"once (cache: {cache}; set IPSEC_NIC_CACHE to share it)"
         )
-    with _locked(cache, progress):
+    with locked(cache / "lock", "ipsec-nic toolchain build", progress):
         if not force:
             existing = load()  # another process may have built it while we waited
             if existing is not None:

@@ -117,7 +117,7 @@ def test_builds_are_serialised_by_a_lock(tmp_path):
     with open(lock, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         def build() -> None:
-            with kmod._locked(lock, waited.append):
+            with kmod.tc.locked(lock, "kernel module build", waited.append):
                 waited.append("built")
 
         thread = threading.Thread(target=build)
