@@ -313,7 +313,7 @@ def test_scenario_sa_documents_load_with_the_firmwares_sa_file_parser(family, mo
     assert (out_sa.spi, in_sa.spi) == (scenario.SPI_OUT + 32, scenario.SPI_IN + 32)
     assert (out_sa.src, out_sa.dst) == (in_sa.dst, in_sa.src)
     assert out_sa.family == family and out_sa.esn and out_sa.seq == 0xFFFF_FFF0 and out_sa.encap == UdpEncap()
-    assert out_sa.enc_key != in_sa.enc_key  # fresh keys per SA
+    assert (out_sa.enc_key, out_sa.auth_key) != (in_sa.enc_key, in_sa.auth_key)  # fresh keys per SA
     if mode == "tunnel":
         assert (out_sa.inner_src, out_sa.inner_dst) == scenario.NET.addrs(family, tunnel=True)
     for argv in peer_commands([out_sa, in_sa]):
@@ -366,3 +366,55 @@ def test_bypass_policy_matches_the_kernel_struct_layout(family):
     assert info.sel.family == (socket.AF_INET if family == 4 else socket.AF_INET6)
     assert (info.dir, info.action) == (1, 0) and info.lft[0] == info.lft[3] == (1 << 64) - 1
     assert (level, name) == ((socket.IPPROTO_IP, 17) if family == 4 else (socket.IPPROTO_IPV6, 35))
+
+
+# --- the algorithm table and run-many (pure parts) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", sorted(scenario.ALGORITHMS))
+def test_every_scenario_algorithm_loads_and_has_a_linux_peer(alg):
+    out_sa, in_sa = parse_sa_document(scenario.fill_keys(scenario.sa_document(Spec(alg=alg))))
+    section = scenario.ALGORITHMS[alg]
+    if "aead" in section:
+        assert out_sa.icv_len == section["aead"]["icv"]
+    else:
+        assert out_sa.auth_alg != AuthAlg.NONE  # never ESP without integrity (NDIS, RFC 4303 §3.2)
+    for argv in peer_commands([out_sa, in_sa]):
+        assert all(word and not any(c.isspace() for c in word) for word in argv)
+
+
+def test_v1_specs_are_crypto_offload_without_esn():
+    Spec(v1=True, alg="3des-cbc+hmac-md5-96").check()
+    with pytest.raises(ValueError, match="v1"):
+        Spec(v1=True, offload="packet").check()
+    with pytest.raises(ValueError, match="v1"):
+        Spec(v1=True, esn=True).check()
+
+
+def test_run_many_reports_each_case_and_survives_a_failing_one(monkeypatch):
+    specs = [Spec(name="a"), Spec(name="b", alg="aes-gmac-128"), Spec(name="c")]
+    assert [s.name for s in scenario.specs_from_b64(scenario.specs_to_b64(specs))] == ["a", "b", "c"]
+    assert scenario.specs_from_b64(scenario.specs_to_b64(specs)) == specs
+
+    def fake_run(spec):
+        if spec.name == "b":
+            raise scenario.ScenarioError("refused")
+        return {"name": spec.name}
+
+    monkeypatch.setattr(scenario, "run", fake_run)
+    emitted = []
+    outcomes = scenario.run_many(specs, emit=emitted.append)
+    assert outcomes == emitted
+    assert outcomes == [{"case": 0, "name": "a", "result": {"name": "a"}},
+                        {"case": 1, "name": "b", "error": "ScenarioError: refused"},
+                        {"case": 2, "name": "c", "result": {"name": "c"}}]
+    with pytest.raises(ValueError, match="list"):
+        scenario.specs_from_b64(Spec().to_b64())
+
+
+def test_host_reads_run_many_lines_in_case_order():
+    from ipsec_nic.topology import parse_guest_results
+
+    lines = [scenario.RESULT_PREFIX + '{"case": 1, "error": "x"}', "noise",
+             scenario.RESULT_PREFIX + '{"case": 0, "result": {"n": 1}}', scenario.RESULT_PREFIX + '{"done": 2}']
+    assert parse_guest_results("\n".join(lines)) == [{"case": 0, "result": {"n": 1}}, {"case": 1, "error": "x"}]
