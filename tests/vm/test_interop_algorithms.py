@@ -144,3 +144,13 @@ def test_the_default_suite_proves_every_advertised_esp_algorithm(profile):
         f"advertised but not proven: {sorted(a.name for a in auth - proven_auth)}"
     assert gcm_icvs == {8, 12, 16}  # RFC 4106 §6
     assert {s.offload for s in DEFAULT_CASES} == {"crypto", "packet"} and any(s.v1 for s in DEFAULT_CASES)
+
+
+def test_legacy_profile_is_the_default_plus_3des_and_md5_only():
+    default, legacy = (Capabilities.from_profile(load_profile(p).firmware)
+                       for p in (default_profile_path(), LEGACY_PROFILE))
+    assert EncAlg.TDES_CBC not in default.encryption and AuthAlg.MD5 not in default.integrity
+    assert legacy.encryption == default.encryption | {EncAlg.TDES_CBC}
+    assert legacy.integrity == default.integrity | {AuthAlg.MD5}
+    assert {k: v for k, v in vars(legacy).items() if k not in ("encryption", "integrity")} == \
+        {k: v for k, v in vars(default).items() if k not in ("encryption", "integrity")}
