@@ -4,6 +4,7 @@ Runs inside the VM, from /opt/ipsec-nic:
 
     python3 -m guest_tools.scenario setup            # once per boot: netns `peer` around the virtio-net NIC
     python3 -m guest_tools.scenario run SPEC_BASE64  # one scenario; prints one result line (JSON)
+    python3 -m guest_tools.scenario run-many SPECS_BASE64  # a list in one process; one line per case
 
 Topology (guest_tools/xfrm_peer.py PeerNet): the virtio-net NIC sits in netns ``peer`` with 10.0.0.2 /
 fd00::2 and permanent neighbour entries for the card's 10.0.0.1 / fd00::1 -> the card's MAC. Its QEMU
@@ -58,18 +59,42 @@ NAT_T_PORT = 4500
 UDP_ENCAP = 100  # linux/udp.h: setsockopt(SOL_UDP, UDP_ENCAP, ...)
 UDP_ENCAP_ESPINUDP = 2
 SOL_UDP = 17
-PEER_MODULES = ("xfrm_user", "esp4", "esp6", "gcm", "ghash_generic", "seqiv", "cbc", "hmac", "sha256",
-                "aes_generic", "crypto_null")
+# Modules for every algorithm the matrix uses (tests/vm/test_interop_algorithms.py); md5, sha1, hmac and
+# cbc are built in on the Debian kernel, modprobe accepts them as no-ops.
+PEER_MODULES = ("xfrm_user", "esp4", "esp6", "ah4", "ah6", "gcm", "ghash_generic", "seqiv", "cbc", "hmac", "md5",
+                "sha1", "sha256", "aes_generic", "crypto_null", "des_generic", "des3_ede_x86_64")
 SPI_OUT, SPI_IN = 0x1000, 0x2000  # card's outbound / inbound SA (fresh SPIs per scenario via spi_base)
 
-ALGORITHMS = {
-    # spec name -> SA-file algorithm sections (keys filled in by fill_keys)
-    "aes-gcm-128": {"aead": {"alg": "aes-gcm-128", "icv": 16}},
-    "aes-gcm-256": {"aead": {"alg": "aes-gcm-256", "icv": 16}},
-    "aes-cbc-128+hmac-sha256-128": {"cipher": {"alg": "aes-cbc-128"}, "integrity": {"alg": "hmac-sha256-128"}},
-    "aes-cbc-256+hmac-sha256-128": {"cipher": {"alg": "aes-cbc-256"}, "integrity": {"alg": "hmac-sha256-128"}},
-}
-_KEY_LEN = {"aes-gcm-128": 16, "aes-gcm-256": 32, "aes-cbc-128": 16, "aes-cbc-256": 32, "hmac-sha256-128": 32}
+
+def _algorithms() -> dict[str, dict[str, Any]]:
+    """Spec name -> SA-file algorithm sections (keys filled in by fill_keys).
+
+    AES-GCM: ``aes-gcm-K`` (ICV 16) and ``aes-gcm-K-icvN`` (RFC 4106 §6: 8, 12, 16); AES-GMAC
+    ``aes-gmac-K`` (RFC 4543, ICV 16); ``CIPHER+INTEGRITY`` for AES-CBC, 3DES-CBC and NULL (RFC 4303
+    §3.2: ESP with integrity only) with each HMAC."""
+    algs: dict[str, dict[str, Any]] = {}
+    for bits in (128, 192, 256):
+        algs[f"aes-gcm-{bits}"] = {"aead": {"alg": f"aes-gcm-{bits}", "icv": 16}}
+        for icv in (8, 12):
+            algs[f"aes-gcm-{bits}-icv{icv}"] = {"aead": {"alg": f"aes-gcm-{bits}", "icv": icv}}
+        algs[f"aes-gmac-{bits}"] = {"aead": {"alg": f"aes-gmac-{bits}", "icv": 16}}
+    for cipher in ("aes-cbc-128", "aes-cbc-192", "aes-cbc-256", "3des-cbc", "null"):
+        for integrity in ("hmac-md5-96", "hmac-sha1-96", "hmac-sha256-128"):
+            algs[f"{cipher}+{integrity}"] = {"cipher": {"alg": cipher}, "integrity": {"alg": integrity}}
+    return algs
+
+
+ALGORITHMS = _algorithms()
+
+
+def _key_len(name: str) -> int:
+    """Key bytes (without salt) of an SA-file algorithm name, from the card's contract tables."""
+    from device.contract.algorithms import AUTH_INFO, ENC_INFO
+
+    for info in (*ENC_INFO.values(), *AUTH_INFO.values()):
+        if info.name == name:
+            return info.key_len
+    raise ValueError(f"unknown algorithm {name!r}")
 
 
 class ScenarioError(RuntimeError):
@@ -89,6 +114,7 @@ class Spec:
     esn: bool = False
     seq: int = 0  # both SAs: outbound last-sent number / inbound window start
     offload: str = "crypto"  # crypto | packet
+    v1: bool = False  # crypto offload through V1_ADD_SA (the NDIS v1 command a v1 driver uses)
     count: int = 8
     size: int = 200  # UDP payload bytes
     spi_base: int = 0  # added to SPI_OUT / SPI_IN (distinct SPIs per scenario in one boot)
@@ -120,6 +146,8 @@ class Spec:
             raise ValueError(f"alg must be one of {', '.join(ALGORITHMS)}")
         if self.offload not in ("crypto", "packet"):
             raise ValueError("offload must be crypto or packet")
+        if self.v1 and (self.offload != "crypto" or self.esn):
+            raise ValueError("v1 SAs are crypto offload without ESN (NDIS v1 has neither)")
         if not 1 <= self.count <= 100:
             raise ValueError("count must be 1..100 (the card's RX ring holds 127 frames)")
         if not 16 <= self.size <= 1200:
@@ -186,7 +214,9 @@ def fill_keys(doc: dict[str, Any], random_bytes=os.urandom) -> dict[str, Any]:
             spec = sa.get(section)
             if spec is None or "key" in spec:
                 continue
-            spec["key"] = random_bytes(_KEY_LEN[spec["alg"]]).hex()
+            length = _key_len(spec["alg"])
+            if length:
+                spec["key"] = random_bytes(length).hex()
             if section == "aead":
                 spec["salt"] = random_bytes(4).hex()
     return doc
@@ -462,8 +492,8 @@ def run(spec: Spec) -> dict[str, Any]:
     result: dict[str, Any] = {"name": spec.name, "spec": asdict(spec)}
     try:
         timings["open"] = round(time.monotonic() - t0, 3)
-        handles = {"outbound": card.add_sa(out_sa, offload=spec.offload),
-                   "inbound": card.add_sa(in_sa, offload=spec.offload)}
+        handles = {"outbound": card.add_sa(out_sa, offload=spec.offload, v1=spec.v1),
+                   "inbound": card.add_sa(in_sa, offload=spec.offload, v1=spec.v1)}
         peer_sas = sas if spec.peer_keys == "same" else parse_sa_document(fill_keys(sa_document(spec)))
         ip_batch(peer_commands(peer_sas))
         timings["sas_added"] = round(time.monotonic() - t0, 3)
@@ -504,6 +534,33 @@ def run(spec: Spec) -> dict[str, Any]:
     return result
 
 
+def run_many(specs: list[Spec], emit=None) -> list[dict[str, Any]]:
+    """Run scenarios one after the other in this process (one Python start-up and one peer setup for
+    all). Each outcome is ``{"case": i, "result": ...}`` or ``{"case": i, "error": ...}``: a case that
+    cannot be set up (say, an algorithm the card's profile refuses) does not stop the others."""
+    outcomes = []
+    for i, spec in enumerate(specs):
+        try:
+            outcome: dict[str, Any] = {"case": i, "name": spec.name, "result": run(spec)}
+        except Exception as exc:  # reported per case; the host decides what it means
+            outcome = {"case": i, "name": spec.name, "error": f"{type(exc).__name__}: {exc}"}
+        if emit is not None:
+            emit(outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def specs_to_b64(specs: list[Spec]) -> str:
+    return base64.b64encode(json.dumps([asdict(s) for s in specs]).encode()).decode("ascii")
+
+
+def specs_from_b64(text: str) -> list[Spec]:
+    data = json.loads(base64.b64decode(text))
+    if not isinstance(data, list):
+        raise ValueError("run-many takes a base64 JSON list of scenario specs")
+    return [Spec.from_dict(d) for d in data]
+
+
 def delete_all() -> dict[str, int]:
     """Delete every SA on the card and flush the peer (the demo's last step)."""
     from guest_tools.driver import open_card
@@ -532,10 +589,16 @@ def main(argv: list[str] | None = None) -> int:
         elif len(args) == 2 and args[0] == "run":
             spec = Spec.from_dict(json.loads(base64.b64decode(args[1])))
             _emit({"result": run(spec)})
+        elif len(args) == 2 and args[0] == "run-many":
+            specs = specs_from_b64(args[1])
+            setup()
+            run_many(specs, emit=_emit)
+            _emit({"done": len(specs)})
         elif args == ["delete-all"]:
             _emit({"deleted": delete_all()})
         else:
-            print("usage: python3 -m guest_tools.scenario setup | run SPEC_BASE64 | delete-all", file=sys.stderr)
+            print("usage: python3 -m guest_tools.scenario setup | run SPEC_BASE64 | run-many SPECS_BASE64 | "
+                  "delete-all", file=sys.stderr)
             return 2
     except (ScenarioError, ValueError, OSError) as exc:
         _emit({"error": f"{type(exc).__name__}: {exc}"})

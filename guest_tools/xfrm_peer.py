@@ -1,6 +1,6 @@
 """A Linux XFRM peer for the card: the same SAs the card holds, configured with `ip xfrm` in a netns.
 
-The peer is the independent party in the interop tests and the demo: its kernel (esp4/esp6, the
+The peer is the independent party in the interop tests and the demo: its kernel (esp4/esp6, ah4/ah6, the
 crypto API) encrypts and decrypts, so nothing written here decides whether the card's ESP is right.
 
 Mirroring. An SA describes one flow on the wire (src -> dst, SPI). Linux XFRM states are keyed by
@@ -52,10 +52,19 @@ def _hex(key: bytes) -> str:
 
 
 def algorithm_args(p: SaParams) -> list[str]:
-    """`ip xfrm state` ALGO-LIST for the SA: aead | enc [+ auth-trunc] | auth-trunc alone (NULL enc)."""
-    if p.proto != IpProto.ESP:
-        raise PeerConfigError(f"SA {p.spi:#x}: the peer mirrors ESP SAs only")
+    """`ip xfrm state` ALGO-LIST for the SA: aead | enc [+ auth-trunc] | auth-trunc alone (NULL enc, AH)."""
     icv_bits = str(p.icv_len * 8)
+    if p.proto == IpProto.AH:
+        if p.enc_alg != EncAlg.NONE:
+            raise PeerConfigError(f"SA {p.spi:#x}: AH carries no cipher")
+        if p.auth_alg in _HMAC_NAMES:
+            return ["auth-trunc", _HMAC_NAMES[p.auth_alg], _hex(p.auth_key), icv_bits]
+        # Linux AH takes auth/auth-trunc algorithms only: net/xfrm/xfrm_user.c verify_newsa_info refuses
+        # XFRMA_ALG_AEAD for IPPROTO_AH, and xfrm_algo.c's aalg list has no GMAC (RFC 4543 is ESP-only there).
+        raise PeerConfigError(f"SA {p.spi:#x}: AH with {p.auth_alg.name} has no Linux counterpart "
+                              "(Linux AH takes HMAC integrity only)")
+    if p.proto != IpProto.ESP:
+        raise PeerConfigError(f"SA {p.spi:#x}: the peer mirrors ESP and AH SAs only")
     if p.enc_alg in _AEAD_ENC:
         # RFC 4106 §8.1: the 4-byte salt follows the key; iproute2 takes them as one blob.
         return ["aead", "rfc4106(gcm(aes))", _hex(p.enc_key), icv_bits]
@@ -75,6 +84,10 @@ def algorithm_args(p: SaParams) -> list[str]:
     return args
 
 
+def _proto_name(p: SaParams) -> str:
+    return "ah" if p.proto == IpProto.AH else "esp"
+
+
 def _prefix(addr: str) -> str:
     ip = ipaddress.ip_address(addr)
     return f"{ip}/{ip.max_prefixlen}"
@@ -85,12 +98,15 @@ def peer_policy_dir(p: SaParams) -> str:
     return "in" if p.direction == Direction.OUTBOUND else "out"
 
 
-def state_add(p: SaParams, reqid: int, replay_window: int | None = None) -> list[str]:
-    """argv (after `ip`) that adds the peer's copy of the card's SA ``p``."""
-    mode = "tunnel" if p.mode == Mode.TUNNEL else "transport"
+def state_add(p: SaParams, reqid: int, replay_window: int | None = None, mode: Mode | None = None) -> list[str]:
+    """argv (after `ip`) that adds the peer's copy of the card's SA ``p``; ``mode`` overrides the SA's mode
+    (the AH half of a tunnel-mode ESP+AH bundle is a transport state over the outer header)."""
+    mode_name = "tunnel" if (p.mode if mode is None else mode) == Mode.TUNNEL else "transport"
+    if p.proto == IpProto.AH and p.encap is not None:
+        raise PeerConfigError(f"SA {p.spi:#x}: UDP encapsulation is for ESP only (RFC 3948)")
     window = replay_window if replay_window is not None else (p.replay_window or DEFAULT_REPLAY_WINDOW)
-    argv = ["xfrm", "state", "add", "src", p.src, "dst", p.dst, "proto", "esp", "spi", f"{p.spi:#x}",
-            "reqid", str(reqid), "mode", mode, "replay-window", str(window)]
+    argv = ["xfrm", "state", "add", "src", p.src, "dst", p.dst, "proto", _proto_name(p), "spi", f"{p.spi:#x}",
+            "reqid", str(reqid), "mode", mode_name, "replay-window", str(window)]
     if p.esn:
         argv += ["flag", "esn"]
     lo, hi = p.seq & 0xFFFF_FFFF, p.seq >> 32
@@ -117,20 +133,60 @@ def selector(p: SaParams) -> tuple[str, str]:
     return p.src, p.dst
 
 
-def policy_add(p: SaParams, reqid: int) -> list[str]:
-    """argv (after `ip`) for the peer's policy that sends or accepts the flow through the state."""
+def _tmpl(p: SaParams, reqid: int, mode: Mode) -> list[str]:
+    return ["tmpl", "src", p.src, "dst", p.dst, "proto", _proto_name(p), "reqid", str(reqid), "mode",
+            "tunnel" if mode == Mode.TUNNEL else "transport"]
+
+
+def policy_add(p: SaParams, reqid: int, ah: SaParams | None = None, ah_reqid: int | None = None) -> list[str]:
+    """argv (after `ip`) for the peer's policy that sends or accepts the flow through the state; with
+    ``ah`` a second template makes it an ESP-then-AH bundle (see bundle_commands)."""
     src, dst = selector(p)
-    mode = "tunnel" if p.mode == Mode.TUNNEL else "transport"
-    return ["xfrm", "policy", "add", "src", _prefix(src), "dst", _prefix(dst), "dir", peer_policy_dir(p),
-            "tmpl", "src", p.src, "dst", p.dst, "proto", "esp", "reqid", str(reqid), "mode", mode]
+    argv = ["xfrm", "policy", "add", "src", _prefix(src), "dst", _prefix(dst), "dir", peer_policy_dir(p),
+            *_tmpl(p, reqid, p.mode)]
+    if ah is not None:
+        argv += _tmpl(ah, ah_reqid if ah_reqid is not None else reqid + 1, Mode.TRANSPORT)
+    return argv
 
 
-def peer_commands(sas: list[SaParams], first_reqid: int = 1) -> list[list[str]]:
-    """States and policies mirroring all of the card's SAs (one reqid per SA)."""
+def check_bundle(esp: SaParams, ah: SaParams) -> None:
+    """An ESP-then-AH bundle (NDIS v1 SecAssoc order, v2 NumExtHdrs 2) shares direction, endpoints and
+    family; refuse anything else with the SPIs named."""
+    where = f"bundle ESP {esp.spi:#x} + AH {ah.spi:#x}"
+    if esp.proto != IpProto.ESP or ah.proto != IpProto.AH:
+        raise PeerConfigError(f"{where}: needs an ESP SA first and an AH SA second")
+    if (esp.direction, esp.src, esp.dst) != (ah.direction, ah.src, ah.dst):
+        raise PeerConfigError(f"{where}: the two SAs must share direction, src and dst")
+
+
+def bundle_commands(esp: SaParams, ah: SaParams, reqid: int) -> list[list[str]]:
+    """The peer's states and one two-template policy for an ESP-then-AH bundle.
+
+    Templates are listed innermost first (Linux applies xfrm_tmpl_resolve's order outbound and checks it
+    inbound, net/xfrm/xfrm_policy.c xfrm_policy_ok), so ``tmpl esp`` then ``tmpl ah`` gives
+    IP | AH | ESP | payload, RFC 4301 §4.5 transport adjacency. A tunnel-mode bundle is ESP in tunnel
+    mode with AH in transport mode over the outer header (one outer IP header: IP | AH | ESP | inner IP),
+    whatever mode the AH SA itself names."""
+    check_bundle(esp, ah)
+    return [state_add(esp, reqid), state_add(ah, reqid + 1, mode=Mode.TRANSPORT),
+            policy_add(esp, reqid, ah=ah, ah_reqid=reqid + 1)]
+
+
+SaOrBundle = SaParams | tuple[SaParams, SaParams]
+
+
+def peer_commands(sas: list[SaOrBundle], first_reqid: int = 1) -> list[list[str]]:
+    """States and policies mirroring all of the card's SAs (one reqid per SA); an (ESP, AH) tuple is a bundle."""
     out: list[list[str]] = []
-    for i, p in enumerate(sas):
-        out.append(state_add(p, first_reqid + i))
-        out.append(policy_add(p, first_reqid + i))
+    reqid = first_reqid
+    for item in sas:
+        if isinstance(item, tuple):
+            out += bundle_commands(item[0], item[1], reqid)
+            reqid += 2
+        else:
+            out.append(state_add(item, reqid))
+            out.append(policy_add(item, reqid))
+            reqid += 1
     return out
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from guest_tools.scenario import RESULT_PREFIX, Spec
+from guest_tools.scenario import RESULT_PREFIX, Spec, specs_to_b64
 from ipsec_nic.runner import CardServer, module_shares, run_dir, write_profile
 from ipsec_nic.testbed import NETDEV_KINDS, Testbed, netdev_args, wire_overrides
 from qemu.launch import VfioUserCard, Vm, VmConfig
@@ -42,6 +42,20 @@ _EXPORT = re.compile(r"^export (IPSEC_NIC_[A-Z0-9_]+)='([^']*)'$")
 def parse_env_file(text: str) -> dict[str, str]:
     """The variables of the test bed's env file (`export NAME='value'` lines, see qemu/guest_testbed.sh)."""
     return {m.group(1): m.group(2) for m in map(_EXPORT.match, text.splitlines()) if m}
+
+
+def parse_guest_results(output: str) -> list[dict[str, Any]]:
+    """The per-case lines of ``scenario run-many`` (``{"case": i, ...}``), ordered by case number."""
+    cases = []
+    for line in output.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            try:
+                value = json.loads(line[len(RESULT_PREFIX):])
+            except ValueError as exc:
+                raise TopologyError(f"unreadable scenario result: {exc}") from None
+            if isinstance(value, dict) and isinstance(value.get("case"), int):
+                cases.append(value)
+    return sorted(cases, key=lambda v: v["case"])
 
 
 def parse_guest_result(output: str) -> dict[str, Any]:
@@ -173,6 +187,21 @@ class Topology:
         if not isinstance(result, dict):
             raise TopologyError(f"scenario {spec.name}: no result in {sorted(value)}")
         return result
+
+    def run_many(self, specs: list[Spec], timeout: float | None = None) -> list[dict[str, Any]]:
+        """Run a list of scenarios in ONE guest process (guest_tools.scenario run-many): one Python start-up
+        for all. Returns, in order, each case's result, or ``{"error": ...}`` for a case the guest could not
+        set up (the others still run)."""
+        for spec in specs:
+            spec.check()
+        if timeout is None:
+            timeout = SCENARIO_TIMEOUT_S + sum(2.0 * s.timeout + 5.0 for s in specs)
+        result = self.guest(f"python3 -m guest_tools.scenario run-many {specs_to_b64(specs)}", timeout)
+        outcomes = parse_guest_results(result.output)
+        if result.timed_out or len(outcomes) != len(specs):
+            raise TopologyError(f"run-many: {len(outcomes)} of {len(specs)} results (exit {result.exit_code}, "
+                                f"timed out: {result.timed_out}):\n{result.output[-3000:]}" + self._card_state())
+        return [o["result"] if "result" in o else {"error": o.get("error", "no result")} for o in outcomes]
 
     def delete_all(self) -> dict[str, int]:
         return self.guest_json("python3 -m guest_tools.scenario delete-all").get("deleted", {})

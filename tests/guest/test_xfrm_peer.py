@@ -108,13 +108,113 @@ def test_policies_take_the_opposite_direction_and_the_inner_selector_in_tunnel_m
         policy_add(cbc_sa(mode=Mode.TUNNEL), 1)
 
 
+def ah_sa(**kw) -> SaParams:
+    base = dict(spi=0x3003, proto=IpProto.AH, direction=Direction.OUTBOUND, mode=Mode.TRANSPORT, src="10.0.0.1",
+                dst="10.0.0.2", auth_alg=AuthAlg.SHA1, auth_key=HMAC_KEY[:20], icv_len=12)
+    base.update(kw)
+    return SaParams(**base)
+
+
 def test_unsupported_sas_are_refused_without_quoting_keys():
-    with pytest.raises(PeerConfigError) as info:
-        state_add(gcm_sa(proto=IpProto.AH, enc_alg=EncAlg.NONE, enc_key=b"", auth_alg=AuthAlg.SHA256,
-                         auth_key=HMAC_KEY), 1)
-    assert HMAC_KEY.hex() not in str(info.value)
+    gmac_key = bytes(range(100, 120))
+    with pytest.raises(PeerConfigError, match="AH with AES_GMAC_128 has no Linux counterpart") as info:
+        state_add(ah_sa(auth_alg=AuthAlg.AES_GMAC_128, auth_key=gmac_key, icv_len=16), 1)
+    assert gmac_key.hex() not in str(info.value)
+    with pytest.raises(PeerConfigError, match="AH carries no cipher"):
+        state_add(ah_sa(enc_alg=EncAlg.AES_CBC_128, enc_key=KEY), 1)
+    with pytest.raises(PeerConfigError, match="RFC 3948"):
+        state_add(ah_sa(encap=UdpEncap()), 1)
+    with pytest.raises(PeerConfigError, match="cannot follow a CBC cipher") as info:
+        state_add(cbc_sa(auth_alg=AuthAlg.AES_GMAC_128, auth_key=gmac_key), 1)
+    assert gmac_key.hex() not in str(info.value) and KEY.hex() not in str(info.value)
     with pytest.raises(PeerConfigError, match="whitespace"):
         batch_text([["xfrm", "state", "add", "a b"]])
+
+
+@pytest.mark.parametrize(("alg", "name", "key_len", "icv"), [
+    (AuthAlg.MD5, "hmac(md5)", 16, 12), (AuthAlg.SHA1, "hmac(sha1)", 20, 12), (AuthAlg.SHA256, "hmac(sha256)", 32, 16),
+])
+def test_ah_states_are_proto_ah_with_auth_trunc_only(alg, name, key_len, icv):
+    key = HMAC_KEY[:key_len]
+    argv = state_add(ah_sa(auth_alg=alg, auth_key=key, icv_len=icv, esn=True, seq=5), 4)
+    assert argv[argv.index("proto") + 1] == "ah" and argv[argv.index("spi") + 1] == "0x3003"
+    assert argv[argv.index("auth-trunc"):] == ["auth-trunc", name, "0x" + key.hex(), str(icv * 8)]
+    assert "enc" not in argv and "aead" not in argv
+    assert argv[argv.index("replay-seq") + 1] == "0x5" and argv[argv.index("flag") + 1] == "esn"
+    policy = policy_add(ah_sa(), 4)
+    assert policy[policy.index("tmpl"):] == ["tmpl", "src", "10.0.0.1", "dst", "10.0.0.2", "proto", "ah",
+                                             "reqid", "4", "mode", "transport"]
+
+
+# Every (cipher, integrity) pair the card's SA file can name maps to the Linux crypto API name the
+# kernel's xfrm_algo.c lists (tools/testing/selftests/net/ipsec.c uses the same names).
+@pytest.mark.parametrize(("enc", "auth", "want"), [
+    (EncAlg.AES_GCM_192, AuthAlg.NONE, ["aead", "rfc4106(gcm(aes))"]),
+    (EncAlg.NONE, AuthAlg.AES_GMAC_256, ["aead", "rfc4543(gcm(aes))"]),
+    (EncAlg.AES_CBC_192, AuthAlg.SHA1, ["enc", "cbc(aes)"]),
+    (EncAlg.TDES_CBC, AuthAlg.MD5, ["enc", "cbc(des3_ede)"]),
+    (EncAlg.NONE, AuthAlg.SHA256, ["enc", "ecb(cipher_null)", '""', "auth-trunc", "hmac(sha256)"]),
+])
+def test_every_esp_algorithm_family_has_its_linux_name(enc, auth, want):
+    p = cbc_sa(enc_alg=enc, enc_key=bytes(24) if enc == EncAlg.TDES_CBC else KEY, auth_alg=auth,
+               auth_key=HMAC_KEY, icv_len=8)
+    args = xfrm_peer.algorithm_args(p)
+    assert args[:len(want)] == want
+    assert args[-1] == "64"  # the ICV length in bits follows the SA, not a default
+
+
+def _bundle(mode=Mode.TRANSPORT, direction=Direction.OUTBOUND):
+    esp = cbc_sa(direction=direction, mode=mode, src="10.0.0.1", dst="10.0.0.2", spi=0x1001,
+                 inner_src="192.168.1.1" if mode == Mode.TUNNEL else None,
+                 inner_dst="192.168.2.1" if mode == Mode.TUNNEL else None)
+    return esp, ah_sa(direction=direction, mode=mode, spi=0x1002)
+
+
+def test_esp_then_ah_bundle_is_two_states_and_one_policy_with_esp_innermost():
+    esp, ah = _bundle()
+    states_and_policy = xfrm_peer.bundle_commands(esp, ah, reqid=5)
+    assert [c[:3] for c in states_and_policy] == [["xfrm", "state", "add"]] * 2 + [["xfrm", "policy", "add"]]
+    assert states_and_policy[0] == state_add(esp, 5) and states_and_policy[1] == state_add(ah, 6)
+    policy = states_and_policy[2]
+    tmpls = [i for i, w in enumerate(policy) if w == "tmpl"]
+    assert len(tmpls) == 2
+    assert policy[tmpls[0]:tmpls[1]] == ["tmpl", "src", "10.0.0.1", "dst", "10.0.0.2", "proto", "esp", "reqid", "5",
+                                         "mode", "transport"]
+    assert policy[tmpls[1]:] == ["tmpl", "src", "10.0.0.1", "dst", "10.0.0.2", "proto", "ah", "reqid", "6",
+                                 "mode", "transport"]
+    assert policy[policy.index("dir") + 1] == "in"
+
+
+def test_tunnel_bundle_is_esp_tunnel_inside_ah_transport_over_the_outer_header():
+    esp, ah = _bundle(Mode.TUNNEL, Direction.INBOUND)
+    cmds = xfrm_peer.bundle_commands(esp, ah, reqid=1)
+    assert cmds[0][cmds[0].index("mode") + 1] == "tunnel"
+    assert cmds[1][cmds[1].index("mode") + 1] == "transport"  # whatever mode the AH SA names
+    policy = cmds[2]
+    assert policy[3:9] == ["src", "192.168.1.1/32", "dst", "192.168.2.1/32", "dir", "out"]
+    assert [policy[i + 1:i + 11:2] for i, w in enumerate(policy) if w == "tmpl"] == [
+        ["src", "dst", "proto", "reqid", "mode"]] * 2
+    assert policy[-4:] == ["reqid", "2", "mode", "transport"] and "tunnel" in policy[:-4]
+
+
+def test_bundles_are_refused_unless_esp_then_ah_share_the_flow():
+    esp, ah = _bundle()
+    with pytest.raises(PeerConfigError, match="ESP SA first"):
+        xfrm_peer.bundle_commands(ah, esp, 1)
+    with pytest.raises(PeerConfigError, match="share direction"):
+        xfrm_peer.bundle_commands(esp, ah_sa(direction=Direction.INBOUND), 1)
+    with pytest.raises(PeerConfigError, match="share direction"):
+        xfrm_peer.bundle_commands(esp, ah_sa(dst="10.0.0.9"), 1)
+
+
+def test_peer_commands_mixes_single_sas_and_bundles_with_distinct_reqids():
+    esp, ah = _bundle()
+    cmds = peer_commands([gcm_sa(Direction.INBOUND, spi=0x2001, src="10.0.0.2", dst="10.0.0.1"), (esp, ah),
+                          ah_sa(spi=0x4004)])
+    reqids = [c[c.index("reqid") + 1] for c in cmds if c[1] == "state"]
+    assert reqids == ["1", "2", "3", "4"]
+    assert len(cmds) == 2 + 3 + 2
+    assert sum(w == "tmpl" for w in cmds[4]) == 2
 
 
 def test_batch_text_is_one_line_per_command():
@@ -213,7 +313,7 @@ def test_scenario_sa_documents_load_with_the_firmwares_sa_file_parser(family, mo
     assert (out_sa.spi, in_sa.spi) == (scenario.SPI_OUT + 32, scenario.SPI_IN + 32)
     assert (out_sa.src, out_sa.dst) == (in_sa.dst, in_sa.src)
     assert out_sa.family == family and out_sa.esn and out_sa.seq == 0xFFFF_FFF0 and out_sa.encap == UdpEncap()
-    assert out_sa.enc_key != in_sa.enc_key  # fresh keys per SA
+    assert (out_sa.enc_key, out_sa.auth_key) != (in_sa.enc_key, in_sa.auth_key)  # fresh keys per SA
     if mode == "tunnel":
         assert (out_sa.inner_src, out_sa.inner_dst) == scenario.NET.addrs(family, tunnel=True)
     for argv in peer_commands([out_sa, in_sa]):
@@ -266,3 +366,55 @@ def test_bypass_policy_matches_the_kernel_struct_layout(family):
     assert info.sel.family == (socket.AF_INET if family == 4 else socket.AF_INET6)
     assert (info.dir, info.action) == (1, 0) and info.lft[0] == info.lft[3] == (1 << 64) - 1
     assert (level, name) == ((socket.IPPROTO_IP, 17) if family == 4 else (socket.IPPROTO_IPV6, 35))
+
+
+# --- the algorithm table and run-many (pure parts) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg", sorted(scenario.ALGORITHMS))
+def test_every_scenario_algorithm_loads_and_has_a_linux_peer(alg):
+    out_sa, in_sa = parse_sa_document(scenario.fill_keys(scenario.sa_document(Spec(alg=alg))))
+    section = scenario.ALGORITHMS[alg]
+    if "aead" in section:
+        assert out_sa.icv_len == section["aead"]["icv"]
+    else:
+        assert out_sa.auth_alg != AuthAlg.NONE  # never ESP without integrity (NDIS, RFC 4303 §3.2)
+    for argv in peer_commands([out_sa, in_sa]):
+        assert all(word and not any(c.isspace() for c in word) for word in argv)
+
+
+def test_v1_specs_are_crypto_offload_without_esn():
+    Spec(v1=True, alg="3des-cbc+hmac-md5-96").check()
+    with pytest.raises(ValueError, match="v1"):
+        Spec(v1=True, offload="packet").check()
+    with pytest.raises(ValueError, match="v1"):
+        Spec(v1=True, esn=True).check()
+
+
+def test_run_many_reports_each_case_and_survives_a_failing_one(monkeypatch):
+    specs = [Spec(name="a"), Spec(name="b", alg="aes-gmac-128"), Spec(name="c")]
+    assert [s.name for s in scenario.specs_from_b64(scenario.specs_to_b64(specs))] == ["a", "b", "c"]
+    assert scenario.specs_from_b64(scenario.specs_to_b64(specs)) == specs
+
+    def fake_run(spec):
+        if spec.name == "b":
+            raise scenario.ScenarioError("refused")
+        return {"name": spec.name}
+
+    monkeypatch.setattr(scenario, "run", fake_run)
+    emitted = []
+    outcomes = scenario.run_many(specs, emit=emitted.append)
+    assert outcomes == emitted
+    assert outcomes == [{"case": 0, "name": "a", "result": {"name": "a"}},
+                        {"case": 1, "name": "b", "error": "ScenarioError: refused"},
+                        {"case": 2, "name": "c", "result": {"name": "c"}}]
+    with pytest.raises(ValueError, match="list"):
+        scenario.specs_from_b64(Spec().to_b64())
+
+
+def test_host_reads_run_many_lines_in_case_order():
+    from ipsec_nic.topology import parse_guest_results
+
+    lines = [scenario.RESULT_PREFIX + '{"case": 1, "error": "x"}', "noise",
+             scenario.RESULT_PREFIX + '{"case": 0, "result": {"n": 1}}', scenario.RESULT_PREFIX + '{"done": 2}']
+    assert parse_guest_results("\n".join(lines)) == [{"case": 0, "result": {"n": 1}}, {"case": 1, "error": "x"}]

@@ -17,16 +17,20 @@ import pytest
 from guest_tools.scenario import Spec, expected_digest
 from ipsec_nic.topology import Topology, interop_failures
 
+# The default profile plus 3DES-CBC and HMAC-MD5-96 (tests/vm/test_interop_algorithms.py proves them); it
+# changes nothing else, so the other interop suites see the default card.
+LEGACY_PROFILE = Path(__file__).resolve().parents[2] / "device" / "profiles" / "legacy-algorithms.yaml"
+
 
 @pytest.fixture(scope="session")
 def interop(toolchain, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
     """Card server + VM with the card and a virtio-net peer in netns `peer`; wire recorded to a pcap.
 
-    Logs (card server, serial console, QEMU) and wire.pcap stay in the pytest temp dir, or in
+    The card serves LEGACY_PROFILE. Logs (card server, serial console, QEMU) and wire.pcap stay in the pytest temp dir, or in
     $IPSEC_NIC_INTEROP_LOGS if set."""
     logs = Path(os.environ["IPSEC_NIC_INTEROP_LOGS"]) if os.environ.get("IPSEC_NIC_INTEROP_LOGS") \
         else tmp_path_factory.mktemp("interop")
-    with Topology(toolchain, logs, pcap=logs / "wire.pcap", timeout_s=300) as topo:
+    with Topology(toolchain, logs, profile=str(LEGACY_PROFILE), pcap=logs / "wire.pcap", timeout_s=300) as topo:
         print(f"\ninterop topology up: boot {topo.boot_seconds:.1f} s, peer setup {topo.setup_seconds:.1f} s, "
               f"logs in {logs}")
         yield topo
