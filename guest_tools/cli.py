@@ -85,11 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read the algorithms and keys from FILE ('-' = stdin) instead of the command line: "
                           "lines 'aead ALG:KEY:SALT[:ICV]', 'cipher ALG:KEY', 'integrity ALG:KEY'; '#' comments")
     add.add_argument("--esn", action="store_true", help="extended sequence numbers (RFC 4304)")
-    add.add_argument("--seq", type=_int, default=0, help="outbound: last sequence number used; inbound: start")
-    add.add_argument("--replay-window", type=_int, default=64)
+    add.add_argument("--seq", type=_int, help="outbound: last sequence number used (the first packet carries "
+                     "SEQ+1, like iproute2's replay-oseq); inbound: top of the window (packet offload; crypto "
+                     "offload takes only an ESN high half)")
+    add.add_argument("--replay-window", type=_int, help="inbound anti-replay window (packet offload; default 64)")
+    add.add_argument("--lifetime", metavar="KEY=N[,KEY=N...]",
+                     help="packet offload: " + ", ".join(LIFETIME_KEYS) + " (0 = no limit); the card raises "
+                     "SaDeleteReq at the soft limit and refuses traffic past the hard one")
     add.add_argument("--encap", metavar="udp:SPORT:DPORT", help="UDP encapsulation (RFC 3948)")
     add.add_argument("--offload", choices=("crypto", "packet"), default="crypto")
     add.add_argument("--v1", action="store_true", help="use the v1 commands (ADD_SA / ADD_UDPESP_SA)")
+    add.epilog = "Fields per offload mode (card / host driver / refused):\n" + _fields_help()
+    add.formatter_class = argparse.RawDescriptionHelpFormatter
     dele = sa.add_parser("del", help="delete SAs")
     dele.add_argument("handles", nargs="*", type=_int)
     dele.add_argument("--all", action="store_true")
@@ -121,6 +128,58 @@ def build_parser() -> argparse.ArgumentParser:
     rcv.add_argument("--timeout", type=float, default=5.0, help="seconds to wait in all (default 5)")
     rcv.add_argument("--json", action="store_true", help="one JSON object per frame, with the frame bytes")
     return p
+
+
+LIFETIME_KEYS = ("soft_packets", "hard_packets", "soft_bytes", "hard_bytes")
+
+
+def _fields_help() -> str:
+    from device.contract.sa_fields import FIELD_RULES
+
+    return "\n".join(f"  {r.key:<14} {r.case:<34} crypto {r.crypto.value:<7} v1 {r.crypto_v1.value:<7} "
+                     f"packet {r.packet.value}" for r in FIELD_RULES)
+
+
+def parse_lifetime(text: str) -> dict[str, int]:
+    """``--lifetime soft_packets=N,hard_bytes=M`` -> SaParams lifetime fields."""
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or key not in LIFETIME_KEYS:
+            raise UsageError(f"--lifetime: expected KEY=N with KEY one of {', '.join(LIFETIME_KEYS)}, got {item!r}")
+        if key in out:
+            raise UsageError(f"--lifetime: {key} given twice")
+        try:
+            out[key] = int(value, 0)
+        except ValueError:
+            raise UsageError(f"--lifetime: {key}: not a number: {value!r}") from None
+        if out[key] < 0:
+            raise UsageError(f"--lifetime: {key} must not be negative")
+    return out
+
+
+def given_from_args(a: argparse.Namespace, params) -> frozenset[str]:
+    """The SA-file keys `sa add` flags set to something (defaults are not "given")."""
+    given = {"proto", "mode", "src", "dst"}
+    if a.esn:
+        given.add("esn")
+    if a.seq is not None:
+        given.add("seq")
+    if params.replay_window and a.replay_window is not None:
+        given.add("replay_window")
+    if any((params.soft_packets, params.hard_packets, params.soft_bytes, params.hard_bytes)):
+        given.add("lifetime")
+    if a.encap:
+        given.add("encap")
+    return frozenset(given)
+
+
+def check_flags_honoured(a: argparse.Namespace, params) -> None:
+    """UsageError naming the flag when `sa add` flags ask for something the offload mode cannot do."""
+    from device.contract.sa_fields import Offload, refusals
+
+    for r in refusals(params, given_from_args(a, params), Offload.of(a.offload, a.v1)):
+        raise UsageError(f"SA {params.spi:#x}: --{r.key.replace('_', '-')}: {r.message}")
 
 
 def parse_aead(text: str) -> tuple[str, bytes, bytes, int]:
@@ -236,7 +295,8 @@ def params_from_args(a: argparse.Namespace):
         direction=Direction.INBOUND if a.dir.startswith("in") else Direction.OUTBOUND,
         mode=Mode.TUNNEL if a.mode == "tunnel" else Mode.TRANSPORT, src=a.src, dst=a.dst,
         enc_alg=enc_alg, enc_key=enc_key, auth_alg=auth_alg, auth_key=auth_key, icv_len=icv, esn=a.esn,
-        seq=a.seq, replay_window=a.replay_window, encap=encap, inner_src=a.inner_src, inner_dst=a.inner_dst,
+        seq=a.seq or 0, replay_window=64 if a.replay_window is None else a.replay_window, encap=encap,
+        inner_src=a.inner_src, inner_dst=a.inner_dst, **(parse_lifetime(a.lifetime) if a.lifetime else {}),
     )
     try:
         validate_sa(params)
@@ -345,23 +405,51 @@ class Session:
             print("warning: key material on the command line is visible to other users (ps, /proc) and in "
                   "shell history; use --key-file FILE (or -) or --sa FILE", file=sys.stderr)
         if a.sa:
-            from device.contract.sa_file import load_sa_file
+            from device.contract.sa_fields import Offload
+            from device.contract.sa_file import load_sa_entries
 
             try:
-                all_params = load_sa_file(a.sa)
+                entries = load_sa_entries(a.sa, Offload.of(a.offload, a.v1))
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             if a.index is not None:
-                if not 0 <= a.index < len(all_params):
-                    raise UsageError(f"--index {a.index}: {a.sa} has {len(all_params)} SAs")
-                all_params = [all_params[a.index]]
+                if not 0 <= a.index < len(entries):
+                    raise UsageError(f"--index {a.index}: {a.sa} has {len(entries)} SAs")
+                entries = [entries[a.index]]
+            all_params = [e.params for e in entries]
+            where = [f"{a.sa}: {e.where}" for e in entries]
         else:
             all_params = [params_from_args(a)]
+            check_flags_honoured(a, all_params[0])
+            where = ["--spi"]
         card = self.open(a)
+        if a.offload == "crypto" and not a.v1 and len(all_params) > 1:
+            return self._add_list(card, all_params, where)
         for p in all_params:
             handle = card.add_sa(p, offload=a.offload, v1=a.v1)
             self.print(f"{handle:#010x} spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} "
                        f"{a.offload}")
+
+    def _add_list(self, card, all_params, where) -> int:
+        """Several crypto-offload SAs as one V2_ADD_SA list (NDIS v2): one line per entry, the refused ones
+        with their NDIS status and what it means; exit 1 if any entry was refused."""
+        from guest_tools.sa import status_message
+
+        refused = 0
+        for w, r in zip(where, card.add_sa_list(all_params), strict=True):
+            p = r.params
+            if r.handle and r.status == 0:
+                self.print(f"{r.handle:#010x} spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} "
+                           "crypto")
+            else:
+                refused += 1
+                self.print(f"refused    spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} crypto "
+                           f"({w}): {status_message(r.status)}")
+        if refused:
+            print(f"error: {refused} of {len(all_params)} SA(s) refused by the card (the others were added)",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        return EXIT_OK
 
     def cmd_sa_del(self, a):
         if not a.handles and not a.all:

@@ -246,6 +246,22 @@ def strip_esp(geo: EspGeometry, packet: bytes) -> Stripped:
     return Stripped(_rewrite_ip(packet[:ihl], nh, len(inner)) + inner, nh, pad)
 
 
+def outside_selector(packet: bytes, inner_src: str | None, inner_dst: str | None) -> str:
+    """Why an inner IP packet falls outside a tunnel SA's selector ("" when it matches; None = any).
+
+    RFC 4301 §5.2 step 4: after decapsulation the packet must match the SA's selectors, else it is
+    discarded; crypto offload v2 gives the card no selector, so the host checks (and on send refuses)."""
+    try:
+        ver, _, _ = _ip_split(packet)
+    except FrameError as exc:
+        return str(exc)
+    src, dst = (packet[12:16], packet[16:20]) if ver == 4 else (packet[8:24], packet[24:40])
+    for name, want, got in (("source", inner_src, src), ("destination", inner_dst, dst)):
+        if want is not None and ipaddress.ip_address(want).packed != got:
+            return f"inner {name} {ipaddress.ip_address(got)} is not the SA's selector {want}"
+    return ""
+
+
 def l3_offset(frame: bytes) -> int:
     """Offset of the IP header in an Ethernet frame (one 802.1Q tag allowed), -1 if not IP."""
     if len(frame) < ETH_HLEN:

@@ -37,6 +37,8 @@ class HostSa:
     encap: tuple[int, int] | None = None
     src: str = ""
     dst: str = ""
+    inner_src: str | None = None  # tunnel mode: the selector the host checks (v2 carries none to the card)
+    inner_dst: str | None = None
 
     def geometry(self) -> packets.EspGeometry:
         return packets.EspGeometry(self.spi, self.iv_len, self.icv_len, self.align, self.tunnel, self.encap,
@@ -72,6 +74,15 @@ class HostSaTable:
         return self.sas.get(handle)
 
 
+@dataclass(frozen=True)
+class AddResult:
+    """One entry of a V2_ADD_SA list: handle 0 and a non-SUCCESS NDIS status when the card refused it."""
+
+    params: SaParams
+    handle: int
+    status: int
+
+
 class SaOps:
     """Card's SA part: admin commands through AdminQueueOps, host state in ``self.host``."""
 
@@ -80,6 +91,9 @@ class SaOps:
 
     def command(self, opcode: int, request: bytes = b"") -> bytes:
         raise NotImplementedError  # AdminQueueOps.command
+
+    def admin(self, opcode: int, request: bytes = b"", timeout: float | None = None) -> tuple[int, bytes]:
+        raise NotImplementedError  # AdminQueueOps.admin
 
     # SA operations
 
@@ -111,15 +125,58 @@ class SaOps:
         handle = struct.unpack_from("<I", response)[0] if len(response) >= 4 else 0
         if handle == 0:
             raise CardError(f"{_opcode_name(opcode)} succeeded but returned handle 0 (firmware bug)")
+        self._remember(params, handle, offload)
+        self.host.save()
+        return handle
+
+    def add_sa_list(self, params: list[SaParams]) -> list[AddResult]:
+        """Offload crypto-offload SAs as V2_ADD_SA lists (NDIS partial success: each entry has its own
+        result; the SAs that were added stay added). One command per list that fits the admin buffer."""
+        try:
+            requests = [(p, sa_codec.v2_add_sa_list([p])) for p in params]
+        except ValueError as exc:
+            raise CardError(f"SA cannot be offloaded: {exc}") from None
+        results: list[AddResult] = []
+        batch: list[SaParams] = []
+        size = 0
+        for p, alone in requests:
+            if batch and size + len(alone) + 4 > self.admin_buf_size:
+                results += self._add_batch(batch)
+                batch, size = [], 0
+            batch.append(p)
+            size += len(alone) + 4  # + alignment padding between entries
+        if batch:
+            results += self._add_batch(batch)
+        self.host.save()
+        return results
+
+    def _add_batch(self, batch: list[SaParams]) -> list[AddResult]:
+        fw_status, response = self.admin(Opcode.V2_ADD_SA, sa_codec.v2_add_sa_list(batch))
+        try:
+            entries = ndis.unpack_counted(response, ndis.V2_ADD_SA_RESULT)
+        except ndis.ParseError:
+            entries = []
+        if len(entries) != len(batch):
+            # a malformed list is refused whole (nothing added): every entry gets the command's status
+            if fw_status == 0:
+                raise CardError(f"V2_ADD_SA returned {len(entries)} results for {len(batch)} entries")
+            return [AddResult(p, 0, fw_status) for p in batch]
+        out = []
+        for p, r in zip(batch, entries, strict=True):
+            if r.offload_handle and r.status == 0:
+                self._remember(p, r.offload_handle, "crypto")
+            out.append(AddResult(p, r.offload_handle, r.status))
+        return out
+
+    def _remember(self, params: SaParams, handle: int, offload: str) -> None:
         host = HostSa(handle, params.spi, int(params.direction), offload, params.esn,
                       next_seq=params.seq + 1, seq_hi_pushed=params.seq >> 32)
         if offload == "crypto" and params.proto == IpProto.ESP:
             g = sa_wire.esp_geometry(params)
             host.iv_len, host.icv_len, host.align, host.tunnel = g.iv_len, g.icv_len, g.align, g.tunnel
             host.encap, host.src, host.dst = g.encap, g.src, g.dst
+            host.inner_src, host.inner_dst = params.inner_src, params.inner_dst
         self.host.sas[handle] = host
-        self.host.save()
-        return handle
 
     def delete_sa(self, handles: list[int]) -> None:
         self.command(Opcode.V2_DELETE_SA, sa_codec.v2_delete(handles))

@@ -146,6 +146,10 @@ class TxRxOps:
         l3 = packets.l3_offset(frame)
         if l3 < 0:
             raise CardError("crypto offload needs an Ethernet frame carrying IPv4 or IPv6")
+        if sa.tunnel:
+            why = packets.outside_selector(frame[l3:], sa.inner_src, sa.inner_dst)
+            if why:
+                raise CardError(f"SA {sa.spi:#x} does not apply to this packet: {why} (RFC 4301 §5.2)")
         seq = sa.next_seq
         if not sa.esn and seq > 0xFFFF_FFFF:
             raise CardError(f"SA {sa.spi:#x}: sequence numbers exhausted (RFC 4303 §3.3.3): add a new SA")
@@ -237,6 +241,8 @@ class TxRxOps:
             pkt.note = "not an IP frame"
         elif stripped.packet is None:
             pkt.note = "dummy packet (next header 59, RFC 4303 §2.6)"
+        elif sa.tunnel and (why := packets.outside_selector(stripped.packet, sa.inner_src, sa.inner_dst)):
+            pkt.note = f"dropped by the host: {why} (RFC 4301 §5.2)"
         else:
             head = bytearray(frame[:l3])
             etype = ETH_P_IPV6 if stripped.packet[0] >> 4 == 6 else ETH_P_IP

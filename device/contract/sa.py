@@ -273,6 +273,17 @@ def v2_add_sa_ex(p: SaParams) -> bytes:
     return ndis.V2AddSaEx(**fields).pack()
 
 
+def v2_add_sa_list(ps: list[SaParams]) -> bytes:
+    """V2_ADD_SA request: one linked-list entry per crypto-offload SA (NDIS reports each entry's result)."""
+    entries = []
+    for p in ps:
+        validate_sa(p)
+        fields = _v2_common(p, allow_any_port=False)
+        fields.pop("key_offset")  # a list entry's key data follows its fixed part
+        entries.append(ndis.V2AddSa(**fields))
+    return ndis.pack_v2_add_sa_list(entries)
+
+
 def add_sa_packet(p: SaParams) -> bytes:
     """ADD_SA_PACKET request for a packet-offload SA (ESP only)."""
     validate_sa(p)

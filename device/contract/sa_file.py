@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from device.contract.algorithms import AUTH_BY_NAME, AUTH_INFO, ENC_BY_NAME, ENC_INFO
 from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
 from device.contract.sa import MIN_SPI, SaInvalid, SaParams, UdpEncap, validate_sa
+from device.contract.sa_fields import Offload, refusals
 from device.contract.yaml_file import read_yaml
 
 _SA_KEYS = {"spi", "direction", "mode", "proto", "src", "dst", "tunnel", "encap", "aead", "cipher", "integrity",
@@ -44,15 +46,43 @@ class SaFileError(ValueError):
     """One-line description of what is wrong and where."""
 
 
+@dataclass(frozen=True)
+class SaEntry:
+    """One SA of a file, the keys the user actually gave (defaults are not "given") and where it is."""
+
+    params: SaParams
+    given: frozenset[str]
+    where: str  # "sas[i]"
+
+
 def load_sa_file(path: str | Path) -> list[SaParams]:
+    return [e.params for e in load_sa_entries(path)]
+
+
+def load_sa_entries(path: str | Path, offload: Offload | None = None) -> list[SaEntry]:
+    """The file's SAs; with ``offload``, refuse (naming file, entry and key) any given field that offload
+    mode cannot honour (device/contract/sa_fields.py)."""
     doc = read_yaml(path, "SA file", SaFileError)
     try:
-        return parse_sa_document(doc)
+        entries = parse_sa_entries(doc)
+        if offload is not None:
+            check_honoured(entries, offload)
+        return entries
     except SaFileError as exc:
         raise SaFileError(f"{path}: {exc}") from None
 
 
+def check_honoured(entries: list[SaEntry], offload: Offload) -> None:
+    for e in entries:
+        for r in refusals(e.params, e.given, offload):
+            raise SaFileError(f"{e.where}.{r.key}: {r.message}")
+
+
 def parse_sa_document(doc: Any) -> list[SaParams]:
+    return [e.params for e in parse_sa_entries(doc)]
+
+
+def parse_sa_entries(doc: Any) -> list[SaEntry]:
     if not isinstance(doc, Mapping) or "sas" not in doc:
         raise SaFileError("top level must be a mapping with a 'sas' list")
     extra = set(doc) - {"sas"}
@@ -61,7 +91,22 @@ def parse_sa_document(doc: Any) -> list[SaParams]:
     sas = doc["sas"]
     if not isinstance(sas, list) or not sas:
         raise SaFileError("'sas' must be a non-empty list")
-    return [parse_sa(entry, f"sas[{i}]") for i, entry in enumerate(sas)]
+    out = []
+    for i, entry in enumerate(sas):
+        where = f"sas[{i}]"
+        params = parse_sa(entry, where)
+        out.append(SaEntry(params, given_keys(entry, params), where))
+    return out
+
+
+def given_keys(entry: Mapping, params: SaParams) -> frozenset[str]:
+    """Keys the entry sets to something other than "none": a zero lifetime or replay window asks for nothing."""
+    given = set(entry)
+    if not params.replay_window:
+        given.discard("replay_window")
+    if not any((params.soft_packets, params.hard_packets, params.soft_bytes, params.hard_bytes)):
+        given.discard("lifetime")
+    return frozenset(given)
 
 
 def parse_sa(entry: Any, where: str) -> SaParams:
