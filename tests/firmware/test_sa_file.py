@@ -9,7 +9,6 @@ import yaml
 
 from device.contract import ndis
 from device.contract import sa as sa_codec
-
 from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
 from device.contract.sa import UdpEncap
 from device.contract.sa_fields import Offload, markdown_table
