@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--key-file", metavar="FILE",
                      help="read the algorithms and keys from FILE ('-' = stdin) instead of the command line: "
                           "lines 'aead ALG:KEY:SALT[:ICV]', 'cipher ALG:KEY', 'integrity ALG:KEY'; '#' comments")
+    add.add_argument("--ah-spi", type=_int, help="ESP-then-AH bundle: SPI of the AH SA (with --ah-integrity)")
+    add.add_argument("--ah-integrity", metavar="ALG:KEY", help="ESP-then-AH bundle: the AH SA's integrity "
+                     "algorithm and key, e.g. hmac-sha256-128:<hex>")
     add.add_argument("--esn", action="store_true", help="extended sequence numbers (RFC 4304)")
     add.add_argument("--seq", type=_int, help="outbound: last sequence number used (the first packet carries "
                      "SEQ+1, like iproute2's replay-oseq); inbound: top of the window (packet offload; crypto "
@@ -171,6 +174,8 @@ def given_from_args(a: argparse.Namespace, params) -> frozenset[str]:
         given.add("lifetime")
     if a.encap:
         given.add("encap")
+    if a.ah_spi is not None:
+        given.add("ah")
     return frozenset(given)
 
 
@@ -305,6 +310,33 @@ def params_from_args(a: argparse.Namespace):
     return params
 
 
+def ah_from_args(a: argparse.Namespace, esp):
+    """The AH SA of an ESP-then-AH bundle from --ah-spi/--ah-integrity (None without them)."""
+    from dataclasses import replace
+
+    from device.contract.algorithms import AUTH_BY_NAME, AUTH_INFO
+    from device.contract.enums import EncAlg, IpProto
+    from device.contract.sa import SaInvalid, validate_sa
+
+    if (a.ah_spi is None) != (a.ah_integrity is None):
+        raise UsageError("an ESP-then-AH bundle needs both --ah-spi and --ah-integrity")
+    if a.ah_spi is None:
+        return None
+    if esp.proto != IpProto.ESP:
+        raise UsageError("--ah-spi bundles AH after an ESP SA (--proto esp)")
+    name, key = _alg_key(a.ah_integrity, "--ah-integrity")
+    if name not in AUTH_BY_NAME:
+        raise UsageError(f"unknown integrity algorithm {name!r} (one of {', '.join(AUTH_BY_NAME)})")
+    alg = AUTH_BY_NAME[name]
+    ah = replace(esp, spi=a.ah_spi, proto=IpProto.AH, enc_alg=EncAlg.NONE, enc_key=b"", auth_alg=alg, auth_key=key,
+                 icv_len=AUTH_INFO[alg].icv_len, encap=None)
+    try:
+        validate_sa(ah)
+    except SaInvalid as exc:
+        raise UsageError(f"AH SA {a.ah_spi:#x}: {exc}") from None
+    return ah
+
+
 def build_frames(card_mac: bytes, a: argparse.Namespace) -> list[bytes]:
     """The UDP test frames `send` transmits (payload carries a counter)."""
     from guest_tools import packets
@@ -417,30 +449,32 @@ class Session:
                     raise UsageError(f"--index {a.index}: {a.sa} has {len(entries)} SAs")
                 entries = [entries[a.index]]
             all_params = [e.params for e in entries]
+            ahs = [e.ah for e in entries]
             where = [f"{a.sa}: {e.where}" for e in entries]
         else:
             all_params = [params_from_args(a)]
+            ahs = [ah_from_args(a, all_params[0])]
             check_flags_honoured(a, all_params[0])
             where = ["--spi"]
         card = self.open(a)
         if a.offload == "crypto" and not a.v1 and len(all_params) > 1:
-            return self._add_list(card, all_params, where)
-        for p in all_params:
-            handle = card.add_sa(p, offload=a.offload, v1=a.v1)
+            return self._add_list(card, all_params, ahs, where)
+        for p, ah in zip(all_params, ahs, strict=True):
+            handle = card.add_sa(p, offload=a.offload, v1=a.v1, **({"ah": ah} if ah is not None else {}))
             self.print(f"{handle:#010x} spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} "
-                       f"{a.offload}")
+                       f"{a.offload}" + _proto_text(p, ah))
 
-    def _add_list(self, card, all_params, where) -> int:
+    def _add_list(self, card, all_params, ahs, where) -> int:
         """Several crypto-offload SAs as one V2_ADD_SA list (NDIS v2): one line per entry, the refused ones
         with their NDIS status and what it means; exit 1 if any entry was refused."""
         from guest_tools.sa import status_message
 
         refused = 0
-        for w, r in zip(where, card.add_sa_list(all_params), strict=True):
+        for w, ah, r in zip(where, ahs, card.add_sa_list(all_params, ahs), strict=True):
             p = r.params
             if r.handle and r.status == 0:
                 self.print(f"{r.handle:#010x} spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} "
-                           "crypto")
+                           "crypto" + _proto_text(p, ah))
             else:
                 refused += 1
                 self.print(f"refused    spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} crypto "
@@ -562,6 +596,13 @@ class Session:
             if stream is not sys.stdin:
                 stream.close()
         return worst
+
+
+def _proto_text(p, ah) -> str:
+    """" ah" / " esp+ah spi 0x..." after an added SA's line (nothing for plain ESP, as before)."""
+    if ah is not None:
+        return f" esp+ah ah-spi {ah.spi:#x}"
+    return " ah" if int(p.proto) == 51 else ""
 
 
 def _globals(a: argparse.Namespace) -> list[str]:

@@ -83,6 +83,8 @@ FIELD_RULES: tuple[FieldRule, ...] = (
               "v2 has no selector: the host driver checks inner addresses on send and receive (RFC 4301 §5.2)"),
     FieldRule("proto", "ah", lambda p: p.proto == IpProto.AH, CARD, CARD, REFUSED,
               "packet offload takes ESP SAs only; add AH SAs with crypto offload"),
+    FieldRule("ah", "ESP-then-AH bundle", _always, CARD, CARD, REFUSED,
+              "packet offload takes exactly one ESP SA; add bundles with crypto offload"),
     FieldRule("esn", "true", lambda p: p.esn, CARD, REFUSED, CARD,
               "the v1 commands have no extended sequence numbers; use the v2 commands (drop --v1)"),
     FieldRule("encap", "sport/dport other than 4500", lambda p: p.encap is not None and
