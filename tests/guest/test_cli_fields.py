@@ -159,3 +159,71 @@ def test_tunnel_selector_is_checked_by_the_host_in_crypto_offload(capsys):
     assert status == cli.EXIT_ERROR and "inner source 10.0.0.9 is not the SA's selector 10.0.0.1" in err, err
     assert len(c.h.wire.sent) == 1
     assert c.card.host.get(int(handle, 16)).direction == Direction.OUTBOUND
+
+
+AH_FILE = """\
+sas:
+  - {spi: 0x4001, direction: outbound, proto: ah, src: 10.0.0.1, dst: 10.0.0.2,
+     integrity: {alg: hmac-sha256-128, key: 202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f}}
+  - {spi: 0x4001, direction: inbound, proto: ah, src: 10.0.0.1, dst: 10.0.0.2,
+     integrity: {alg: hmac-sha256-128, key: 202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f}}
+  - {spi: 0x5001, direction: outbound, mode: tunnel, src: 10.1.0.1, dst: 10.2.0.1,
+     tunnel: {src: 192.0.2.1, dst: 192.0.2.2},
+     cipher: {alg: aes-cbc-128, key: 000102030405060708090a0b0c0d0e0f},
+     integrity: {alg: hmac-sha1-96, key: 000102030405060708090a0b0c0d0e0f10111213},
+     ah: {spi: 0x5002, integrity: {alg: hmac-sha1-96, key: 202122232425262728292a2b2c2d2e2f30313233}}}
+  - {spi: 0x5001, direction: inbound, mode: tunnel, src: 10.1.0.1, dst: 10.2.0.1,
+     tunnel: {src: 192.0.2.1, dst: 192.0.2.2},
+     cipher: {alg: aes-cbc-128, key: 000102030405060708090a0b0c0d0e0f},
+     integrity: {alg: hmac-sha1-96, key: 000102030405060708090a0b0c0d0e0f10111213},
+     ah: {spi: 0x5002, integrity: {alg: hmac-sha1-96, key: 202122232425262728292a2b2c2d2e2f30313233}}}
+"""
+
+
+def test_ah_and_esp_then_ah_traffic_through_the_cli(tmp_path, capsys):
+    import json
+
+    from scapy.layers.inet import IP
+    from scapy.layers.ipsec import AH
+    from scapy.layers.l2 import Ether
+
+    path = tmp_path / "ah.yaml"
+    path.write_text(AH_FILE)
+    c = Cli()
+    status, out, err = c.run("sa", "add", "--sa", str(path), capsys=capsys)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0].endswith(" ah") and lines[2].endswith("esp+ah ah-spi 0x5002"), out
+    ah_out, bundle_out = int(lines[0].split()[0], 16), int(lines[2].split()[0], 16)
+    ah_in, bundle_in = int(lines[1].split()[0], 16), int(lines[3].split()[0], 16)
+    for handle, src, dst, expect_in in ((ah_out, "10.0.0.1", "10.0.0.2", ah_in),
+                                        (bundle_out, "10.1.0.1", "10.2.0.1", bundle_in)):
+        c.h.wire.sent.clear()
+        status, out, _ = c.run("send", "--count", "2", "--size", "40", "--src", src, "--dst", dst, "--dst-mac",
+                               CARD_MAC, "--sa", hex(handle), capsys=capsys)
+        assert status == 0 and "OK=2" in out, out
+        wire = [Ether(f) for f in c.h.wire.sent]
+        assert [p[AH].seq for p in wire] == [1, 2]
+        if handle == bundle_out:  # outer header = tunnel endpoints, AH over ESP
+            assert wire[0][IP].src == "192.0.2.1" and wire[0][AH].nh == 50
+            assert bytes(wire[0][AH].payload)[:4] == (0x5001).to_bytes(4, "big")  # ESP SPI after AH
+        for f in c.h.wire.sent:
+            c.h.inject(f)  # loopback: the card verifies (and decrypts) its own output
+        status, out, _ = c.run("recv", "--count", "2", "--json", capsys=capsys)
+        got = [json.loads(line) for line in out.splitlines()]
+        assert status == 0 and len(got) == 2
+        for n, pkt in enumerate(got):
+            assert pkt["crypto_status"] == "SUCCESS" and pkt["handle"] == expect_in and pkt["note"] == ""
+            inner = Ether(bytes.fromhex(pkt["inner"]))
+            assert (inner[IP].src, inner[IP].dst, inner[IP].proto) == (src, dst, 17)
+            assert bytes(inner[IP].payload)[8:16] == n.to_bytes(8, "big")
+
+
+def test_bundles_and_ah_are_refused_in_packet_offload(tmp_path, capsys):
+    path = tmp_path / "ah.yaml"
+    path.write_text(AH_FILE)
+    status, _, err = Cli().run("sa", "add", "--sa", str(path), "--offload", "packet", capsys=capsys)
+    assert status == cli.EXIT_USAGE and f"{path}: sas[0].proto: packet offload: " in err, err
+    status, _, err = Cli().run("sa", "add", "--sa", str(path), "--index", "2", "--offload", "packet",
+                               capsys=capsys)
+    assert status == cli.EXIT_USAGE and f"{path}: sas[0].proto" in err  # the whole file is checked first
