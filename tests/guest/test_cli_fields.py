@@ -122,14 +122,16 @@ def test_several_crypto_sas_go_as_one_list_and_each_refusal_is_shown(tmp_path, c
 
 def test_packet_offload_lifetime_from_the_cli(capsys):
     c = Cli()
-    status, out, err = c.run(*_sa_flags("--offload", "packet", "--lifetime", "hard_packets=3", direction="out"),
-                             capsys=capsys)
+    status, out, err = c.run(*_sa_flags("--offload", "packet", "--lifetime", "soft_packets=2,hard_packets=3",
+                                        direction="out"), capsys=capsys)
     assert status == 0, err
     handle = int(out.split()[0], 16)
     status, out, _ = c.run("send", "--count", "5", "--src", "10.0.0.1", "--dst", "10.0.0.2", "--sa", hex(handle),
                            "--mode", "packet", capsys=capsys)
     assert status == cli.EXIT_ERROR and "OK=3" in out and "OFFLOAD_FAILED=2" in out, out
     assert len(c.h.wire.sent) == 3
+    status, out, _ = c.run("sa", "list", capsys=capsys)
+    assert "delete_requested" in out, out  # soft limit reached: SaDeleteReq raised
 
 
 @pytest.mark.parametrize("text, message", [
