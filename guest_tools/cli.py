@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--irq", choices=("auto", "poll", "msix"), default="auto",
                    help="interrupts: msix needs vfio-pci + IOMMU; auto uses MSI-X when bound to vfio-pci")
     p.add_argument("--state", help="host SA state file (default /run/ipsec-nic/<bdf>.json)")
+    p.add_argument("--no-agent", action="store_true",
+                   help="vfio mode: open the device in this process instead of going through the guest agent "
+                        "(the kernel's reset on open and close then clears the SAs of earlier processes)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     sub.add_parser("caps", help="identity, registers and firmware capabilities")
@@ -62,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("probe", help="read-only probe of the card (guest_tools.probe)")
     ses = sub.add_parser("session", help="run commands from stdin or a file with one driver instance")
     ses.add_argument("script", nargs="?", help="file with one command per line (default stdin)")
+    agt = sub.add_parser("agent", help="vfio mode: the guest agent that holds the card between CLI processes")
+    agt.add_argument("action", choices=("status", "stop"),
+                     help="status: is one running; stop: release the card (the kernel's reset clears every SA)")
 
     sa = sub.add_parser("sa", help="security associations").add_subparsers(dest="sa_cmd", required=True,
                                                                           parser_class=_Parser)
@@ -426,6 +432,10 @@ class Session:
         card = self.open(a, reset=True)
         self.print(f"card reset; MAC {card.ident.mac_text}; all SAs cleared")
 
+    def cmd_agent(self, a):
+        self.print("no guest agent: this card is not in vfio mode (sysfs mode keeps SAs between processes)")
+        return EXIT_OK if a.action == "status" else EXIT_ERROR
+
     def cmd_probe(self, a):
         from guest_tools import probe
 
@@ -634,6 +644,55 @@ def run_one(session: Session, argv: list[str]) -> int:
         return EXIT_ERROR
 
 
+def _agent_socket(args_list: list[str]):
+    """The guest agent's socket when this command must go through it (vfio mode), else None.
+
+    vfio-pci resets the function whenever a process opens or releases the device and the reset clears
+    every SA, so in vfio mode one long-lived agent holds the device (guest_tools/agent.py)."""
+    if "-h" in args_list or "--help" in args_list:
+        return None, None
+    try:
+        a = build_parser().parse_args(args_list)
+    except (UsageError, SystemExit):
+        return None, None  # run_one reports it
+    if a.no_agent or a.cmd == "probe":
+        return None, a
+    from guest_tools import agent, pci
+    from guest_tools.driver import card_uses_vfio
+
+    try:
+        bdf, vfio = card_uses_vfio(a.bdf, a.irq)
+    except (pci.PciError, OSError):
+        return None, a  # run_one opens the card and reports what is wrong
+    if not vfio:
+        return None, a
+    path = agent.socket_path(bdf)
+    if a.cmd == "agent":
+        return path, a
+    return agent.ensure_running(bdf, a.irq, a.state), a
+
+
+def _forward(path, a: argparse.Namespace, args_list: list[str]) -> int:
+    from guest_tools import agent
+
+    if a.cmd == "agent":
+        if not (path.exists() and agent.is_running(path)):
+            print(f"no guest agent running for {path.stem}")
+            return EXIT_OK if a.action == "status" else EXIT_ERROR
+        answer = agent.request(path, control=a.action)
+    else:
+        stdin = None
+        if (a.cmd == "session" and not a.script) or getattr(a, "key_file", None) == "-":
+            stdin = sys.stdin.read()
+        if keys_on_argv(a):
+            print("warning: key material on the command line is visible to other users (ps, /proc) and in "
+                  "shell history; use --key-file FILE (or -) or --sa FILE", file=sys.stderr)
+        answer = agent.request(path, args_list, stdin=stdin)
+    sys.stdout.write(answer["stdout"])
+    sys.stderr.write(answer["stderr"])
+    return int(answer["status"])
+
+
 def main(argv: list[str] | None = None, opener=None) -> int:
     session = Session(opener)
     try:
@@ -641,6 +700,16 @@ def main(argv: list[str] | None = None, opener=None) -> int:
         if args_list and args_list[0] in ("-h", "--help"):
             build_parser().print_help()
             return EXIT_OK
+        if opener is None:
+            from guest_tools import agent
+
+            try:
+                path, a = _agent_socket(args_list)
+                if path is not None:
+                    return _forward(path, a, args_list)
+            except (agent.AgentError, OSError, ValueError) as exc:
+                print(f"error: guest agent: {exc}", file=sys.stderr)
+                return EXIT_ERROR
         return run_one(session, args_list)
     finally:
         try:

@@ -99,6 +99,30 @@ def test_msix_through_vfio_signals_admin_and_rx_and_itr_coalesces(rig):
     assert r["stats"]["rx_packets"] == 41
 
 
+VFIO_SAS = """sas:
+  - {spi: 0x1001, direction: outbound, src: 10.9.0.1, dst: 10.9.0.2,
+     aead: {alg: aes-gcm-128, key: 00112233445566778899aabbccddeeff, salt: cafebabe}}
+  - {spi: 0x1001, direction: inbound, src: 10.9.0.1, dst: 10.9.0.2,
+     aead: {alg: aes-gcm-128, key: 00112233445566778899aabbccddeeff, salt: cafebabe}}
+"""
+
+
+def test_vfio_cli_processes_each_start_from_a_reset_function(rig):
+    """What README says survives between CLI processes in vfio mode: nothing - vfio-pci resets the function
+    (FLR) when a process opens the device and when it closes it, and FLR clears every SA; one `session`
+    keeps its SAs for all its commands."""
+    cli = "python3 -m guest_tools.cli --irq msix"
+    rig.vm.run(f"cat > /tmp/vfio-sas.yaml <<'EOF'\n{VFIO_SAS}EOF", check=True)
+    added = rig.vm.run(f"{cli} sa add --sa /tmp/vfio-sas.yaml", timeout=120)
+    assert added.exit_code == 0 and added.output.count("spi 0x1001") == 2, added.output
+    listed = rig.vm.run(f"{cli} sa list", timeout=120)
+    assert listed.exit_code == 0 and "0 SA(s)" in listed.output, listed.output
+    script = "sa add --sa /tmp/vfio-sas.yaml\nsa list\n"
+    session = rig.vm.run(f"printf '{script}' | {cli} session", timeout=120)
+    assert session.exit_code == 0 and "2 SA(s)" in session.output, session.output
+    assert "0 SA(s)" in rig.vm.run(f"{cli} sa list", timeout=120).output
+
+
 def test_intx_through_uio_pci_generic(rig):
     sent = frames(1, 100)
     r = check(rig, "intx", {"frames": [f.hex() for f in sent]})
