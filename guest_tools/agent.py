@@ -115,6 +115,7 @@ class Agent:
 
     def control(self, what: str) -> dict:
         if what == "stop":
+            self.session.close()  # before answering: the client may open the device right after
             self.running = False
             return {"status": 0, "stdout": f"agent {os.getpid()} stopped: the card is released and the kernel "
                     "resets the function, so every SA is gone\n", "stderr": ""}

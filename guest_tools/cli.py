@@ -2,10 +2,12 @@
 
     PYTHONPATH=/opt/ipsec-nic python3 -m guest_tools.cli [--bdf BDF] [--irq poll|msix|auto] COMMAND ...
 
-Commands: caps, sa add|del|update|list|stats, send, recv, stats, reset, probe, session.
+Commands: caps, sa add|del|update|list|stats, send, recv, stats, reset, probe, session, agent.
 
-State model: each invocation is its own process. The card keeps its SAs and stays enabled between
-processes; every process re-programs the admin queue and the rings in its own memory and disables them
+State model: each invocation is its own process. In sysfs mode the card keeps its SAs and stays enabled
+between processes. In vfio mode the kernel resets the function on every open and release, which clears
+the SAs, so the command line goes to a long-lived guest agent that holds the device (guest_tools/agent.py,
+started on first use; ``agent stop`` releases the card). In sysfs mode every process re-programs the admin queue and the rings in its own memory and disables them
 on exit (see guest_tools/driver.py). What the host must remember about crypto-offload SAs (sequence
 counters, framing sizes; never keys) lives in /run/ipsec-nic/<bdf>.json ($IPSEC_NIC_STATE_DIR).
 ``session`` keeps one driver open and reads commands (one per line, same syntax, '#' comments) from

@@ -107,20 +107,33 @@ VFIO_SAS = """sas:
 """
 
 
-def test_vfio_cli_processes_each_start_from_a_reset_function(rig):
-    """What README says survives between CLI processes in vfio mode: nothing - vfio-pci resets the function
-    (FLR) when a process opens the device and when it closes it, and FLR clears every SA; one `session`
-    keeps its SAs for all its commands."""
+def test_vfio_cli_processes_share_sas_through_the_guest_agent(rig):
+    """vfio-pci resets the function (FLR) when a process opens the device and when it releases it, and FLR
+    clears every SA. In vfio mode the CLI therefore goes through one guest agent that holds the device:
+    separate processes share SAs and traffic; `agent stop` releases the card and the SAs are gone."""
     cli = "python3 -m guest_tools.cli --irq msix"
+
+    def run(args: str, expect: int = 0) -> str:
+        result = rig.vm.run(f"{cli} {args}", timeout=180)
+        assert result.exit_code == expect, f"{args}: exit {result.exit_code}\n{result.output}"
+        return result.output
+
     rig.vm.run(f"cat > /tmp/vfio-sas.yaml <<'EOF'\n{VFIO_SAS}EOF", check=True)
-    added = rig.vm.run(f"{cli} sa add --sa /tmp/vfio-sas.yaml", timeout=120)
-    assert added.exit_code == 0 and added.output.count("spi 0x1001") == 2, added.output
-    listed = rig.vm.run(f"{cli} sa list", timeout=120)
-    assert listed.exit_code == 0 and "0 SA(s)" in listed.output, listed.output
-    script = "sa add --sa /tmp/vfio-sas.yaml\nsa list\n"
-    session = rig.vm.run(f"printf '{script}' | {cli} session", timeout=120)
-    assert session.exit_code == 0 and "2 SA(s)" in session.output, session.output
-    assert "0 SA(s)" in rig.vm.run(f"{cli} sa list", timeout=120).output
+    try:
+        added = run("sa add --sa /tmp/vfio-sas.yaml")
+        assert "started guest agent" in added and added.count("spi 0x1001") == 2, added
+        out_handle = next(line.split()[0] for line in added.splitlines() if "outbound" in line)
+        assert "2 SA(s)" in run("sa list")  # another process, same SAs
+        sent = run(f"send --count 2 --src 10.9.0.1 --dst 10.9.0.2 --dst-mac {CARD_MAC} --sa {out_handle}")
+        assert "OK=2" in sent, sent
+        got = run("recv --count 2 --timeout 20")
+        assert got.count("crypto_done=1 crypto_status=SUCCESS") == 2, got
+        assert "every SA is gone" in run("agent stop")
+        # without the agent each process opens the device itself: the kernel's reset on open clears the SAs
+        assert "0 SA(s)" in run("--no-agent sa list")
+    finally:
+        rig.vm.run(f"{cli} agent stop", timeout=120)  # the intx test rebinds the card: release it
+    assert "no guest agent running" in run("agent status")
 
 
 def test_intx_through_uio_pci_generic(rig):
