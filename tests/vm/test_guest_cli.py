@@ -155,7 +155,7 @@ def test_packet_offload_lifetime_from_the_cli(vm):
     cli(vm, "reset")
     added = cli(vm, "sa add --spi 0x6001 --dir out --src 10.0.0.1 --dst 10.0.0.2 --offload packet "
                     "--aead aes-gcm-128:00112233445566778899aabbccddeeff:cafebabe --lifetime soft_packets=2,hard_packets=3")
-    handle = added.split()[0]
+    handle = re.search(r"^(0x[0-9a-f]{8}) spi 0x6001", added, re.M).group(1)  # (stderr: a key-on-argv warning)
     sent = cli(vm, f"send --count 5 --src 10.0.0.1 --dst 10.0.0.2 --sa {handle} --mode packet", expect=1)
     assert "OK=3" in sent and "OFFLOAD_FAILED=2" in sent, sent
     assert "delete_req" in cli(vm, "sa list")
