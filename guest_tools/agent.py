@@ -174,9 +174,11 @@ def ensure_running(bdf: str, irq: str, state: str | None) -> Path:
     if state:
         argv += ["--state", state]
     log = path.with_suffix(".agent.log")
+    root = str(Path(__file__).resolve().parents[1])  # the checkout (read-only share in the VM)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
     with open(log, "ab") as log_file:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                start_new_session=True, cwd="/")
+                                start_new_session=True, cwd="/", env=env)
     print(f"note: started guest agent {proc.pid} holding {bdf} (vfio resets the function on every open; "
           f"the agent keeps the SAs; 'agent stop' releases the card)", file=sys.stderr)
     deadline = time.monotonic() + START_TIMEOUT
