@@ -490,7 +490,7 @@ class Session:
             else:
                 refused += 1
                 self.print(f"refused    spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} crypto "
-                           f"({w}): {status_message(r.status)}")
+                           f"({w}): {status_message(r.status)}" + (f" [{r.reason_name}]" if r.reason_name else ""))
         if refused:
             print(f"error: {refused} of {len(all_params)} SA(s) refused by the card (the others were added)",
                   file=sys.stderr)

@@ -98,6 +98,16 @@ class AddResult:
     params: SaParams
     handle: int
     status: int
+    reason: int | None = None  # RejectReason, when the card's V2_ADD_SA_RESULT carries one
+
+    @property
+    def reason_name(self) -> str:
+        if self.reason is None:
+            return ""
+        try:
+            return ndis.RejectReason(self.reason).name
+        except ValueError:
+            return f"reason {self.reason}"
 
 
 class SaOps:
@@ -189,7 +199,7 @@ class SaOps:
         for (p, ah), r in zip(batch, entries, strict=True):
             if r.offload_handle and r.status == 0:
                 self._remember(p, r.offload_handle, "crypto", ah)
-            out.append(AddResult(p, r.offload_handle, r.status))
+            out.append(AddResult(p, r.offload_handle, r.status, getattr(r, "reason", None) if r.status else None))
         return out
 
     def _remember(self, params: SaParams, handle: int, offload: str, ah: SaParams | None = None) -> None:

@@ -229,3 +229,17 @@ def test_bundles_and_ah_are_refused_in_packet_offload(tmp_path, capsys):
     status, _, err = Cli().run("sa", "add", "--sa", str(path), "--index", "2", "--offload", "packet",
                                capsys=capsys)
     assert status == cli.EXIT_USAGE and f"{path}: sas[0].proto" in err  # the whole file is checked first
+
+
+def test_add_result_names_the_reject_reason_when_the_card_gives_one():
+    from device.contract.ndis import RejectReason
+    from device.contract.sa_file import parse_sa_entries
+    from guest_tools.sa_api import AddResult
+
+    (entry,) = parse_sa_entries({"sas": [{"spi": 0x1001, "direction": "inbound", "src": "10.0.0.1",
+                                          "dst": "10.0.0.2", "aead": {"alg": "aes-gcm-128", "key": "00" * 16,
+                                                                      "salt": "cafebabe"}}]})
+    assert AddResult(entry.params, 0, 0xC0000001, int(RejectReason.UNSUPPORTED_ALGORITHM)).reason_name == \
+        "UNSUPPORTED_ALGORITHM"
+    assert AddResult(entry.params, 0, 0xC0000001).reason_name == ""  # today's 8-byte result has no reason
+    assert AddResult(entry.params, 0, 0xC0000001, 999).reason_name == "reason 999"
