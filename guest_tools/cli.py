@@ -612,9 +612,11 @@ class Session:
 
 def _proto_text(p, ah) -> str:
     """" ah" / " esp+ah spi 0x..." after an added SA's line (nothing for plain ESP, as before)."""
+    from device.contract.enums import IpProto
+
     if ah is not None:
         return f" esp+ah ah-spi {ah.spi:#x}"
-    return " ah" if int(p.proto) == 51 else ""
+    return " ah" if p.proto == IpProto.AH else ""
 
 
 def _globals(a: argparse.Namespace) -> list[str]:
