@@ -16,7 +16,6 @@ command line; ``stdin`` feeds ``session`` and ``--key-file -``) or ``{"control":
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -26,6 +25,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 MAX_REQUEST = 1 << 20
@@ -58,10 +58,12 @@ def _recv_all(conn: socket.socket) -> bytes:
 
 
 class Agent:
-    """Serves forwarded CLI command lines on ``path`` with one Session."""
+    """Serves forwarded CLI command lines on ``path`` with one Session; ``run_one(session, argv) -> status``
+    is the CLI's (injected: the CLI imports this module, not the other way round)."""
 
-    def __init__(self, session, path: Path) -> None:
+    def __init__(self, session, path: Path, run_one: Callable[[object, list[str]], int]) -> None:
         self.session = session
+        self.run_one = run_one
         self.session.keep_receiving = True  # one card handle for every command, RX ring armed
         self.session.from_argv = False  # argv arrives over a 0600 socket, not visible in ps of this process
         self.path = path
@@ -125,15 +127,13 @@ class Agent:
         return {"status": 2, "stdout": "", "stderr": f"usage error: unknown control {what!r}\n"}
 
     def run(self, argv: list[str], stdin: str | None = None) -> dict:
-        from guest_tools import cli
-
         out, err = io.StringIO(), io.StringIO()
         self.session.out = out
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             old_stdin = sys.stdin
             sys.stdin = io.StringIO(stdin or "")
             try:
-                status = cli.run_one(self.session, argv)
+                status = self.run_one(self.session, argv)
             finally:
                 sys.stdin = old_stdin
         return {"status": status, "stdout": out.getvalue(), "stderr": err.getvalue()}
@@ -170,9 +170,10 @@ def ensure_running(bdf: str, irq: str, state: str | None) -> Path:
     if path.exists() and is_running(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "guest_tools.agent", "--bdf", bdf, "--irq", irq]
+    argv = [sys.executable, "-m", "guest_tools.cli", "--no-agent", "--bdf", bdf, "--irq", irq]
     if state:
         argv += ["--state", state]
+    argv += ["agent", "serve"]
     log = path.with_suffix(".agent.log")
     root = str(Path(__file__).resolve().parents[1])  # the checkout (read-only share in the VM)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
@@ -189,32 +190,3 @@ def ensure_running(bdf: str, irq: str, state: str | None) -> Path:
             return path
         time.sleep(0.2)
     raise AgentError(f"guest agent did not answer on {path} within {START_TIMEOUT:g} s; see {log}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from guest_tools import cli
-    from guest_tools.driver import CardError, open_card
-
-    p = argparse.ArgumentParser(prog="python3 -m guest_tools.agent", description=__doc__.splitlines()[0])
-    p.add_argument("--bdf", required=True)
-    p.add_argument("--irq", choices=("auto", "poll", "msix"), default="msix")
-    p.add_argument("--state")
-    a = p.parse_args(argv)
-
-    def opener(args, reset):
-        return open_card(a.bdf, a.irq, reset=reset, state_path=a.state, receive=True)
-
-    session = cli.Session(opener)
-    agent = Agent(session, socket_path(a.bdf))
-    try:
-        # Open the card before answering: a client that sees the socket finds the device held.
-        session.open(argparse.Namespace(bdf=a.bdf, irq=a.irq, state=a.state, cmd="session"))
-    except (CardError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    agent.serve(agent.listen())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

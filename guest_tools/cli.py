@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     ses = sub.add_parser("session", help="run commands from stdin or a file with one driver instance")
     ses.add_argument("script", nargs="?", help="file with one command per line (default stdin)")
     agt = sub.add_parser("agent", help="vfio mode: the guest agent that holds the card between CLI processes")
-    agt.add_argument("action", choices=("status", "stop"),
-                     help="status: is one running; stop: release the card (the kernel's reset clears every SA)")
+    agt.add_argument("action", choices=("status", "stop", "serve"),
+                     help="status: is one running; stop: release the card (the kernel's reset clears every SA); "
+                          "serve: be the agent (started automatically)")
 
     sa = sub.add_parser("sa", help="security associations").add_subparsers(dest="sa_cmd", required=True,
                                                                           parser_class=_Parser)
@@ -435,8 +436,20 @@ class Session:
         self.print(f"card reset; MAC {card.ident.mac_text}; all SAs cleared")
 
     def cmd_agent(self, a):
-        self.print("no guest agent: this card is not in vfio mode (sysfs mode keeps SAs between processes)")
-        return EXIT_OK if a.action == "status" else EXIT_ERROR
+        if a.action != "serve":
+            self.print("no guest agent: this card is not in vfio mode (sysfs mode keeps SAs between processes)")
+            return EXIT_OK if a.action == "status" else EXIT_ERROR
+        from guest_tools import agent
+        from guest_tools.driver import card_uses_vfio
+
+        if self.card is not None:
+            raise UsageError("agent serve: this process already holds the card")
+        bdf, _ = card_uses_vfio(a.bdf, a.irq)
+        self.keep_receiving = True
+        self.open(a)  # hold the card before answering: a client that sees the socket finds the device held
+        served = agent.Agent(self, agent.socket_path(bdf), run_one)
+        served.serve(served.listen())
+        return EXIT_OK
 
     def cmd_probe(self, a):
         from guest_tools import probe
@@ -672,7 +685,7 @@ def _agent_socket(args_list: list[str]):
         return None, a
     path = agent.socket_path(bdf)
     if a.cmd == "agent":
-        return path, a
+        return (path, a) if a.action != "serve" else (None, a)
     return agent.ensure_running(bdf, a.irq, a.state), a
 
 

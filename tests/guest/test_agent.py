@@ -34,7 +34,7 @@ def served(tmp_path):
         opened.append(card)
         return card
 
-    a = agent.Agent(cli.Session(opener), tmp_path / "card.sock")
+    a = agent.Agent(cli.Session(opener), tmp_path / "card.sock", cli.run_one)
     server = a.listen()
     thread = threading.Thread(target=a.serve, args=(server,), daemon=True)
     thread.start()
