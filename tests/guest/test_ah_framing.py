@@ -142,3 +142,24 @@ def test_bundle_encoder_refuses_mismatched_halves():
         sa_codec.v2_add_sa_ex(esp_p, replace(ah_p, dst="192.0.2.9"))
     with pytest.raises(ValueError, match="ESP SA followed by an AH"):
         sa_codec.v2_add_sa_ex(esp_p, esp_p)
+
+
+@pytest.mark.parametrize("v1", [False, True], ids=["v2", "v1"])
+def test_the_firmware_adds_the_bundle_as_one_handle(v1):
+    from device.contract.ndis import Opcode
+    from device.contract.status import NdisStatus
+    from firmware_model.capabilities import Capabilities
+    from firmware_model.firmware import Firmware
+
+    esp_p, ah_p = _bundle(Direction.OUTBOUND)
+    if v1:  # the v1 algorithms the default profile offers: NULL encryption with HMAC-SHA1
+        esp_p = replace(esp_p, enc_alg=EncAlg.NONE, enc_key=b"")
+        ah_p = replace(ah_p, auth_alg=AuthAlg.SHA1, auth_key=bytes(20), icv_len=12)
+    fw = Firmware(Capabilities.from_profile(None))
+    opcode, request = ((Opcode.V1_ADD_SA, sa_codec.v1_add_sa(esp_p, ah_p)) if v1 else
+                       (Opcode.V2_ADD_SA_EX, sa_codec.v2_add_sa_ex(esp_p, ah_p)))
+    status, response = fw.execute(opcode, request)
+    assert status == NdisStatus.SUCCESS, fw.last_error
+    entry = fw.sadb.get(int.from_bytes(response[:4], "little"))
+    assert [p.proto for p in entry.params] == [IpProto.ESP, IpProto.AH]
+    assert [p.spi for p in entry.params] == [0x3001, 0x3002]
