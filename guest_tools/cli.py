@@ -2,10 +2,12 @@
 
     PYTHONPATH=/opt/ipsec-nic python3 -m guest_tools.cli [--bdf BDF] [--irq poll|msix|auto] COMMAND ...
 
-Commands: caps, sa add|del|update|list|stats, send, recv, stats, reset, probe, session.
+Commands: caps, sa add|del|update|list|stats, send, recv, stats, reset, probe, session, agent.
 
-State model: each invocation is its own process. The card keeps its SAs and stays enabled between
-processes; every process re-programs the admin queue and the rings in its own memory and disables them
+State model: each invocation is its own process. In sysfs mode the card keeps its SAs and stays enabled
+between processes. In vfio mode the kernel resets the function on every open and release, which clears
+the SAs, so the command line goes to a long-lived guest agent that holds the device (guest_tools/agent.py,
+started on first use; ``agent stop`` releases the card). In sysfs mode every process re-programs the admin queue and the rings in its own memory and disables them
 on exit (see guest_tools/driver.py). What the host must remember about crypto-offload SAs (sequence
 counters, framing sizes; never keys) lives in /run/ipsec-nic/<bdf>.json ($IPSEC_NIC_STATE_DIR).
 ``session`` keeps one driver open and reads commands (one per line, same syntax, '#' comments) from
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--irq", choices=("auto", "poll", "msix"), default="auto",
                    help="interrupts: msix needs vfio-pci + IOMMU; auto uses MSI-X when bound to vfio-pci")
     p.add_argument("--state", help="host SA state file (default /run/ipsec-nic/<bdf>.json)")
+    p.add_argument("--no-agent", action="store_true",
+                   help="vfio mode: open the device in this process instead of going through the guest agent "
+                        "(the kernel's reset on open and close then clears the SAs of earlier processes)")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     sub.add_parser("caps", help="identity, registers and firmware capabilities")
@@ -62,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("probe", help="read-only probe of the card (guest_tools.probe)")
     ses = sub.add_parser("session", help="run commands from stdin or a file with one driver instance")
     ses.add_argument("script", nargs="?", help="file with one command per line (default stdin)")
+    agt = sub.add_parser("agent", help="vfio mode: the guest agent that holds the card between CLI processes")
+    agt.add_argument("action", choices=("status", "stop", "serve"),
+                     help="status: is one running; stop: release the card (the kernel's reset clears every SA); "
+                          "serve: be the agent (started automatically)")
 
     sa = sub.add_parser("sa", help="security associations").add_subparsers(dest="sa_cmd", required=True,
                                                                           parser_class=_Parser)
@@ -84,12 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--key-file", metavar="FILE",
                      help="read the algorithms and keys from FILE ('-' = stdin) instead of the command line: "
                           "lines 'aead ALG:KEY:SALT[:ICV]', 'cipher ALG:KEY', 'integrity ALG:KEY'; '#' comments")
+    add.add_argument("--ah-spi", type=_int, help="ESP-then-AH bundle: SPI of the AH SA (with --ah-integrity)")
+    add.add_argument("--ah-integrity", metavar="ALG:KEY", help="ESP-then-AH bundle: the AH SA's integrity "
+                     "algorithm and key, e.g. hmac-sha256-128:<hex>")
     add.add_argument("--esn", action="store_true", help="extended sequence numbers (RFC 4304)")
-    add.add_argument("--seq", type=_int, default=0, help="outbound: last sequence number used; inbound: start")
-    add.add_argument("--replay-window", type=_int, default=64)
+    add.add_argument("--seq", type=_int, help="outbound: last sequence number used (the first packet carries "
+                     "SEQ+1, like iproute2's replay-oseq); inbound: top of the window (packet offload; crypto "
+                     "offload takes only an ESN high half)")
+    add.add_argument("--replay-window", type=_int, help="inbound anti-replay window (packet offload; default 64)")
+    add.add_argument("--lifetime", metavar="KEY=N[,KEY=N...]",
+                     help="packet offload: " + ", ".join(LIFETIME_KEYS) + " (0 = no limit); the card raises "
+                     "SaDeleteReq at the soft limit and refuses traffic past the hard one")
     add.add_argument("--encap", metavar="udp:SPORT:DPORT", help="UDP encapsulation (RFC 3948)")
     add.add_argument("--offload", choices=("crypto", "packet"), default="crypto")
     add.add_argument("--v1", action="store_true", help="use the v1 commands (ADD_SA / ADD_UDPESP_SA)")
+    add.epilog = "Fields per offload mode (card / host driver / refused):\n" + _fields_help()
+    add.formatter_class = argparse.RawDescriptionHelpFormatter
     dele = sa.add_parser("del", help="delete SAs")
     dele.add_argument("handles", nargs="*", type=_int)
     dele.add_argument("--all", action="store_true")
@@ -121,6 +140,60 @@ def build_parser() -> argparse.ArgumentParser:
     rcv.add_argument("--timeout", type=float, default=5.0, help="seconds to wait in all (default 5)")
     rcv.add_argument("--json", action="store_true", help="one JSON object per frame, with the frame bytes")
     return p
+
+
+LIFETIME_KEYS = ("soft_packets", "hard_packets", "soft_bytes", "hard_bytes")
+
+
+def _fields_help() -> str:
+    from device.contract.sa_fields import FIELD_RULES
+
+    return "\n".join(f"  {r.key:<14} {r.case:<34} crypto {r.crypto.value:<7} v1 {r.crypto_v1.value:<7} "
+                     f"packet {r.packet.value}" for r in FIELD_RULES)
+
+
+def parse_lifetime(text: str) -> dict[str, int]:
+    """``--lifetime soft_packets=N,hard_bytes=M`` -> SaParams lifetime fields."""
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or key not in LIFETIME_KEYS:
+            raise UsageError(f"--lifetime: expected KEY=N with KEY one of {', '.join(LIFETIME_KEYS)}, got {item!r}")
+        if key in out:
+            raise UsageError(f"--lifetime: {key} given twice")
+        try:
+            out[key] = int(value, 0)
+        except ValueError:
+            raise UsageError(f"--lifetime: {key}: not a number: {value!r}") from None
+        if out[key] < 0:
+            raise UsageError(f"--lifetime: {key} must not be negative")
+    return out
+
+
+def given_from_args(a: argparse.Namespace, params) -> frozenset[str]:
+    """The SA-file keys `sa add` flags set to something (defaults are not "given")."""
+    given = {"proto", "mode", "src", "dst"}
+    if a.esn:
+        given.add("esn")
+    if a.seq is not None:
+        given.add("seq")
+    if params.replay_window and a.replay_window is not None:
+        given.add("replay_window")
+    if any((params.soft_packets, params.hard_packets, params.soft_bytes, params.hard_bytes)):
+        given.add("lifetime")
+    if a.encap:
+        given.add("encap")
+    if a.ah_spi is not None:
+        given.add("ah")
+    return frozenset(given)
+
+
+def check_flags_honoured(a: argparse.Namespace, params) -> None:
+    """UsageError naming the flag when `sa add` flags ask for something the offload mode cannot do."""
+    from device.contract.sa_fields import Offload, refusals
+
+    for r in refusals(params, given_from_args(a, params), Offload.of(a.offload, a.v1)):
+        raise UsageError(f"SA {params.spi:#x}: --{r.key.replace('_', '-')}: {r.message}")
 
 
 def parse_aead(text: str) -> tuple[str, bytes, bytes, int]:
@@ -236,13 +309,41 @@ def params_from_args(a: argparse.Namespace):
         direction=Direction.INBOUND if a.dir.startswith("in") else Direction.OUTBOUND,
         mode=Mode.TUNNEL if a.mode == "tunnel" else Mode.TRANSPORT, src=a.src, dst=a.dst,
         enc_alg=enc_alg, enc_key=enc_key, auth_alg=auth_alg, auth_key=auth_key, icv_len=icv, esn=a.esn,
-        seq=a.seq, replay_window=a.replay_window, encap=encap, inner_src=a.inner_src, inner_dst=a.inner_dst,
+        seq=a.seq or 0, replay_window=64 if a.replay_window is None else a.replay_window, encap=encap,
+        inner_src=a.inner_src, inner_dst=a.inner_dst, **(parse_lifetime(a.lifetime) if a.lifetime else {}),
     )
     try:
         validate_sa(params)
     except SaInvalid as exc:
         raise UsageError(f"SA {a.spi:#x}: {exc}") from None
     return params
+
+
+def ah_from_args(a: argparse.Namespace, esp):
+    """The AH SA of an ESP-then-AH bundle from --ah-spi/--ah-integrity (None without them)."""
+    from dataclasses import replace
+
+    from device.contract.algorithms import AUTH_BY_NAME, AUTH_INFO
+    from device.contract.enums import EncAlg, IpProto
+    from device.contract.sa import SaInvalid, validate_sa
+
+    if (a.ah_spi is None) != (a.ah_integrity is None):
+        raise UsageError("an ESP-then-AH bundle needs both --ah-spi and --ah-integrity")
+    if a.ah_spi is None:
+        return None
+    if esp.proto != IpProto.ESP:
+        raise UsageError("--ah-spi bundles AH after an ESP SA (--proto esp)")
+    name, key = _alg_key(a.ah_integrity, "--ah-integrity")
+    if name not in AUTH_BY_NAME:
+        raise UsageError(f"unknown integrity algorithm {name!r} (one of {', '.join(AUTH_BY_NAME)})")
+    alg = AUTH_BY_NAME[name]
+    ah = replace(esp, spi=a.ah_spi, proto=IpProto.AH, enc_alg=EncAlg.NONE, enc_key=b"", auth_alg=alg, auth_key=key,
+                 icv_len=AUTH_INFO[alg].icv_len, encap=None)
+    try:
+        validate_sa(ah)
+    except SaInvalid as exc:
+        raise UsageError(f"AH SA {a.ah_spi:#x}: {exc}") from None
+    return ah
 
 
 def build_frames(card_mac: bytes, a: argparse.Namespace) -> list[bytes]:
@@ -334,6 +435,22 @@ class Session:
         card = self.open(a, reset=True)
         self.print(f"card reset; MAC {card.ident.mac_text}; all SAs cleared")
 
+    def cmd_agent(self, a):
+        if a.action != "serve":
+            self.print("no guest agent: this card is not in vfio mode (sysfs mode keeps SAs between processes)")
+            return EXIT_OK if a.action == "status" else EXIT_ERROR
+        from guest_tools import agent
+        from guest_tools.driver import card_uses_vfio
+
+        if self.card is not None:
+            raise UsageError("agent serve: this process already holds the card")
+        bdf, _ = card_uses_vfio(a.bdf, a.irq)
+        self.keep_receiving = True
+        self.open(a)  # hold the card before answering: a client that sees the socket finds the device held
+        served = agent.Agent(self, agent.socket_path(bdf), run_one)
+        served.serve(served.listen())
+        return EXIT_OK
+
     def cmd_probe(self, a):
         from guest_tools import probe
 
@@ -345,23 +462,53 @@ class Session:
             print("warning: key material on the command line is visible to other users (ps, /proc) and in "
                   "shell history; use --key-file FILE (or -) or --sa FILE", file=sys.stderr)
         if a.sa:
-            from device.contract.sa_file import load_sa_file
+            from device.contract.sa_fields import Offload
+            from device.contract.sa_file import load_sa_entries
 
             try:
-                all_params = load_sa_file(a.sa)
+                entries = load_sa_entries(a.sa, Offload.of(a.offload, a.v1))
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             if a.index is not None:
-                if not 0 <= a.index < len(all_params):
-                    raise UsageError(f"--index {a.index}: {a.sa} has {len(all_params)} SAs")
-                all_params = [all_params[a.index]]
+                if not 0 <= a.index < len(entries):
+                    raise UsageError(f"--index {a.index}: {a.sa} has {len(entries)} SAs")
+                entries = [entries[a.index]]
+            all_params = [e.params for e in entries]
+            ahs = [e.ah for e in entries]
+            where = [f"{a.sa}: {e.where}" for e in entries]
         else:
             all_params = [params_from_args(a)]
+            ahs = [ah_from_args(a, all_params[0])]
+            check_flags_honoured(a, all_params[0])
+            where = ["--spi"]
         card = self.open(a)
-        for p in all_params:
-            handle = card.add_sa(p, offload=a.offload, v1=a.v1)
+        if a.offload == "crypto" and not a.v1 and len(all_params) > 1:
+            return self._add_list(card, all_params, ahs, where)
+        for p, ah in zip(all_params, ahs, strict=True):
+            handle = card.add_sa(p, offload=a.offload, v1=a.v1, **({"ah": ah} if ah is not None else {}))
             self.print(f"{handle:#010x} spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} "
-                       f"{a.offload}")
+                       f"{a.offload}" + _proto_text(p, ah))
+
+    def _add_list(self, card, all_params, ahs, where) -> int:
+        """Several crypto-offload SAs as one V2_ADD_SA list (NDIS v2): one line per entry, the refused ones
+        with their NDIS status and what it means; exit 1 if any entry was refused."""
+        from guest_tools.sa import status_message
+
+        refused = 0
+        for w, ah, r in zip(where, ahs, card.add_sa_list(all_params, ahs), strict=True):
+            p = r.params
+            if r.handle and r.status == 0:
+                self.print(f"{r.handle:#010x} spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} "
+                           "crypto" + _proto_text(p, ah))
+            else:
+                refused += 1
+                self.print(f"refused    spi {p.spi:#x} {p.direction.name.lower()} {p.mode.name.lower()} crypto "
+                           f"({w}): {status_message(r.status)}" + (f" [{r.reason_name}]" if r.reason_name else ""))
+        if refused:
+            print(f"error: {refused} of {len(all_params)} SA(s) refused by the card (the others were added)",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        return EXIT_OK
 
     def cmd_sa_del(self, a):
         if not a.handles and not a.all:
@@ -476,6 +623,15 @@ class Session:
         return worst
 
 
+def _proto_text(p, ah) -> str:
+    """" ah" / " esp+ah spi 0x..." after an added SA's line (nothing for plain ESP, as before)."""
+    from device.contract.enums import IpProto
+
+    if ah is not None:
+        return f" esp+ah ah-spi {ah.spi:#x}"
+    return " ah" if p.proto == IpProto.AH else ""
+
+
 def _globals(a: argparse.Namespace) -> list[str]:
     out = []
     if a.bdf:
@@ -505,6 +661,55 @@ def run_one(session: Session, argv: list[str]) -> int:
         return EXIT_ERROR
 
 
+def _agent_socket(args_list: list[str]):
+    """The guest agent's socket when this command must go through it (vfio mode), else None.
+
+    vfio-pci resets the function whenever a process opens or releases the device and the reset clears
+    every SA, so in vfio mode one long-lived agent holds the device (guest_tools/agent.py)."""
+    if "-h" in args_list or "--help" in args_list:
+        return None, None
+    try:
+        a = build_parser().parse_args(args_list)
+    except (UsageError, SystemExit):
+        return None, None  # run_one reports it
+    if a.no_agent or a.cmd == "probe":
+        return None, a
+    from guest_tools import agent, pci
+    from guest_tools.driver import card_uses_vfio
+
+    try:
+        bdf, vfio = card_uses_vfio(a.bdf, a.irq)
+    except (pci.PciError, OSError):
+        return None, a  # run_one opens the card and reports what is wrong
+    if not vfio:
+        return None, a
+    path = agent.socket_path(bdf)
+    if a.cmd == "agent":
+        return (path, a) if a.action != "serve" else (None, a)
+    return agent.ensure_running(bdf, a.irq, a.state), a
+
+
+def _forward(path, a: argparse.Namespace, args_list: list[str]) -> int:
+    from guest_tools import agent
+
+    if a.cmd == "agent":
+        if not (path.exists() and agent.is_running(path)):
+            print(f"no guest agent running for {path.stem}")
+            return EXIT_OK if a.action == "status" else EXIT_ERROR
+        answer = agent.request(path, control=a.action)
+    else:
+        stdin = None
+        if (a.cmd == "session" and not a.script) or getattr(a, "key_file", None) == "-":
+            stdin = sys.stdin.read()
+        if keys_on_argv(a):
+            print("warning: key material on the command line is visible to other users (ps, /proc) and in "
+                  "shell history; use --key-file FILE (or -) or --sa FILE", file=sys.stderr)
+        answer = agent.request(path, args_list, stdin=stdin)
+    sys.stdout.write(answer["stdout"])
+    sys.stderr.write(answer["stderr"])
+    return int(answer["status"])
+
+
 def main(argv: list[str] | None = None, opener=None) -> int:
     session = Session(opener)
     try:
@@ -512,6 +717,16 @@ def main(argv: list[str] | None = None, opener=None) -> int:
         if args_list and args_list[0] in ("-h", "--help"):
             build_parser().print_help()
             return EXIT_OK
+        if opener is None:
+            from guest_tools import agent
+
+            try:
+                path, a = _agent_socket(args_list)
+                if path is not None:
+                    return _forward(path, a, args_list)
+            except (agent.AgentError, OSError, ValueError) as exc:
+                print(f"error: guest agent: {exc}", file=sys.stderr)
+                return EXIT_ERROR
         return run_one(session, args_list)
     finally:
         try:

@@ -390,6 +390,16 @@ def default_state_path(bdf: str) -> Path:
     return Path(os.environ.get("IPSEC_NIC_STATE_DIR", "/run/ipsec-nic")) / f"{bdf}.json"
 
 
+def card_uses_vfio(bdf: str | None, irq: str) -> tuple[str, bool]:
+    """(the card's address, whether open_card would drive it through vfio-pci) - without opening it."""
+    from guest_tools import pci
+
+    dev = pci.find_device(regs.VENDOR_ID, regs.DEVICE_ID, bdf)
+    driver_link = dev.path / "driver"
+    bound = os.path.basename(os.readlink(driver_link)) if driver_link.exists() else ""
+    return dev.bdf, irq == "msix" or bound == "vfio-pci"
+
+
 def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, state_path: str | None = None,
               ring_size: int = DEFAULT_RING_SIZE, receive: bool = True) -> Card:
     """Find the card in sysfs and initialise it: vfio (IOVA DMA, MSI-X) when asked for or already bound to

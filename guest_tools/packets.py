@@ -6,6 +6,10 @@ its own sequence number, room for the IV, the payload, padding (RFC 4303 §2.4: 
 length, next header and room for the ICV - and the card writes IV, ciphertext and ICV in place. On
 receive the card decrypts in place and leaves the ESP header and trailer; :func:`strip_esp` removes them.
 
+AH (RFC 4302) under crypto offload: the host inserts the AH header with SPI, sequence number and zeroed
+room for the ICV (and IV, AES-GMAC); the card computes the ICV in place. ESP-then-AH bundles: ESP is built
+first, AH then protects the result in transport mode (RFC 4301 §4.5); on receive AH is stripped first.
+
 Pure functions on bytes; standard library only.
 """
 
@@ -19,6 +23,7 @@ from device.contract.net import (
     ETH_HLEN,
     ETH_P_IP,
     ETH_P_IPV6,
+    IPPROTO_AH,
     IPPROTO_ESP,
     IPPROTO_IPV4,
     IPPROTO_IPV6,
@@ -244,6 +249,81 @@ def strip_esp(geo: EspGeometry, packet: bytes) -> Stripped:
     if nh in (IPPROTO_IPV4, IPPROTO_IPV6):
         return Stripped(inner, nh, pad)
     return Stripped(_rewrite_ip(packet[:ihl], nh, len(inner)) + inner, nh, pad)
+
+
+@dataclass(frozen=True)
+class AhGeometry:
+    """What the host needs to frame AH for one SA."""
+
+    spi: int
+    iv_len: int  # 8 for AES-GMAC (RFC 4543 §3.2), else 0
+    icv_len: int
+    tunnel: bool = False
+    src: str = ""  # tunnel: outer endpoints
+    dst: str = ""
+
+
+_AH = struct.Struct("!BBHII")  # next header, payload len (32-bit words - 2), reserved, SPI, sequence
+
+
+def ah_length(iv_len: int, icv_len: int, version: int) -> int:
+    """AH bytes incl. ICV padding: a multiple of 4 over IPv4, of 8 over IPv6 (RFC 4302 §3.3.3.2.1)."""
+    raw = _AH.size + iv_len + icv_len
+    return raw + (-raw % (8 if version == 6 else 4))
+
+
+def build_ah(geo: AhGeometry, packet: bytes, seq: int) -> bytes:
+    """Insert AH (zeroed IV/ICV room) after the IP header (transport) or under a new outer header (tunnel)."""
+    ver, ihl, proto = _ip_split(packet)
+    if geo.tunnel:
+        nh, payload = (IPPROTO_IPV4 if ver == 4 else IPPROTO_IPV6), packet
+        length = ah_length(geo.iv_len, geo.icv_len, ipaddress.ip_address(geo.dst).version)
+    else:
+        nh, payload = proto, packet[ihl:]
+        length = ah_length(geo.iv_len, geo.icv_len, ver)
+    ah = _AH.pack(nh, length // 4 - 2, 0, geo.spi, seq & 0xFFFF_FFFF) + bytes(length - _AH.size)
+    if geo.tunnel:
+        return ip_header(geo.src, geo.dst, IPPROTO_AH, len(ah) + len(payload)) + ah + payload
+    return _rewrite_ip(packet[:ihl], IPPROTO_AH, len(ah) + len(payload)) + ah + payload
+
+
+def strip_ah(packet: bytes) -> Stripped:
+    """Remove the AH header the card verified: transport -> the packet with AH's next header restored;
+    tunnel (next header IPv4/IPv6) -> the inner packet."""
+    ver, ihl, proto = _ip_split(packet)
+    if proto != IPPROTO_AH:
+        raise FrameError(f"IP protocol {proto} is not AH")
+    if len(packet) < ihl + _AH.size:
+        raise FrameError("packet too short for AH")
+    nh, words = packet[ihl], packet[ihl + 1]
+    end = len(packet)
+    if ver == 4:
+        end = min(end, struct.unpack_from("!H", packet, 2)[0])
+    else:
+        end = min(end, 40 + struct.unpack_from("!H", packet, 4)[0])
+    after = ihl + (words + 2) * 4
+    if after > end:
+        raise FrameError("AH length runs past the packet")
+    payload = packet[after:end]
+    if nh in (IPPROTO_IPV4, IPPROTO_IPV6):
+        return Stripped(payload, nh, 0)
+    return Stripped(_rewrite_ip(packet[:ihl], nh, len(payload)) + payload, nh, 0)
+
+
+def outside_selector(packet: bytes, inner_src: str | None, inner_dst: str | None) -> str:
+    """Why an inner IP packet falls outside a tunnel SA's selector ("" when it matches; None = any).
+
+    RFC 4301 §5.2 step 4: after decapsulation the packet must match the SA's selectors, else it is
+    discarded; crypto offload v2 gives the card no selector, so the host checks (and on send refuses)."""
+    try:
+        ver, _, _ = _ip_split(packet)
+    except FrameError as exc:
+        return str(exc)
+    src, dst = (packet[12:16], packet[16:20]) if ver == 4 else (packet[8:24], packet[24:40])
+    for name, want, got in (("source", inner_src, src), ("destination", inner_dst, dst)):
+        if want is not None and ipaddress.ip_address(want).packed != got:
+            return f"inner {name} {ipaddress.ip_address(got)} is not the SA's selector {want}"
+    return ""
 
 
 def l3_offset(frame: bytes) -> int:

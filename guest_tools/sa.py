@@ -9,7 +9,7 @@ from device.contract.algorithms import AUTH_INFO, ENC_INFO, esp_align
 from device.contract.enums import EncAlg, IpProto, Mode
 from device.contract.sa import SaParams, effective_icv_len
 from device.contract.status import NdisStatus
-from guest_tools.packets import EspGeometry
+from guest_tools.packets import AhGeometry, EspGeometry
 
 # What each firmware status means for a user, and what to check.
 STATUS_HELP: dict[int, str] = {
@@ -50,3 +50,11 @@ def esp_geometry(p: SaParams):
         iv = 8  # ENCR_NULL_AUTH_AES_GMAC carries an 8-byte IV (RFC 4543 §3.1); NULL + HMAC has none
     encap = (p.encap.sport, p.encap.dport) if p.encap is not None else None
     return EspGeometry(p.spi, iv, effective_icv_len(p), esp_align(enc.block), p.mode == Mode.TUNNEL, encap, p.src, p.dst)
+
+
+def ah_geometry(p: SaParams) -> AhGeometry:
+    """IV/ICV facts the host needs to frame crypto-offload AH for ``p`` (RFC 4302 §2)."""
+    if p.proto != IpProto.AH:
+        raise ValueError("the host AH framing applies to AH SAs only")
+    iv = 8 if AUTH_INFO[p.auth_alg].kind == "gmac" else 0  # RFC 4543 §3.2: AH-GMAC carries an 8-byte IV
+    return AhGeometry(p.spi, iv, effective_icv_len(p), p.mode == Mode.TUNNEL, p.src, p.dst)

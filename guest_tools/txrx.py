@@ -140,28 +140,41 @@ class TxRxOps:
         if mode != "crypto":
             raise CardError(f"send mode must be plain, crypto or packet, not {mode!r}")
         sa = self.host.get(handle)
-        if sa is None or sa.offload != "crypto" or sa.direction != Direction.OUTBOUND or not sa.icv_len:
-            raise CardError(f"handle {handle:#x} is not an outbound crypto-offload ESP SA added through this "
+        if sa is None or not sa.framable or sa.direction != Direction.OUTBOUND:
+            raise CardError(f"handle {handle:#x} is not an outbound crypto-offload SA added through this "
                             "tool ('sa list'; the host needs its framing state)")
         l3 = packets.l3_offset(frame)
         if l3 < 0:
             raise CardError("crypto offload needs an Ethernet frame carrying IPv4 or IPv6")
+        if sa.tunnel:
+            why = packets.outside_selector(frame[l3:], sa.inner_src, sa.inner_dst)
+            if why:
+                raise CardError(f"SA {sa.spi:#x} does not apply to this packet: {why} (RFC 4301 §5.2)")
         seq = sa.next_seq
         if not sa.esn and seq > 0xFFFF_FFFF:
             raise CardError(f"SA {sa.spi:#x}: sequence numbers exhausted (RFC 4303 §3.3.3): add a new SA")
         if sa.esn and seq >> 32 != sa.seq_hi_pushed:
             self.update_sa(handle, seq >> 32, sa.spi)  # the card needs the ESN high half (RFC 4304)
+        # ESP first, then AH over the result (RFC 4301 §4.5); both SAs of a bundle count from the same seq
+        packet, esp_offset, pad_length, next_header = frame[l3:], 0, 0, 0
         try:
-            esp = packets.build_esp(sa.geometry(), frame[l3:], seq)
+            if sa.has_esp:
+                esp = packets.build_esp(sa.geometry(), packet, seq)
+                packet, esp_offset, pad_length, next_header = (esp.packet, esp.esp_offset, esp.pad_length,
+                                                               esp.next_header)
+            if sa.ah_icv_len:
+                before = len(packet)
+                packet = packets.build_ah(sa.ah_geometry(), packet, seq)
+                esp_offset += len(packet) - before if esp_offset else 0
         except packets.FrameError as exc:
-            raise CardError(f"cannot build ESP: {exc}") from None
-        out = bytearray(frame[:l3]) + esp.packet
+            raise CardError(f"cannot build {'ESP' if sa.has_esp else 'AH'}: {exc}") from None
+        out = bytearray(frame[:l3]) + packet
         if out[l3] >> 4 == 6 and l3 >= 2:
             out[l3 - 2:l3] = ETH_P_IPV6.to_bytes(2, "big")
         elif l3 >= 2:
             out[l3 - 2:l3] = ETH_P_IP.to_bytes(2, "big")
-        index = self.send_raw(bytes(out), TxFlags.IPSEC_CRYPTO, handle, l3 + esp.esp_offset, esp.pad_length,
-                              esp.next_header)
+        index = self.send_raw(bytes(out), TxFlags.IPSEC_CRYPTO, handle, l3 + esp_offset if esp_offset else 0,
+                              pad_length, next_header)
         sa.next_seq = seq + 1
         return index
 
@@ -224,19 +237,28 @@ class TxRxOps:
         if not pkt.crypto_done or pkt.decapsulated or pkt.crypto_status != CryptoStatus.SUCCESS:
             return pkt
         sa = self.host.get(d.offload_handle)
-        if sa is None or sa.offload != "crypto" or not sa.icv_len:
-            pkt.note = "decrypted by the card; SA unknown to this host, ESP left in place"
+        if sa is None or not sa.framable:
+            pkt.note = "processed by the card; SA unknown to this host, ESP/AH left in place"
             return pkt
         l3 = packets.l3_offset(frame)
         try:
-            stripped = packets.strip_esp(sa.geometry(), frame[l3:]) if l3 >= 0 else None
+            stripped = None
+            if l3 >= 0:
+                packet = frame[l3:]
+                if sa.ah_icv_len:  # inbound bundle: AH first, then ESP
+                    stripped = packets.strip_ah(packet)
+                    packet = stripped.packet
+                if sa.has_esp:
+                    stripped = packets.strip_esp(sa.geometry(), packet)
         except packets.FrameError as exc:
-            pkt.note = f"cannot strip ESP: {exc}"
+            pkt.note = f"cannot strip {'AH/ESP' if sa.ah_icv_len else 'ESP'}: {exc}"
             return pkt
         if stripped is None:
             pkt.note = "not an IP frame"
         elif stripped.packet is None:
             pkt.note = "dummy packet (next header 59, RFC 4303 §2.6)"
+        elif sa.tunnel and (why := packets.outside_selector(stripped.packet, sa.inner_src, sa.inner_dst)):
+            pkt.note = f"dropped by the host: {why} (RFC 4301 §5.2)"
         else:
             head = bytearray(frame[:l3])
             etype = ETH_P_IPV6 if stripped.packet[0] >> 4 == 6 else ETH_P_IP

@@ -238,7 +238,7 @@ def _v2_algorithms(p: SaParams) -> _Keys:
     return _Keys(key, enc, auth)
 
 
-def _v2_common(p: SaParams, *, allow_any_port: bool) -> dict:
+def _v2_common(p: SaParams, *, allow_any_port: bool, ah: SaParams | None = None) -> dict:
     family = ipaddress.ip_address(p.dst).version
     flags = V2AddFlags(0)
     if p.direction == Direction.INBOUND:
@@ -252,6 +252,17 @@ def _v2_common(p: SaParams, *, allow_any_port: bool) -> dict:
                              "other ports")
         encap = UdpEspEncapsulation.TUNNEL if p.mode == Mode.TUNNEL else UdpEspEncapsulation.TRANSPORT
     keys = _v2_algorithms(p)
+    second = SaV2()
+    key_data = keys.data
+    if ah is not None:
+        # seed 001/003: one bundle = ESP followed by AH; the AH key follows the ESP keys in the buffer
+        _check_bundle(p, ah)
+        ah_keys = _v2_algorithms(ah)
+        auth = AlgoInfoV2(ah_keys.auth.identifier, ah_keys.auth.key_length, len(key_data), 0)
+        second = SaV2(flags=int(V2SaFlags.ESN_SA) if ah.esn else 0, operation=int(V2Operation.AH), spi=ah.spi,
+                      authentication_algorithm=auth, encryption_algorithm=AlgoInfoV2(),
+                      sequence_number_high_order=(ah.seq >> 32) if ah.esn else 0)
+        key_data += ah.auth_key
     sa = SaV2(
         flags=int(V2SaFlags.ESN_SA) if p.esn else 0,
         operation=int(V2Operation.ESP if p.proto == IpProto.ESP else V2Operation.AH),
@@ -260,17 +271,40 @@ def _v2_common(p: SaParams, *, allow_any_port: bool) -> dict:
         encryption_algorithm=keys.enc,
         sequence_number_high_order=(p.seq >> 32) if p.esn else 0,
     )
-    return dict(num_ext_hdrs=1, flags=int(flags), src_addr=ndis.addr16(p.src), dest_addr=ndis.addr16(p.dst),
-                udp_esp_encapsulation=int(encap), sec_assoc=(sa, SaV2()), key_length=len(keys.data),
-                key_offset=0, key_data=keys.data)
+    return dict(num_ext_hdrs=1 if ah is None else 2, flags=int(flags), src_addr=ndis.addr16(p.src),
+                dest_addr=ndis.addr16(p.dst), udp_esp_encapsulation=int(encap), sec_assoc=(sa, second),
+                key_length=len(key_data), key_offset=0, key_data=key_data)
 
 
-def v2_add_sa_ex(p: SaParams) -> bytes:
-    """V2_ADD_SA_EX request for a crypto-offload SA."""
+def _check_bundle(esp: SaParams, ah: SaParams) -> None:
+    """An ESP-then-AH bundle: one ESP and one AH SA with the same direction and endpoints, no UDP-ESP."""
+    validate_sa(ah)
+    if esp.proto != IpProto.ESP or ah.proto != IpProto.AH:
+        raise ValueError("a bundle is an ESP SA followed by an AH SA")
+    if (esp.direction, esp.src, esp.dst) != (ah.direction, ah.src, ah.dst):
+        raise ValueError("the bundle's ESP and AH SAs need the same direction and endpoints")
+    if esp.encap is not None:
+        raise ValueError("UDP encapsulation cannot carry AH (RFC 3948 covers ESP only)")
+
+
+def v2_add_sa_ex(p: SaParams, ah: SaParams | None = None) -> bytes:
+    """V2_ADD_SA_EX request for a crypto-offload SA (with ``ah``: an ESP-then-AH bundle)."""
     validate_sa(p)
-    fields = _v2_common(p, allow_any_port=False)
+    fields = _v2_common(p, allow_any_port=False, ah=ah)
     fields["key_offset"] = ndis.V2_ADD_SA_EX.size
     return ndis.V2AddSaEx(**fields).pack()
+
+
+def v2_add_sa_list(ps: list[SaParams], ahs: list[SaParams | None] | None = None) -> bytes:
+    """V2_ADD_SA request: one linked-list entry per crypto-offload SA or ESP-then-AH bundle (``ahs[i]``);
+    NDIS reports each entry's result."""
+    entries = []
+    for p, ah in zip(ps, ahs or [None] * len(ps), strict=True):
+        validate_sa(p)
+        fields = _v2_common(p, allow_any_port=False, ah=ah)
+        fields.pop("key_offset")  # a list entry's key data follows its fixed part
+        entries.append(ndis.V2AddSa(**fields))
+    return ndis.pack_v2_add_sa_list(entries)
 
 
 def add_sa_packet(p: SaParams) -> bytes:
@@ -325,7 +359,7 @@ _V1_INTEGRITY = {AuthAlg.MD5: V1IntegrityAlgo.MD5, AuthAlg.SHA1: V1IntegrityAlgo
 _FULL_MASK = b"\xff" * 4
 
 
-def _v1_fields(p: SaParams) -> dict:
+def _v1_fields(p: SaParams, ah: SaParams | None = None) -> dict:
     if ipaddress.ip_address(p.dst).version != 4:
         raise ValueError("v1 commands carry IPv4 SAs only; use v2 for IPv6")
     if p.enc_alg not in _V1_CONF or p.auth_alg not in _V1_INTEGRITY:
@@ -338,6 +372,15 @@ def _v1_fields(p: SaParams) -> dict:
     else:
         op, conf, key = V1Operation.AUTHENTICATE, AlgoInfoV1(), p.auth_key
     sa = SaV1(int(op), p.spi, AlgoInfoV1(int(_V1_INTEGRITY[p.auth_alg]), len(p.auth_key)), conf)
+    second = SaV1()
+    if ah is not None:
+        # seed 001: SecAssoc[0] ESP then SecAssoc[1] AH; KeyMat per entry, confidentiality then integrity
+        _check_bundle(p, ah)
+        if ah.auth_alg not in _V1_INTEGRITY:
+            raise ValueError("v1 commands support HMAC-MD5/HMAC-SHA1 only; use v2")
+        second = SaV1(int(V1Operation.AUTHENTICATE), ah.spi,
+                      AlgoInfoV1(int(_V1_INTEGRITY[ah.auth_alg]), len(ah.auth_key)), AlgoInfoV1())
+        key += ah.auth_key
     if p.mode == Mode.TUNNEL:
         addrs = dict(src_addr=ndis.addr4(p.inner_src), src_mask=_FULL_MASK if p.inner_src else bytes(4),
                      dest_addr=ndis.addr4(p.inner_dst), dest_mask=_FULL_MASK if p.inner_dst else bytes(4),
@@ -346,15 +389,15 @@ def _v1_fields(p: SaParams) -> dict:
         addrs = dict(src_addr=ndis.addr4(p.src), src_mask=_FULL_MASK, dest_addr=ndis.addr4(p.dst),
                      dest_mask=_FULL_MASK, src_tunnel_addr=bytes(4), dest_tunnel_addr=bytes(4))
     flags = V1SaFlags.INBOUND if p.direction == Direction.INBOUND else V1SaFlags.OUTBOUND
-    return dict(**addrs, protocol=0, src_port=0, dest_port=0, flags=int(flags), num_sas=1,
-                sec_assoc=(sa, SaV1(), SaV1()), key_len=len(key), key_mat=key)
+    return dict(**addrs, protocol=0, src_port=0, dest_port=0, flags=int(flags), num_sas=1 if ah is None else 2,
+                sec_assoc=(sa, second, SaV1()), key_len=len(key), key_mat=key)
 
 
-def v1_add_sa(p: SaParams) -> bytes:
+def v1_add_sa(p: SaParams, ah: SaParams | None = None) -> bytes:
     validate_sa(p)
     if p.encap is not None:
         raise ValueError("UDP-encapsulated SA: use V1_ADD_UDPESP_SA")
-    return ndis.V1AddSa(**_v1_fields(p)).pack()
+    return ndis.V1AddSa(**_v1_fields(p, ah)).pack()
 
 
 def v1_add_udpesp_sa(p: SaParams, parser_entry: int = 0) -> bytes:

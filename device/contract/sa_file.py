@@ -18,6 +18,10 @@ Shape (keys beyond these are refused, so typos do not pass silently)::
         seq: 0xfffffff0
         replay_window: 128
         lifetime: {soft_packets: 0, hard_packets: 0, soft_bytes: 0, hard_bytes: 0}
+        ah: {spi: 0x1002, integrity: {alg: hmac-sha256-128, key: ...}}  # ESP-then-AH bundle (guest CLI)
+
+Which of these keys each offload mode honours is device/contract/sa_fields.py; ``load_sa_entries`` with an
+offload mode refuses the others, naming file, entry and key.
 
 Key material is hex (``0x`` prefix, ``:`` and spaces allowed) and must be quoted if it could read as
 a YAML number. Error messages never quote keys.
@@ -27,16 +31,18 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from device.contract.algorithms import AUTH_BY_NAME, AUTH_INFO, ENC_BY_NAME, ENC_INFO
 from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
 from device.contract.sa import MIN_SPI, SaInvalid, SaParams, UdpEncap, validate_sa
+from device.contract.sa_fields import Offload, refusals
 from device.contract.yaml_file import read_yaml
 
 _SA_KEYS = {"spi", "direction", "mode", "proto", "src", "dst", "tunnel", "encap", "aead", "cipher", "integrity",
-            "esn", "seq", "replay_window", "lifetime"}
+            "esn", "seq", "replay_window", "lifetime", "ah"}
 _LIFETIME_KEYS = ("soft_packets", "hard_packets", "soft_bytes", "hard_bytes")
 
 
@@ -44,15 +50,55 @@ class SaFileError(ValueError):
     """One-line description of what is wrong and where."""
 
 
+@dataclass(frozen=True)
+class SaEntry:
+    """One SA of a file, the keys the user actually gave (defaults are not "given") and where it is."""
+
+    params: SaParams
+    given: frozenset[str]
+    where: str  # "sas[i]"
+    ah: SaParams | None = None  # the AH SA of an ESP-then-AH bundle (same direction, mode, endpoints)
+
+
 def load_sa_file(path: str | Path) -> list[SaParams]:
-    doc = read_yaml(path, "SA file", SaFileError)
+    """The file's SAs, one SaParams each (no bundles: their AH would have nowhere to go)."""
     try:
-        return parse_sa_document(doc)
+        return _singles(load_sa_entries(path))
     except SaFileError as exc:
         raise SaFileError(f"{path}: {exc}") from None
 
 
+def _singles(entries: list[SaEntry]) -> list[SaParams]:
+    for e in entries:
+        if e.ah is not None:
+            raise SaFileError(f"{e.where}.ah: ESP-then-AH bundles are added by the guest CLI only")
+    return [e.params for e in entries]
+
+
+def load_sa_entries(path: str | Path, offload: Offload | None = None) -> list[SaEntry]:
+    """The file's SAs; with ``offload``, refuse (naming file, entry and key) any given field that offload
+    mode cannot honour (device/contract/sa_fields.py)."""
+    doc = read_yaml(path, "SA file", SaFileError)
+    try:
+        entries = parse_sa_entries(doc)
+        if offload is not None:
+            check_honoured(entries, offload)
+        return entries
+    except SaFileError as exc:
+        raise SaFileError(f"{path}: {exc}") from None
+
+
+def check_honoured(entries: list[SaEntry], offload: Offload) -> None:
+    for e in entries:
+        for r in refusals(e.params, e.given, offload):
+            raise SaFileError(f"{e.where}.{r.key}: {r.message}")
+
+
 def parse_sa_document(doc: Any) -> list[SaParams]:
+    return _singles(parse_sa_entries(doc))
+
+
+def parse_sa_entries(doc: Any) -> list[SaEntry]:
     if not isinstance(doc, Mapping) or "sas" not in doc:
         raise SaFileError("top level must be a mapping with a 'sas' list")
     extra = set(doc) - {"sas"}
@@ -61,7 +107,46 @@ def parse_sa_document(doc: Any) -> list[SaParams]:
     sas = doc["sas"]
     if not isinstance(sas, list) or not sas:
         raise SaFileError("'sas' must be a non-empty list")
-    return [parse_sa(entry, f"sas[{i}]") for i, entry in enumerate(sas)]
+    out = []
+    for i, entry in enumerate(sas):
+        where = f"sas[{i}]"
+        params = parse_sa(entry, where)
+        ah = _bundle_ah(entry["ah"], params, f"{where}.ah") if "ah" in entry else None
+        out.append(SaEntry(params, given_keys(entry, params), where, ah))
+    return out
+
+
+def given_keys(entry: Mapping, params: SaParams) -> frozenset[str]:
+    """Keys the entry sets to something other than "none": a zero lifetime or replay window asks for nothing."""
+    given = set(entry)
+    if not params.replay_window:
+        given.discard("replay_window")
+    if not any((params.soft_packets, params.hard_packets, params.soft_bytes, params.hard_bytes)):
+        given.discard("lifetime")
+    return frozenset(given)
+
+
+def _bundle_ah(value: Any, esp: SaParams, where: str) -> SaParams:
+    """The AH half of an ESP-then-AH bundle (seed 001: "encryption/decryption (ESP) followed by
+    authentication (AH)"): its own SPI and integrity algorithm, everything else shared with the ESP SA."""
+    if esp.proto != IpProto.ESP:
+        raise SaFileError(f"{where}: a bundle's first SA is ESP (proto: esp)")
+    if esp.encap is not None:
+        raise SaFileError(f"{where}: UDP encapsulation cannot carry AH (RFC 3948 covers ESP only)")
+    if not isinstance(value, Mapping) or set(value) != {"spi", "integrity"}:
+        raise SaFileError(f"{where}: expected {{spi: N, integrity: {{alg: ..., key: ...}}}}")
+    spi = _int(value["spi"], f"{where}.spi")
+    if not MIN_SPI <= spi <= 0xFFFF_FFFF:
+        raise SaFileError(f"{where}.spi: {spi:#x} outside {MIN_SPI:#x}..0xffffffff")
+    _, _, auth_alg, auth_key, icv = _algorithms({"integrity": value["integrity"]}, IpProto.AH, where)
+    ah = SaParams(spi=spi, proto=IpProto.AH, direction=esp.direction, mode=esp.mode, src=esp.src, dst=esp.dst,
+                  auth_alg=auth_alg, auth_key=auth_key, icv_len=icv, esn=esp.esn, seq=esp.seq,
+                  replay_window=esp.replay_window, inner_src=esp.inner_src, inner_dst=esp.inner_dst)
+    try:
+        validate_sa(ah)
+    except SaInvalid as exc:
+        raise SaFileError(f"{where}: {exc}") from None
+    return ah
 
 
 def parse_sa(entry: Any, where: str) -> SaParams:

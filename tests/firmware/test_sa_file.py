@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
+from device.contract import ndis
+from device.contract import sa as sa_codec
 from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
 from device.contract.sa import UdpEncap
-from device.contract.sa_file import SaFileError, load_sa_file, parse_sa_document
+from device.contract.sa_fields import Offload, markdown_table
+from device.contract.sa_file import SaFileError, load_sa_entries, load_sa_file, parse_sa_document
 
 EXAMPLE = """
 sas:
@@ -96,3 +101,84 @@ def test_gmac_and_ah_entries():
     assert gmac.enc_alg == EncAlg.NONE and gmac.auth_alg == AuthAlg.AES_GMAC_128 and gmac.auth_key[-4:] == b"\1\2\3\4"
     (ah,) = parse_sa_document(sa_doc(proto="ah", aead=None, integrity={"alg": "hmac-sha1-96", "key": "11" * 20}))
     assert ah.proto == IpProto.AH and ah.icv_len == 12
+
+
+# --- no silent drops: every given field is honoured by the card or the host, or refused by name ---------
+
+
+CRYPTO, V1, PACKET = Offload.CRYPTO, Offload.CRYPTO_V1, Offload.PACKET
+CBC_SHA1 = {"aead": None, "cipher": {"alg": "aes-cbc-128", "key": "00" * 16},
+            "integrity": {"alg": "hmac-sha1-96", "key": "11" * 20}}
+V1_ALGS = {"aead": None, "cipher": {"alg": "3des-cbc", "key": "00" * 24},
+           "integrity": {"alg": "hmac-sha1-96", "key": "11" * 20}}
+
+
+def _load(tmp_path, offload, **override):
+    path = tmp_path / "sas.yaml"
+    path.write_text(yaml.safe_dump(sa_doc(**override)))
+    return path, load_sa_entries(path, offload)
+
+
+@pytest.mark.parametrize("override, offload, key, why", [
+    ({"replay_window": 128}, CRYPTO, "replay_window", "no anti-replay on the card"),
+    ({"replay_window": 128, **V1_ALGS}, V1, "replay_window", "no anti-replay on the card"),
+    ({"replay_window": 128, "direction": "outbound"}, PACKET, "replay_window", "inbound SAs only"),
+    ({"lifetime": {"hard_packets": 3}}, CRYPTO, "lifetime", "no lifetime fields"),
+    ({"lifetime": {"soft_bytes": 3}, **V1_ALGS}, V1, "lifetime", "no lifetime fields"),
+    ({"seq": 5}, CRYPTO, "seq", "only the ESN high half"),
+    ({"seq": (7 << 32) | 5, "esn": True}, CRYPTO, "seq", "only the ESN high half"),
+    ({"seq": 5, **V1_ALGS}, V1, "seq", "only the ESN high half"),
+    ({"esn": True, **V1_ALGS}, V1, "esn", "no extended sequence numbers"),
+    ({"encap": {"type": "udp", "sport": 4501, "dport": 4500}}, CRYPTO, "encap", "port 4500 only"),
+    ({"encap": {"type": "udp", "sport": 4501, "dport": 4500}, **V1_ALGS}, V1, "encap", "port 4500 only"),
+    ({"proto": "ah", "aead": None, "integrity": {"alg": "hmac-sha1-96", "key": "11" * 20}}, PACKET, "proto",
+     "ESP SAs only"),
+])
+def test_fields_an_offload_mode_cannot_honour_are_refused_by_name(tmp_path, override, offload, key, why):
+    with pytest.raises(SaFileError) as exc:
+        _load(tmp_path, offload, **override)
+    text = str(exc.value)
+    assert text.startswith(f"{tmp_path / 'sas.yaml'}: sas[0].{key}: {offload.value}: "), text
+    assert why in text and "\n" not in text and "0011223344" not in text
+
+
+def _firmware_decode(request: bytes, opcode: str):
+    """The SA as the firmware's own decoder reads the command (what reaches the card)."""
+    if opcode == "packet":
+        req = ndis.AddSaPacket.unpack(request)
+        return sa_codec.decode_v2(req, req.key_data, packet=req)[0]
+    if opcode == "v1":
+        req = ndis.V1AddSa.unpack(request)
+        return sa_codec.decode_v1(req, req.key_mat)[0]
+    req = ndis.V2AddSaEx.unpack(request)
+    return sa_codec.decode_v2(req, req.key_data)[0]
+
+
+def test_honoured_fields_reach_the_card_in_packet_offload(tmp_path):
+    _, (e,) = _load(tmp_path, PACKET, replay_window=256, seq=77, lifetime={"soft_packets": 5, "hard_bytes": 9000})
+    got = _firmware_decode(sa_codec.add_sa_packet(e.params), "packet")
+    assert (got.replay_window, got.seq, got.soft_packets, got.hard_bytes) == (256, 77, 5, 9000)
+
+
+def test_esn_high_half_reaches_the_card_in_crypto_offload(tmp_path):
+    _, (e,) = _load(tmp_path, CRYPTO, esn=True, seq=7 << 32)
+    assert _firmware_decode(sa_codec.v2_add_sa_ex(e.params), "v2").seq == 7 << 32
+
+
+def test_outbound_seq_and_mode_are_the_hosts_in_crypto_offload(tmp_path):
+    # accepted: the guest driver numbers (seq + 1 first) and frames (tunnel) outbound crypto-offload packets
+    _, (e,) = _load(tmp_path, CRYPTO, direction="outbound", seq=41, mode="tunnel",
+                    tunnel={"src": "198.51.100.1", "dst": "198.51.100.2"})
+    assert e.params.seq == 41 and {"seq", "mode"} <= e.given
+
+
+def test_zero_limits_ask_for_nothing(tmp_path):
+    _, (e,) = _load(tmp_path, CRYPTO, replay_window=0, lifetime={"hard_packets": 0})
+    assert not {"replay_window", "lifetime"} & e.given
+
+
+def test_readme_carries_the_code_table():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("<!-- sa-fields table")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- end sa-fields table -->")]
+    assert block.strip() == markdown_table()

@@ -99,6 +99,43 @@ def test_msix_through_vfio_signals_admin_and_rx_and_itr_coalesces(rig):
     assert r["stats"]["rx_packets"] == 41
 
 
+VFIO_SAS = """sas:
+  - {spi: 0x1001, direction: outbound, src: 10.9.0.1, dst: 10.9.0.2,
+     aead: {alg: aes-gcm-128, key: 00112233445566778899aabbccddeeff, salt: cafebabe}}
+  - {spi: 0x1001, direction: inbound, src: 10.9.0.1, dst: 10.9.0.2,
+     aead: {alg: aes-gcm-128, key: 00112233445566778899aabbccddeeff, salt: cafebabe}}
+"""
+
+
+def test_vfio_cli_processes_share_sas_through_the_guest_agent(rig):
+    """vfio-pci resets the function (FLR) when a process opens the device and when it releases it, and FLR
+    clears every SA. In vfio mode the CLI therefore goes through one guest agent that holds the device:
+    separate processes share SAs and traffic; `agent stop` releases the card and the SAs are gone."""
+    cli = "python3 -m guest_tools.cli --irq msix"
+
+    def run(args: str, expect: int = 0) -> str:
+        result = rig.vm.run(f"{cli} {args}", timeout=180)
+        assert result.exit_code == expect, f"{args}: exit {result.exit_code}\n{result.output}"
+        return result.output
+
+    rig.vm.run(f"cat > /tmp/vfio-sas.yaml <<'EOF'\n{VFIO_SAS}EOF", check=True)
+    try:
+        added = run("sa add --sa /tmp/vfio-sas.yaml")
+        assert "started guest agent" in added and added.count("spi 0x1001") == 2, added
+        out_handle = next(line.split()[0] for line in added.splitlines() if "outbound" in line)
+        assert "2 SA(s)" in run("sa list")  # another process, same SAs
+        sent = run(f"send --count 2 --src 10.9.0.1 --dst 10.9.0.2 --dst-mac {CARD_MAC} --sa {out_handle}")
+        assert "OK=2" in sent, sent
+        got = run("recv --count 2 --timeout 20")
+        assert got.count("crypto_done=1 crypto_status=SUCCESS") == 2, got
+        assert "every SA is gone" in run("agent stop")
+        # without the agent each process opens the device itself: the kernel's reset on open clears the SAs
+        assert "0 SA(s)" in run("--no-agent sa list")
+    finally:
+        rig.vm.run(f"{cli} agent stop", timeout=120)  # the intx test rebinds the card: release it
+    assert "no guest agent running" in run("agent status")
+
+
 def test_intx_through_uio_pci_generic(rig):
     sent = frames(1, 100)
     r = check(rig, "intx", {"frames": [f.hex() for f in sent]})
