@@ -338,15 +338,16 @@ def _ike_states(kbed: KernelBed) -> tuple[dict[int, dict[str, str]], dict[int, d
     return card, peer
 
 
-def test_ike_negotiates_offloaded_sas_and_rekeys_without_loss(kbed):
+@pytest.mark.parametrize("hw_offload", ["yes", "packet"])
+def test_ike_negotiates_offloaded_sas_and_rekeys_without_loss(kbed, hw_offload):
     """strongSwan on both sides (PSK, IKEv2, ESP AES-GCM-128 with ESN, transport): the card's side with
-    hw_offload = yes installs its CHILD_SA on the card; traffic flows; a rekey during a ping run replaces
-    both SAs on the card (new SPIs, old ones gone) and loses no ping."""
+    hw_offload = yes (crypto offload) or packet installs its CHILD_SA on the card; traffic flows; a rekey
+    during a ping run replaces both SAs on the card (new SPIs, old ones gone) and loses no ping."""
     card_uri, peer_uri = "unix:///tmp/ike-card.vici", "unix:///tmp/ike-peer.vici"
     _flush(kbed)
     before = kbed.table()["count"]
     try:
-        kbed.sh(_ike_side("card", "10.0.0.1", "10.0.0.2", "yes"))
+        kbed.sh(_ike_side("card", "10.0.0.1", "10.0.0.2", hw_offload))
         kbed.sh(_ike_side("peer", "10.0.0.2", "10.0.0.1", "no"))
         up = kbed.sh(f"swanctl --initiate --child net --uri {card_uri} --timeout 60", timeout=90, check=False)
         assert "initiate completed successfully" in up, up + kbed.sh("tail -40 /tmp/ike-card.log", check=False)
@@ -354,8 +355,11 @@ def test_ike_negotiates_offloaded_sas_and_rekeys_without_loss(kbed):
         assert len(card) == 2 and set(card) == set(peer), (card, peer)
         assert sorted(o["dir"] for o in card.values()) == ["in", "out"]
         assert all(o["dev"] == kbed.dev for o in card.values())
+        mode = "crypto" if hw_offload == "yes" else "packet"
+        assert all(o["mode"] == mode for o in card.values()), card
         table = kbed.table()
         assert table["count"] == before + 2 and {s["spi"] for s in table["sas"]} == set(card)
+        assert {s["offload"] for s in table["sas"]} == {mode}
         assert ks.parse_ping(kbed.sh("ping -c 5 -i 0.1 -W 2 10.0.0.2", check=False))["received"] == 5
 
         # Rekey in the middle of a ping run (initiated from the peer's side, so the card's side installs the
