@@ -143,7 +143,10 @@ def test_offload_ping_and_tcp_bulk(kbed, offload, mode, family):
     assert len(set(result["bulk"]["card_to_peer"] + result["bulk"]["peer_to_card"])) == 1
 
 
-@pytest.mark.parametrize("offload, mode, family", [("crypto", "transport", 4), ("packet", "tunnel", 6)])
+ESN_CASES = [("crypto", "transport", 4), ("crypto", "tunnel", 6), ("packet", "tunnel", 4), ("packet", "transport", 6)]
+
+
+@pytest.mark.parametrize("offload, mode, family", ESN_CASES, ids=[f"{o}-{m}-v{f}" for o, m, f in ESN_CASES])
 def test_esn_crosses_2_32_both_ways(kbed, offload, mode, family):
     """ESN (RFC 4304): numbering starts 8 below 2^32 on both SAs; pings and a TCP transfer cross it, and both
     ends agree on the new high half (crypto offload: the driver's advance_esn; packet offload: the card's)."""
