@@ -5,7 +5,8 @@ the same Spec and the same SAs (guest_tools.scenario.sa_document), but the card 
 kernel's own XFRM stack in the root netns, handing its states (and, for packet offload, its
 policies) to the card's driver; the peer in netns ``peer`` is software XFRM with the mirrored states
 (guest_tools/xfrm_peer.py). Traffic is ping from the card's side: ``count`` echo requests go out on
-the card's outbound SA and ``count`` replies come back on its inbound SA.
+the card's outbound SA and ``count`` replies come back on its inbound SA; optionally a TCP transfer
+each way (socat), checked by SHA-256 at both ends.
 
 The host builds every command and parses every answer; keys travel to the guest inside commands
 and never come back: each `ip xfrm state` listing is filtered in the guest (KEY_FILTER) first.

@@ -37,9 +37,11 @@ class KernelBed:
 
     def sh(self, command: str, timeout: float = 120.0, check: bool = True) -> str:
         result = self.topo.guest(command, timeout)
-        assert not result.timed_out, f"timed out: {command}\n{result.output[-2000:]}"
+        # Name the command by its first line only: `ip -batch` input (with keys) follows on the next ones.
+        what = command.splitlines()[0][:120]
+        assert not result.timed_out, f"timed out: {what}\n{result.output[-2000:]}"
         if check:
-            assert result.exit_code == 0, f"`{command[:200]}` exited {result.exit_code}:\n{result.output[-2000:]}"
+            assert result.exit_code == 0, f"`{what}` exited {result.exit_code}:\n{result.output[-2000:]}"
         return result.output
 
     def table(self) -> dict:
