@@ -11,6 +11,11 @@ guest_tools/scenario.py moves that NIC into netns ``peer`` and configures Linux 
 
 The VM boots once (qemu.launch.Vm, commands through the guest agent); each scenario is one guest
 command that prints one JSON result line. Used by ``ipsec-nic demo`` and tests/vm/test_interop_*.py.
+
+With ``kernel_module`` (qemu.kmod.KernelModule) the card's Linux driver is loaded instead and the card is
+a netdev in the root netns; qemu/guest_testbed.sh sets up both ends (ipsec_nic/testbed.py), and
+ipsec_nic/kernel_scenarios.py drives them with `ip xfrm` (``ipsec-nic demo --kernel-driver``,
+tests/vm/test_kernel_offload.py).
 """
 
 from __future__ import annotations

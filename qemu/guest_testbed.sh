@@ -118,11 +118,17 @@ reachable() {
 
 # After ARP/ND worked once: permanent neighbour entries on both ends. Unicast neighbour probes between
 # the two addresses would otherwise ride host-to-host IPsec policies later and upset exact packet counts.
+# The peer's inner addresses too: with packet offload in tunnel mode the stack hands the card the plain
+# inner packet and resolves the neighbour of its inner destination (net/xfrm/xfrm_output.c
+# xfrm_dev_direct_output uses the tunnel endpoint's on-link route, whose next hop is the packet's own
+# daddr). IPv4 gets away with it (the peer answers ARP for any local address); ND does not.
 pin_neighbours() {
     card_mac=$(cat "/sys/class/net/$1/address")
     peer_mac=$(ip netns exec "$TB_NETNS" cat "/sys/class/net/$2/address")
     ip neigh replace "$TB_PEER4" lladdr "$peer_mac" dev "$1" nud permanent &&
         ip neigh replace "$TB_PEER6" lladdr "$peer_mac" dev "$1" nud permanent &&
+        ip neigh replace "$TB_PEER_IN4" lladdr "$peer_mac" dev "$1" nud permanent &&
+        ip neigh replace "$TB_PEER_IN6" lladdr "$peer_mac" dev "$1" nud permanent &&
         ip -n "$TB_NETNS" neigh replace "$TB_CARD4" lladdr "$card_mac" dev "$2" nud permanent &&
         ip -n "$TB_NETNS" neigh replace "$TB_CARD6" lladdr "$card_mac" dev "$2" nud permanent ||
         fail "cannot pin the neighbour entries"

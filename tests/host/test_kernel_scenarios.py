@@ -140,7 +140,15 @@ def test_kernel_failures_checks_the_esn_positions_on_both_ends():
     assert any("output position" in f for f in ks.kernel_failures(spec, result, "eth1"))
     result["card_states"][0].update(oseq_hi=1, oseq=0x10)
     result["peer_states"][0].update(seq_hi=1, seq=0x10)
+    assert any("peer output position" in f for f in ks.kernel_failures(spec, result, "eth1"))
+    result["peer_states"][1].update(oseq_hi=1, oseq=0x10)
     assert ks.kernel_failures(spec, result, "eth1") == []
+    # Packet offload: the card numbers the packets; its kernel states keep their initial context.
+    packet = Spec(count=32, esn=True, seq=0xFFFF_FFF0, keep_sas=True, offload="packet")
+    result = _passing_result(packet)
+    result["peer_states"][0].update(seq_hi=1, seq=0x10)
+    result["peer_states"][1].update(oseq_hi=1, oseq=0x10)
+    assert ks.kernel_failures(packet, result, "eth1") == []
 
 
 def test_sa_table_dump_parses():
