@@ -20,7 +20,8 @@ import json
 import struct
 import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,65 +84,70 @@ def _describe(spec: Spec, result: dict[str, Any]) -> list[str]:
     return lines
 
 
+@dataclass
+class _Path:
+    """What differs between the two demos: the Python user-space driver, or the card's Linux driver."""
+
+    scenarios: tuple[tuple[str, Spec], ...]
+    step_text: Callable[[Spec], str]  # what one scenario does, for the progress line
+    run_one: Callable[[Topology, Spec], dict[str, Any]]
+    failures: Callable[[Topology, Spec, dict[str, Any]], list[str]]
+    describe: Callable[[Spec, dict[str, Any]], list[str]]
+    teardown: Callable[[Topology], tuple[bool, dict[str, Any], str]]  # ok, summary["delete"], message
+    print_rows: Callable[[dict[str, Any]], None]  # the summary table
+    module: Any = None  # the kernel driver to load (qemu.kmod.KernelModule)
+
+
 def run(profile: str | None = None, out_dir: Path = Path("out"), timeout: float = 600.0, verbose: int = 0,
         kernel_driver: bool = False) -> int:
-    if kernel_driver:
-        return run_kernel(profile=profile, out_dir=out_dir, timeout=timeout, verbose=verbose)
     from qemu import toolchain as vm_toolchain
 
     t0 = time.monotonic()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     pcap = out_dir / "wire.pcap"
-    _say("checking the VM toolchain")
+    _say("checking the VM toolchain" + (" and the card's kernel driver" if kernel_driver else ""))
     try:
         tc = vm_toolchain.setup(progress=lambda line: _say(f"toolchain: {line}"))
-    except Exception as exc:  # the toolchain explains itself (log paths, what to do)
-        _say(f"the VM toolchain is not usable: {exc}")
+        path = _kernel_path(tc) if kernel_driver else _python_path()
+    except Exception as exc:  # the toolchain and the module build explain themselves (log paths, what to do)
+        _say(f"the VM toolchain{' or the kernel driver' if kernel_driver else ''} is not usable: {exc}")
         return 1
     summary: dict[str, Any] = {"scenarios": [], "out_dir": str(out_dir)}
+    if kernel_driver:
+        summary["kernel_driver"] = True
     failed = 0
-    _say("starting the card server and booting a VM with the card and a Linux IPsec peer (TCG, ~15 s)")
+    _say("starting the card server and booting a VM with the card"
+         + ("'s Linux driver" if kernel_driver else "") + " and a Linux IPsec peer (TCG, ~15 s)")
     console = (lambda line: print(f"  console: {line}", flush=True)) if verbose else None
     try:
         with Topology(tc, out_dir, profile=profile, pcap=pcap, timeout_s=timeout, verbose=verbose,
-                      on_console=console) as topo:
-            info = topo.setup_info
-            _say(f"VM up in {topo.boot_seconds:.1f} s; peer netns ready in {topo.setup_seconds:.1f} s: card "
-                 f"{info.get('card_bdf')} MAC {info.get('card_mac')} <-> Linux peer {info.get('iface')} MAC "
-                 f"{info.get('peer_mac')}")
-            total_steps = len(SCENARIOS) + 1
-            for step, (title, spec) in enumerate(SCENARIOS, 1):
-                _say(f"{step}/{total_steps} {title}: add SAs both ways, {spec.count} datagrams each way")
+                      on_console=console, kernel_module=path.module) as topo:
+            _say(f"VM up in {topo.boot_seconds:.1f} s; test bed ready in {topo.setup_seconds:.1f} s: "
+                 + _describe_setup(topo.setup_info))
+            total_steps = len(path.scenarios) + 1
+            for step, (title, spec) in enumerate(path.scenarios, 1):
+                _say(f"{step}/{total_steps} {title}: {path.step_text(spec)}")
                 t1 = time.monotonic()
                 try:
-                    result = topo.run(spec)
-                except TopologyError as exc:
+                    result = path.run_one(topo, spec)
+                except Exception as exc:  # a scenario that failed outright: report it, go on with the next
                     failed += 1
                     _say(f"    FAILED: {exc}")
                     summary["scenarios"].append({"title": title, "error": str(exc)})
                     continue
-                failures = interop_failures(spec, result)
-                for line in _describe(spec, result):
+                failures = path.failures(topo, spec, result)
+                for line in path.describe(spec, result):
                     print(f"      {line}", flush=True)
-                verdict = "ok" if not failures else "FAILED"
-                _say(f"    {verdict} ({time.monotonic() - t1:.1f} s)")
+                _say(f"    {'ok' if not failures else 'FAILED'} ({time.monotonic() - t1:.1f} s)")
                 for failure in failures:
                     print(f"      ! {failure}", flush=True)
                 failed += bool(failures)
                 summary["scenarios"].append({"title": title, "failures": failures, "result": result})
-            _say(f"{total_steps}/{total_steps} deleting every SA on the card and flushing the peer")
-            try:
-                deleted = topo.delete_all()
-            except TopologyError as exc:
-                deleted = {"error": str(exc)}
-            ok = deleted.get("deleted", 0) >= 2 and deleted.get("card_sas_after") == 0 and \
-                deleted.get("peer_states_after") == 0
+            _say(f"{total_steps}/{total_steps} deleting every SA on both sides")
+            ok, summary["delete"], message = path.teardown(topo)
             failed += not ok
-            _say(f"    {'ok' if ok else 'FAILED'}: card had {deleted.get('card_sas_before')} SA(s), deleted "
-                 f"{deleted.get('deleted')} bundle(s), {deleted.get('card_sas_after')} left; peer states left: "
-                 f"{deleted.get('peer_states_after')}")
-            summary["delete"] = deleted
+            _say(f"    {'ok' if ok else 'FAILED'}: {message}")
             summary["boot_seconds"] = round(topo.boot_seconds, 1)
     except TopologyError as exc:
         _say(f"the topology failed: {exc}")
@@ -152,13 +158,45 @@ def run(profile: str | None = None, out_dir: Path = Path("out"), timeout: float 
         _say(f"logs: {out_dir}")
         return 1
     wall = time.monotonic() - t0
-    summary["wall_seconds"] = round(wall, 1)
-    summary["failed_checks"] = failed
-    frames = pcap_frame_count(pcap)
-    summary["pcap_frames"] = frames
+    summary.update(wall_seconds=round(wall, 1), failed_checks=failed, pcap_frames=pcap_frame_count(pcap))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print(flush=True)
-    print("Summary", flush=True)
+    print("Summary" + (" (kernel driver: ip xfrm ... offload dev)" if kernel_driver else ""), flush=True)
+    path.print_rows(summary)
+    print(f"  wire capture: {pcap} ({summary['pcap_frames']} frames); logs and summary.json in {out_dir}", flush=True)
+    print(f"  wall time {wall:.1f} s", flush=True)
+    if failed:
+        print(f"demo FAILED: {failed} check(s) did not pass", file=sys.stderr, flush=True)
+        return 1
+    print("demo passed: every check succeeded", flush=True)
+    return 0
+
+
+def _describe_setup(info: dict[str, Any]) -> str:
+    if info.get("IPSEC_NIC_DEV"):
+        return (f"card {info['IPSEC_NIC_DEV']} {info.get('IPSEC_NIC_ADDR')} / {info.get('IPSEC_NIC_ADDR6')} <-> "
+                f"Linux peer {info.get('IPSEC_NIC_PEER_DEV')} {info.get('IPSEC_NIC_PEER_ADDR')} / "
+                f"{info.get('IPSEC_NIC_PEER_ADDR6')} in netns {info.get('IPSEC_NIC_PEER_NS')}")
+    return (f"card {info.get('card_bdf')} MAC {info.get('card_mac')} <-> Linux peer {info.get('iface')} MAC "
+            f"{info.get('peer_mac')}")
+
+
+# --- `ipsec-nic demo`: the Python user-space driver in the guest ----------------------------------------------
+
+
+def _python_teardown(topo: Topology) -> tuple[bool, dict[str, Any], str]:
+    try:
+        deleted = topo.delete_all()
+    except TopologyError as exc:
+        deleted = {"error": str(exc)}
+    ok = deleted.get("deleted", 0) >= 2 and deleted.get("card_sas_after") == 0 and \
+        deleted.get("peer_states_after") == 0
+    return ok, deleted, (f"card had {deleted.get('card_sas_before')} SA(s), deleted {deleted.get('deleted')} "
+                         f"bundle(s), {deleted.get('card_sas_after')} left; peer states left: "
+                         f"{deleted.get('peer_states_after')}")
+
+
+def _python_rows(summary: dict[str, Any]) -> None:
     width = max(len(title) for title, _ in SCENARIOS)
     print(f"  {'scenario':<{width}}  {'peer decrypted':>14}  {'card decrypted':>14}  {'card CryptoStatus':<20} result",
           flush=True)
@@ -174,13 +212,14 @@ def run(profile: str | None = None, out_dir: Path = Path("out"), timeout: float 
     delete = summary.get("delete", {})
     print(f"  SAs deleted at the end: {delete.get('deleted')} on the card ({delete.get('card_sas_after')} left), "
           f"peer states left {delete.get('peer_states_after')}", flush=True)
-    print(f"  wire capture: {pcap} ({frames} frames); logs and summary.json in {out_dir}", flush=True)
-    print(f"  wall time {wall:.1f} s", flush=True)
-    if failed:
-        print(f"demo FAILED: {failed} check(s) did not pass", file=sys.stderr, flush=True)
-        return 1
-    print("demo passed: every check succeeded", flush=True)
-    return 0
+
+
+def _python_path() -> _Path:
+    return _Path(scenarios=SCENARIOS,
+                 step_text=lambda spec: f"add SAs both ways, {spec.count} datagrams each way",
+                 run_one=lambda topo, spec: topo.run(spec),
+                 failures=lambda topo, spec, result: interop_failures(spec, result), describe=_describe,
+                 teardown=_python_teardown, print_rows=_python_rows)
 
 
 # --- `ipsec-nic demo --kernel-driver`: the same scenarios through the card's Linux driver -----------------
@@ -244,85 +283,24 @@ def _kernel_row(spec: Spec, result: dict[str, Any]) -> tuple[str, str, str, str]
             packets("peer_states"), f"{delta.get(ETHTOOL_TX, 0)}/{delta.get(ETHTOOL_RX, 0)}")
 
 
-def run_kernel(profile: str | None = None, out_dir: Path = Path("out"), timeout: float = 600.0,
-               verbose: int = 0) -> int:
-    """The demo's scenarios with the card's Linux driver doing the offload (`ip xfrm ... offload dev`)."""
-    from ipsec_nic.kernel_scenarios import flush_and_count, kernel_failures, run_scenario
-    from ipsec_nic.runner import load_kernel_module
-    from qemu import toolchain as vm_toolchain
+def _kernel_teardown(topo: Topology) -> tuple[bool, dict[str, Any], str]:
+    from ipsec_nic.kernel_scenarios import flush_and_count
 
-    t0 = time.monotonic()
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pcap = out_dir / "wire.pcap"
+    dev = topo.setup_info.get("IPSEC_NIC_DEV", "")
+    left = flush_and_count(topo, dev)
+    ok = left.get("card_states") == 0 and left.get("peer_states") == 0 and left.get("card_sas") == 0
+    message = (f"states left on the card's side {left.get('card_states')}, SAs left on the card "
+               f"{left.get('card_sas')}, peer states left {left.get('peer_states')}")
+    dmesg = topo.guest("dmesg | grep -E 'WARNING|BUG|Oops|Call Trace' || true").output.strip()
+    left["dmesg_problems"] = dmesg
+    if dmesg:
+        ok = False
+        message += f"; the guest kernel logged problems:\n{dmesg[-2000:]}"
+    return ok, left, message
+
+
+def _kernel_rows(summary: dict[str, Any]) -> None:
     scenarios = kernel_scenarios()
-    _say("checking the VM toolchain and the card's kernel driver")
-    try:
-        tc = vm_toolchain.setup(progress=lambda line: _say(f"toolchain: {line}"))
-        module = load_kernel_module(tc, progress=lambda line: _say(f"kernel driver: {line}"))
-    except Exception as exc:  # both explain themselves (log paths, what to do)
-        _say(f"the VM toolchain or the kernel driver is not usable: {exc}")
-        return 1
-    summary: dict[str, Any] = {"kernel_driver": True, "scenarios": [], "out_dir": str(out_dir)}
-    failed = 0
-    _say("starting the card server and booting a VM with the card's Linux driver and a Linux IPsec peer")
-    console = (lambda line: print(f"  console: {line}", flush=True)) if verbose else None
-    try:
-        with Topology(tc, out_dir, profile=profile, pcap=pcap, timeout_s=timeout, verbose=verbose,
-                      on_console=console, kernel_module=module) as topo:
-            info = topo.setup_info
-            dev = info.get("IPSEC_NIC_DEV", "")
-            _say(f"VM up in {topo.boot_seconds:.1f} s; driver loaded and test bed ready in {topo.setup_seconds:.1f} s: "
-                 f"card {dev} {info.get('IPSEC_NIC_ADDR')} / {info.get('IPSEC_NIC_ADDR6')} <-> Linux peer "
-                 f"{info.get('IPSEC_NIC_PEER_DEV')} {info.get('IPSEC_NIC_PEER_ADDR')} / "
-                 f"{info.get('IPSEC_NIC_PEER_ADDR6')} in netns {info.get('IPSEC_NIC_PEER_NS')}")
-            total_steps = len(scenarios) + 1
-            for step, (title, spec) in enumerate(scenarios, 1):
-                _say(f"{step}/{total_steps} {title}: ip xfrm states and policies on both sides, "
-                     f"{spec.count} pings")
-                t1 = time.monotonic()
-                try:
-                    result = run_scenario(topo, spec, dev)
-                except Exception as exc:  # a guest command that failed outright: report, go on
-                    failed += 1
-                    _say(f"    FAILED: {exc}")
-                    summary["scenarios"].append({"title": title, "error": str(exc)})
-                    continue
-                failures = kernel_failures(spec, result, dev)
-                if "add_error" not in result:
-                    for line in _describe_kernel(spec, result):
-                        print(f"      {line}", flush=True)
-                _say(f"    {'ok' if not failures else 'FAILED'} ({time.monotonic() - t1:.1f} s)")
-                for failure in failures:
-                    print(f"      ! {failure}", flush=True)
-                failed += bool(failures)
-                summary["scenarios"].append({"title": title, "failures": failures, "result": result})
-            _say(f"{total_steps}/{total_steps} flushing every state and policy on both sides")
-            left = flush_and_count(topo, dev)
-            ok = left.get("card_states") == 0 and left.get("peer_states") == 0 and left.get("card_sas") == 0
-            failed += not ok
-            _say(f"    {'ok' if ok else 'FAILED'}: states left on the card's side {left.get('card_states')}, "
-                 f"SAs left on the card {left.get('card_sas')}, peer states left {left.get('peer_states')}")
-            summary["delete"] = left
-            dmesg = topo.guest("dmesg | grep -E 'WARNING|BUG|Oops|Call Trace' || true").output.strip()
-            summary["dmesg_problems"] = dmesg
-            if dmesg:
-                failed += 1
-                _say(f"    FAILED: the guest kernel logged problems:\n{dmesg[-2000:]}")
-            summary["boot_seconds"] = round(topo.boot_seconds, 1)
-    except TopologyError as exc:
-        _say(f"the topology failed: {exc}")
-        _say(f"logs: {out_dir}")
-        return 1
-    except Exception as exc:  # VM errors carry their log tails
-        _say(f"the VM failed: {exc}")
-        _say(f"logs: {out_dir}")
-        return 1
-    wall = time.monotonic() - t0
-    summary.update(wall_seconds=round(wall, 1), failed_checks=failed, pcap_frames=pcap_frame_count(pcap))
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    print(flush=True)
-    print("Summary (kernel driver: ip xfrm ... offload dev)", flush=True)
     width = max(len(title) for title, _ in scenarios)
     print(f"  {'scenario':<{width}}  {'pings':>7}  {'card out/in':>11}  {'peer in/out':>11}  "
           f"{'ethtool tx/rx':>13}  result", flush=True)
@@ -334,10 +312,23 @@ def run_kernel(profile: str | None = None, out_dir: Path = Path("out"), timeout:
     delete = summary.get("delete", {})
     print(f"  flushed at the end: {delete.get('card_states')} states left on the card's side, "
           f"{delete.get('card_sas')} SAs on the card, {delete.get('peer_states')} peer states", flush=True)
-    print(f"  wire capture: {pcap} ({summary['pcap_frames']} frames); logs and summary.json in {out_dir}", flush=True)
-    print(f"  wall time {wall:.1f} s", flush=True)
-    if failed:
-        print(f"demo FAILED: {failed} check(s) did not pass", file=sys.stderr, flush=True)
-        return 1
-    print("demo passed: every check succeeded", flush=True)
-    return 0
+
+
+def _kernel_path(tc: Any) -> _Path:
+    """The demo's scenarios with the card's Linux driver doing the offload (`ip xfrm ... offload dev`)."""
+    from ipsec_nic.kernel_scenarios import kernel_failures, run_scenario
+    from ipsec_nic.runner import load_kernel_module
+
+    module = load_kernel_module(tc, progress=lambda line: _say(f"kernel driver: {line}"))
+
+    def dev(topo: Topology) -> str:
+        return topo.setup_info.get("IPSEC_NIC_DEV", "")
+
+    def describe(spec: Spec, result: dict[str, Any]) -> list[str]:
+        return [] if "add_error" in result else _describe_kernel(spec, result)
+
+    return _Path(scenarios=kernel_scenarios(),
+                 step_text=lambda spec: f"ip xfrm states and policies on both sides, {spec.count} pings",
+                 run_one=lambda topo, spec: run_scenario(topo, spec, dev(topo)),
+                 failures=lambda topo, spec, result: kernel_failures(spec, result, dev(topo)),
+                 describe=describe, teardown=_kernel_teardown, print_rows=_kernel_rows, module=module)
