@@ -26,6 +26,7 @@ from firmware_model.capabilities import Capabilities
 from firmware_model.esp import UdpPayloadKind, Verdict, classify_udp_payload, crypto_status_for
 from firmware_model.frames import esp_seq, esp_trailer, ipv6_upper, l3_offset, reframe, selector_key
 from firmware_model.sadb import Sadb, SadbEntry
+from firmware_model.traffic_filter import PacketView, TrafficFilter, outer_addrs, ports_at, view_ip
 
 # SaDeleteReq when fewer than this many sequence numbers are left on a non-ESN SA: leaves the host
 # time to rekey before RFC 4303 §3.3.3 forbids the counter to cycle.
@@ -84,6 +85,11 @@ class RxResult:
     decapsulated: bool = False  # packet offload removed the ESP (and tunnel / UDP) headers
     next_header: int = -1  # crypto offload, check passed: the decrypted ESP trailer (-1 = not found)
     pad_length: int = 0
+    # crypto offload: authentic but outside the SA's filter -> indicated unprocessed (RxWbFlags.POLICY_MISMATCH)
+    policy_mismatch: bool = False
+    # packet offload: decapsulated packet outside the SA's selector -> dropped (RX_POLICY_DROP)
+    policy_drop: bool = False
+    l4_csum_ok: bool = False  # transport UDP-ESP: inner TCP/UDP checksum needs no check (RFC 3948 §3.1.2)
 
 
 # Enum members read through their class cost ~0.3 us each on Python 3.11; the per-frame paths use these.
@@ -101,6 +107,7 @@ _AUTHENTIC = (Verdict.OK, Verdict.DUMMY)  # the ICV verified
 _CS_SUCCESS = CryptoStatus.SUCCESS
 _CS_SYNTAX = (CryptoStatus.INVALID_PACKET_SYNTAX, CryptoStatus.INVALID_PROTOCOL)
 _CS_GENERIC = CryptoStatus.GENERIC_ERROR
+_L4_PROTOS = (6, 17)
 
 
 class TrafficPath:
@@ -134,7 +141,8 @@ class TrafficPath:
         verdict = rt.crypto_encrypt(buf, l3, seq_hi)
         if verdict:  # anything but Verdict.OK (0)
             st.tx_errors += 1
-            return TxResult(_TX_FROM_VERDICT.get(verdict, TxOutcome.ERROR), None)
+            # a refusal after the hard limit still asks for the delete (datasheet §7.9)
+            return TxResult(_TX_FROM_VERDICT.get(verdict, TxOutcome.ERROR), None, self._check_lifetime(sa, rt))
         st.tx_crypto += 1
         if not sa.params[0].esn and self._seq_near_end(buf, l3, sa):
             self.sadb.request_delete(sa)
@@ -193,23 +201,44 @@ class TrafficPath:
             return RxResult(frame)
         sa, index, seq = found
         rt = sa.runtime()
+        flt = sa.rx_filter
+        l4_ok = False
         if sa.packet_offload:
             verdict, inner = rt.decapsulate(frame[l3:])
             if verdict == _V_NOT_ESP:
                 st.rx_not_processed += 1
                 return RxResult(frame, handle=sa.handle)
-            out = reframe(frame, l3, inner) if verdict == _V_OK else frame
+            if verdict == _V_OK:
+                view = view_ip(inner) if flt is not None else None
+                if flt is not None and (view is None or not flt.matches(view)):
+                    # RFC 4301 §5.2 step 4: outside the SA's selector -> discarded and counted, never
+                    # delivered (the window already moved: the packet was authentic, as in Linux)
+                    st.rx_policy_drops += 1
+                    return RxResult(frame, handle=sa.handle, verdict=int(verdict), policy_drop=True)
+                l4_ok = self._transport_udp_esp(sa) and self._l4_proto(inner)
+                out = reframe(frame, l3, inner)
+            else:
+                out = frame
         else:
+            if flt is not None and not sa.tunnel and not flt.matches_addrs(*outer_addrs(frame, l3)):
+                # transport: the outer addresses are the connection's; known before any decryption
+                return self._policy_unprocessed(frame)
             buf = bytearray(frame)
             verdict = rt.crypto_decrypt(buf, l3)
             if verdict == _V_NOT_ESP:
                 st.rx_not_processed += 1
                 return RxResult(frame, handle=sa.handle)
             authentic = verdict in _AUTHENTIC
+            if verdict == _V_OK and flt is not None and not self._crypto_in_filter(buf, l3, sa, rt, flt):
+                # only an authentic packet is judged (RFC 4303 §3.4.4: ICV first); seed 000: the SA does
+                # not apply to it, so it is indicated as if no SA matched (datasheet §12.1)
+                return self._policy_unprocessed(frame)
             out = bytes(buf) if authentic else frame
             # only an authenticated sequence number may move SA state (a forged one must not ask for a rekey)
             if authentic and seq > U32_MAX - SEQ_SOFT_MARGIN and not sa.params[0].esn:
                 self.sadb.request_delete(sa)
+            # RFC 3948 §3.1.2 option 3 (Linux esp_input_done2: CHECKSUM_UNNECESSARY for encap+transport)
+            l4_ok = verdict == _V_OK and self._transport_udp_esp(sa)
         if verdict == _V_OK:
             status = _CS_SUCCESS
             st.rx_crypto_ok += 1
@@ -238,7 +267,44 @@ class TrafficPath:
             trailer = esp_trailer(out, sa.esp_icv_len)
             if trailer is not None:
                 result.next_header, result.pad_length = trailer
+                # only a TCP/UDP payload has a checksum to vouch for
+                l4_ok = l4_ok and trailer[0] in _L4_PROTOS
+            else:
+                l4_ok = False
+        if l4_ok:
+            result.l4_csum_ok = True
+            st.rx_l4_csum_ok += 1
         return result
+
+    def _policy_unprocessed(self, frame: bytes) -> RxResult:
+        """Crypto offload: the frame exactly as received, no IPsec metadata (CRYPTO_DONE clear, handle 0),
+        flagged so the host can tell why; the host's own SPD then drops it (RFC 4301 §5.2)."""
+        self._stats.rx_policy_unprocessed += 1
+        return RxResult(frame, policy_mismatch=True)
+
+    @staticmethod
+    def _transport_udp_esp(sa: SadbEntry) -> bool:
+        return not sa.tunnel and sa.params[0].encap is not None
+
+    @staticmethod
+    def _l4_proto(ip: bytes) -> bool:
+        if ip[0] >> 4 == 4:
+            return ip[9] in _L4_PROTOS
+        return ipv6_upper(ip, 0, len(ip))[0] in _L4_PROTOS
+
+    @staticmethod
+    def _crypto_in_filter(buf: bytearray, l3: int, sa: SadbEntry, rt, flt: TrafficFilter) -> bool:
+        """Does the decrypted packet fall inside the SA's filter? Transport: outer addresses + the payload's
+        protocol and ports; tunnel: the inner packet (seed 000: the filter is the end-to-end connection)."""
+        span = rt.payload_span(buf, l3)
+        if span is None:
+            return False
+        nh, start, end = span
+        if sa.tunnel:
+            view = view_ip(buf, start, end)
+            return view is not None and flt.matches(view)
+        src, dst = outer_addrs(buf, l3)
+        return flt.matches(PacketView(src, dst, nh, ports_at(buf, nh, start, end)))
 
     def _rx_classify(self, frame: bytes, l3: int, ver: int):
         """None = not an IPsec frame we inspect; False = IPsec but no SA; else (entry, element, seq)."""

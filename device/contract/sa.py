@@ -379,6 +379,14 @@ HMAC_96 = 12  # HMAC-MD5-96 / HMAC-SHA1-96 ICV bytes (RFC 2403/2404)
 
 
 
+def _v1_host(addr: bytes, mask: bytes) -> str:
+    """The endpoint a v1 transport filter address names: the address for a full or zero ("not used",
+    seed 000) mask, the wildcard for a subnet."""
+    if mask not in (_FULL_MASK, bytes(4)):
+        return "0.0.0.0"
+    return ndis.addr_text(addr, False) or "0.0.0.0"
+
+
 def decode_v1(req: ndis.V1AddSa | ndis.V1AddUdpEspSa, key_mat: bytes) -> list[SaParams]:
     """The SAs of a V1_ADD_SA / V1_ADD_UDPESP_SA request (raises SaInvalid)."""
     flags = req.flags
@@ -392,8 +400,10 @@ def decode_v1(req: ndis.V1AddSa | ndis.V1AddUdpEspSa, key_mat: bytes) -> list[Sa
         src = ndis.addr_text(req.src_tunnel_addr, False) or "0.0.0.0"
         dst = ndis.addr_text(req.dest_tunnel_addr, False) or "0.0.0.0"
     else:
-        src = ndis.addr_text(req.src_addr, False) or "0.0.0.0"
-        dst = ndis.addr_text(req.dest_addr, False) or "0.0.0.0"
+        # A transport SA whose filter names a subnet (mask neither zero nor full) has no single endpoint:
+        # it is filed under the wildcard address and the filter decides (datasheet §12.1)
+        src = _v1_host(req.src_addr, req.src_mask)
+        dst = _v1_host(req.dest_addr, req.dest_mask)
     inner_src = inner_dst = None
     if tunnel:  # full-mask filter addresses are the inner selector
         if req.src_mask == b"\xff" * 4 and any(req.src_addr):

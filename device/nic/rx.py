@@ -28,6 +28,7 @@ from device.nic.rings import (
     RX_PACKETS,
     RX_REPLAY_DROP,
     SA_DELETE_CAUSE,
+    STAT,
     STATUS_AT,
     DatapathStats,
     RingRegs,
@@ -56,6 +57,9 @@ _NEXT_CRYPTO_DONE = int(RxWbFlags.NEXT_CRYPTO_DONE)
 _DECAPSULATED = int(RxWbFlags.DECAPSULATED)
 _HEADER_INFO = int(RxWbFlags.HEADER_INFO)
 _SA_DELETE_REQ = int(RxWbFlags.SA_DELETE_REQ)
+_L4_CSUM_OK = int(RxWbFlags.L4_CSUM_OK)
+_POLICY_MISMATCH = int(RxWbFlags.POLICY_MISMATCH)
+RX_POLICY_DROP = STAT["RX_POLICY_DROP"]
 _AUTH_FAILED = frozenset(int(s) for s in regs.CryptoStatus if s.name.endswith("_AUTH_FAILED"))
 _PROMISC = int(Ctrl.PROMISC)
 
@@ -192,6 +196,11 @@ class RxPath:
         drop = result.discard
         if drop:
             self.extra.rx_discarded += 1
+        elif result.policy_drop:
+            stats[RX_POLICY_DROP] += 1  # packet offload: outside the SA's selector (RFC 4301 §5.2)
+            drop = True
+        elif result.policy_mismatch:
+            wb_flags |= _POLICY_MISMATCH  # indicated unprocessed: no CRYPTO_DONE, handle 0
         elif result.crypto_done:
             wb_flags |= _CRYPTO_DONE
             if result.next_crypto_done:
@@ -201,6 +210,8 @@ class RxPath:
                 drop = True
             elif crypto_status == 0:
                 stats[RX_CRYPTO_OK] += 1
+                if result.l4_csum_ok:
+                    wb_flags |= _L4_CSUM_OK
                 if result.decapsulated:
                     wb_flags |= _DECAPSULATED
                 elif result.next_header >= 0:
