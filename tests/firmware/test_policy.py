@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
@@ -20,7 +21,7 @@ from device.contract.enums import Direction, EncAlg, IpProto, Mode
 from device.contract.ndis import NdisStatus, Opcode, RejectReason
 from device.contract.sa import SaParams, UdpEncap, add_sa_packet, v2_add_sa_ex
 from device.contract.status import CryptoStatus
-from firmware_model.capabilities import Capabilities
+from firmware_model.capabilities import Capabilities, ProfileError
 from firmware_model.firmware import Firmware
 from firmware_model.traffic import TxOutcome
 from firmware_model.traffic_filter import TrafficFilter, view_ip
@@ -262,3 +263,14 @@ def test_v2_add_sa_list_results_carry_status_and_reason():
         (0, NdisStatus.NOT_SUPPORTED, RejectReason.UNSUPPORTED_ALGORITHM)
     assert (results[2].offload_handle, results[2].status, results[2].reason) == \
         (0, NdisStatus.INVALID_PARAMETER, RejectReason.DUPLICATE_SPI)
+
+
+# ---- never advertise what is not implemented --------------------------------------------------------
+
+def test_profile_refuses_transport_over_tunnel_and_lso():
+    for section in ({"transport_tunnel_combined": True}, {"lso": True},
+                    {"udp_esp": ["transport", "transport-over-tunnel"]}, {"udp_esp": ["udp-transport-over-tunnel"]}):
+        with pytest.raises(ProfileError, match="refused"):
+            Capabilities.from_profile(section)
+    wire = Capabilities.from_profile({"transport_tunnel_combined": False, "lso": False}).to_wire()
+    assert (wire.transport_tunnel_combined, wire.lso_supported, wire.udp_esp) == (0, 0, 0x3)
