@@ -274,3 +274,11 @@ def test_profile_refuses_transport_over_tunnel_and_lso():
             Capabilities.from_profile(section)
     wire = Capabilities.from_profile({"transport_tunnel_combined": False, "lso": False}).to_wire()
     assert (wire.transport_tunnel_combined, wire.lso_supported, wire.udp_esp) == (0, 0, 0x3)
+
+
+def test_v1_udpesp_ike_encapsulation_is_refused():
+    req = ndis.V1AddUdpEspSa.unpack(_v1(0x700, udpesp=True))
+    ike = ndis.V1AddUdpEspSa(**{**req.__dict__, "udp_encap_type": ndis.UdpEncapType.IKE}).pack()
+    fw = Firmware(Capabilities())
+    assert fw.execute(Opcode.V1_ADD_UDPESP_SA, ike)[0] == NdisStatus.NOT_SUPPORTED
+    assert len(fw.sadb) == 0 and fw.stats().reject_unsupported_feature == 1
