@@ -14,12 +14,14 @@ The ``firmware:`` section of the YAML card profile, e.g.::
       ah: true
       esp: true
       ah_esp_combined: true
+      transport_tunnel_combined: false
       ipv4_options: false
       max_replay_window: 4096
       packet_offload: true
 
-Every key is optional. transport_tunnel_combined, lso and the transport-over-tunnel UDP-ESP kinds exist
-in NDIS but not in this card: a profile asking for them is refused. Algorithms the engine cannot run honestly (single DES; 3DES or MD5 when the
+Every key is optional. lso and the transport-over-tunnel UDP-ESP kinds exist in NDIS but not in this
+card: a profile asking for them is refused. transport_tunnel_combined (crypto offload, plain ESP layers)
+is off unless the profile asks for it. Algorithms the engine cannot run honestly (single DES; 3DES or MD5 when the
 installed ``cryptography``/OpenSSL lacks them) are refused with an error naming the key.
 """
 
@@ -58,9 +60,9 @@ _BOOL_KEYS = (
 # Capabilities NDIS defines that this card does not implement: a profile may not switch them on, so the
 # card never advertises them (datasheet §12.2 says why each is missing).
 _NOT_IMPLEMENTED = {
-    "transport_tunnel_combined": "transport-over-tunnel (TunnelHandle / NextCryptoDone) is not implemented",
     "lso": "the card never segments (no large send offload)",
 }
+_UDP_ESP_COMBINED_REASON = "transport over tunnel is implemented without UDP encapsulation only"
 _UDP_ESP_NOT_IMPLEMENTED = {
     "transport-over-tunnel": UdpEspEncapsulation.TRANSPORT_OVER_TUNNEL,
     "udp-transport-over-tunnel": UdpEspEncapsulation.UDP_ESP_TRANSPORT_OVER_TUNNEL,
@@ -92,9 +94,8 @@ class Capabilities:
 
     def __post_init__(self) -> None:
         # never advertise what is not implemented (the profile loader names the key; this guards code)
-        if self.transport_tunnel_combined or self.lso or self.udp_esp & ~(
-                UdpEspEncapsulation.TRANSPORT | UdpEspEncapsulation.TUNNEL):
-            raise ProfileError("transport-over-tunnel, its UDP-ESP kinds and LSO are not implemented")
+        if self.lso or self.udp_esp & ~(UdpEspEncapsulation.TRANSPORT | UdpEspEncapsulation.TUNNEL):
+            raise ProfileError("the UDP-ESP transport-over-tunnel kinds and LSO are not implemented")
 
     @classmethod
     def from_profile(cls, section: Mapping[str, Any] | None, where: str = "firmware") -> Capabilities:
@@ -218,7 +219,6 @@ def _udp_esp(value: Any, where: str) -> UdpEspEncapsulation:
         if name not in UDP_ESP_NAMES:
             raise ProfileError(f"{where}: unknown UDP-ESP encapsulation {name!r} (known: {', '.join(UDP_ESP_NAMES)})")
         if name in _UDP_ESP_NOT_IMPLEMENTED:
-            raise ProfileError(f"{where}: {name} refused: "
-                               f"{_NOT_IMPLEMENTED['transport_tunnel_combined']}")
+            raise ProfileError(f"{where}: {name} refused: {_UDP_ESP_COMBINED_REASON}")
         flags |= UDP_ESP_NAMES[name]
     return flags

@@ -447,6 +447,16 @@ class EspEngine(SaEngine):
             return Verdict.DUMMY
         return Verdict.OK
 
+    def inner_packet_at(self, frame: bytes | bytearray, l3: int) -> tuple[int, int] | None:
+        """Crypto offload, before crypto_encrypt of a host-built frame: (offset of the payload, next header
+        in the plaintext trailer). Transport over tunnel puts the inner (transport) packet there."""
+        verdict, e, end = self._locate_esp(frame, l3)
+        if verdict:
+            return None
+        start = e + ESP_HDR_LEN + self._iv_len
+        at = end - self._icv_len - 2
+        return (start, frame[at + 1]) if start < at else None
+
     def payload_span(self, frame: bytes | bytearray, l3: int) -> tuple[int, int, int] | None:
         """After a successful crypto_decrypt: (next header, start, end) of the plaintext payload the ESP
         carried (RFC 4303 §2: IV, payload, padding, pad length, next header, ICV), for the filter check."""

@@ -90,6 +90,7 @@ class RxResult:
     # packet offload: decapsulated packet outside the SA's selector -> dropped (RX_POLICY_DROP)
     policy_drop: bool = False
     l4_csum_ok: bool = False  # transport UDP-ESP: inner TCP/UDP checksum needs no check (RFC 3948 §3.1.2)
+    next_handle: int = 0  # transport over tunnel: the inner (transport) SA, with next_crypto_done
 
 
 # Enum members read through their class cost ~0.3 us each on Python 3.11; the per-frame paths use these.
@@ -110,6 +111,13 @@ _CS_GENERIC = CryptoStatus.GENERIC_ERROR
 _L4_PROTOS = (6, 17)
 
 
+def _combinable(sa: SadbEntry | None, outer: bool) -> bool:
+    """One layer of transport over tunnel: an outbound crypto-offload ESP SA; the inner one in transport
+    mode. (A v2 SA carries no mode, so the outer one is known as a tunnel by the IP packet it carries.)"""
+    return (sa is not None and sa.direction == _OUTBOUND and not sa.packet_offload and (outer or not sa.tunnel)
+            and len(sa.params) == 1 and sa.params[0].proto == IpProto.ESP)
+
+
 class TrafficPath:
     """Transmit and receive of Firmware (a part of it: they share its SADB, capabilities and counters)."""
 
@@ -117,9 +125,13 @@ class TrafficPath:
     sadb: Sadb
     _stats: ndis.GlobalStats
 
-    def transmit(self, frame: bytes, handle: int, packet_offload: bool, seq_hi: int | None = None) -> TxResult:
+    def transmit(self, frame: bytes, handle: int, packet_offload: bool, seq_hi: int | None = None,
+                 tunnel_handle: int = 0) -> TxResult:
         """One TX frame. ``seq_hi``: crypto offload ESN high half carried by the descriptor (TxFlags.SEQ_HI),
-        used instead of the SA's (UPDATE_SA) for this frame."""
+        used instead of the SA's (UPDATE_SA) for this frame (with ``tunnel_handle``: for the transport SA).
+        ``tunnel_handle``: transport over tunnel, the outer (tunnel) SA; ``handle`` is the inner one."""
+        if tunnel_handle:
+            return self._tx_combined(frame, handle, tunnel_handle, packet_offload, seq_hi)
         st = self._stats
         st.tx_packets += 1
         st.tx_bytes += len(frame)
@@ -147,6 +159,39 @@ class TrafficPath:
         if not sa.params[0].esn and self._seq_near_end(buf, l3, sa):
             self.sadb.request_delete(sa)
         return TxResult(_TX_OK, bytes(buf), self._check_lifetime(sa, rt))
+
+    def _tx_combined(self, frame: bytes, handle: int, tunnel_handle: int, packet_offload: bool,
+                     seq_hi: int | None) -> TxResult:
+        """Transport over tunnel, crypto offload (NDIS TunnelHandle / v1 NextOffloadHandle): the host built
+        both layers; the card seals the inner (transport) ESP first, then the outer (tunnel) ESP around it
+        (iterated tunnelling, RFC 4301 §4.5). Either SA unusable -> BAD_HANDLE; an outer trailer that does
+        not carry an IP packet (RFC 4303 §2.6: next header 4 or 41) -> WRONG_PROTOCOL."""
+        st = self._stats
+        st.tx_packets += 1
+        st.tx_bytes += len(frame)
+        inner = self.sadb.get(handle)
+        outer = self.sadb.get(tunnel_handle)
+        if (packet_offload or not self.caps.transport_tunnel_combined or not _combinable(inner, False)
+                or not _combinable(outer, True)):
+            st.tx_bad_handle += 1
+            return TxResult(TxOutcome.BAD_HANDLE, None)
+        l3, _ = l3_offset(frame)
+        if l3 < 0:
+            st.tx_errors += 1
+            return TxResult(TxOutcome.BAD_SYNTAX, None)
+        buf = bytearray(frame)
+        ort, irt = outer.runtime(), inner.runtime()
+        found = ort.inner_packet_at(buf, l3)
+        if found is None or found[1] not in (4, 41):
+            st.tx_errors += 1
+            return TxResult(TxOutcome.WRONG_PROTOCOL, None)
+        verdict = irt.crypto_encrypt(buf, found[0], seq_hi) or ort.crypto_encrypt(buf, l3, None)
+        if verdict:
+            st.tx_errors += 1
+            return TxResult(_TX_FROM_VERDICT.get(verdict, TxOutcome.ERROR), None,
+                            self._check_lifetime(inner, irt) | self._check_lifetime(outer, ort))
+        st.tx_crypto += 1
+        return TxResult(_TX_OK, bytes(buf), self._check_lifetime(inner, irt) | self._check_lifetime(outer, ort))
 
     def _tx_packet(self, frame: bytes, l3: int, handle: int) -> TxResult:
         st = self._stats
@@ -233,6 +278,10 @@ class TrafficPath:
                 # only an authentic packet is judged (RFC 4303 §3.4.4: ICV first); seed 000: the SA does
                 # not apply to it, so it is indicated as if no SA matched (datasheet §12.1)
                 return self._policy_unprocessed(frame)
+            if verdict == _V_OK and self.caps.transport_tunnel_combined and len(sa.params) == 1:
+                nested = self._rx_nested(frame, buf, l3, sa, rt)
+                if nested is not None:
+                    return nested
             out = bytes(buf) if authentic else frame
             # only an authenticated sequence number may move SA state (a forged one must not ask for a rekey)
             if authentic and seq > U32_MAX - SEQ_SOFT_MARGIN and not sa.params[0].esn:
@@ -274,6 +323,54 @@ class TrafficPath:
         if l4_ok:
             result.l4_csum_ok = True
             st.rx_l4_csum_ok += 1
+        return result
+
+    def _rx_nested(self, frame: bytes, buf: bytearray, l3: int, sa: SadbEntry, rt) -> RxResult | None:
+        """Transport over tunnel, crypto offload: the outer (tunnel) ESP verified and carries an IP packet
+        (next header 4/41) whose ESP matches an inbound transport SA -> check that one too. NDIS sets
+        NextCryptoDone only when both payloads were checked (CryptoDone then set too); crypto_status is the
+        inner result, the frame as received if it failed. None = no second layer (one-layer rules apply)."""
+        span = rt.payload_span(buf, l3)
+        if span is None or span[0] not in (4, 41):
+            return None
+        start = span[1]
+        found = self._rx_classify(bytes(buf), start, 4 if span[0] == 4 else 6)
+        if not found:
+            return None
+        isa = found[0]
+        if isa.packet_offload or isa.tunnel or len(isa.params) != 1 or isa.params[0].proto != IpProto.ESP:
+            return None
+        irt = isa.runtime()
+        verdict = irt.crypto_decrypt(buf, start)
+        if verdict == _V_NOT_ESP:
+            return None
+        flt = isa.rx_filter
+        if verdict == _V_OK and flt is not None and not self._crypto_in_filter(buf, start, isa, irt, flt):
+            return self._policy_unprocessed(frame)
+        st = self._stats
+        st.rx_crypto_done += 1
+        if verdict == _V_OK:
+            status = _CS_SUCCESS
+            st.rx_crypto_ok += 1
+        else:
+            status = crypto_status_for(verdict, tunnel=False, ah=False)
+            if status == _CS_SUCCESS:
+                st.rx_crypto_ok += 1
+            elif status in _CS_SYNTAX:
+                st.rx_syntax_errors += 1
+            elif status == _CS_GENERIC:
+                st.rx_other_errors += 1
+            else:
+                st.rx_auth_failed += 1
+        out = bytes(buf) if verdict in _AUTHENTIC else frame
+        delete_req = self._check_lifetime(sa, rt) | self._check_lifetime(isa, irt)
+        if delete_req:
+            st.rx_sa_delete_req += 1
+        result = RxResult(out, True, True, int(status), delete_req, sa.handle, int(verdict), next_handle=isa.handle)
+        if status == _CS_SUCCESS:
+            trailer = esp_trailer(out, sa.esp_icv_len)  # HEADER_INFO describes the outer ESP
+            if trailer is not None:
+                result.next_header, result.pad_length = trailer
         return result
 
     def _policy_unprocessed(self, frame: bytes) -> RxResult:

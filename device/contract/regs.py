@@ -626,7 +626,8 @@ RX_DESC = Layout(
         ("next_header", "B", "Write-back: ESP next header (HEADER_INFO)"),
         ("pad_length", "B", "Write-back: ESP pad length (HEADER_INFO)"),
         ("reserved2", "H", "Zero"),
-        ("reserved3", "I", "Zero"),
+        ("next_offload_handle", "I", "Write-back: inner (transport) SA of a transport-over-tunnel frame, valid "
+                                     "with NEXT_CRYPTO_DONE, else 0 (REGMAP 1.1; was reserved, not checked)"),
     ),
 )
 

@@ -46,9 +46,10 @@ _RXD = regs.RX_DESC
 _RXD_SIZE = _RXD.size
 _RXD_UNPACK = _RXD.struct.unpack
 _RX_WB_AT = _RXD.offset_of("length")
-# length, wb_flags, crypto_status, reserved1, offload_handle, next_header, pad_length
-_RX_WB = struct.Struct("<HHHHIBB")
-assert _RX_WB.size == _RXD.offset_of("reserved2") - _RX_WB_AT
+# length, wb_flags, crypto_status, reserved1, offload_handle, next_header, pad_length, reserved2,
+# next_offload_handle
+_RX_WB = struct.Struct("<HHHHIBBHI")
+assert _RX_WB.size == _RXD_SIZE - _RX_WB_AT
 _DD_EOP = int(RxWbFlags.DD | RxWbFlags.EOP)
 _DD_ERROR = int(RxWbFlags.DD | RxWbFlags.ERROR)
 _RX_ERROR = int(RxWbFlags.ERROR)
@@ -157,12 +158,13 @@ class RxPath:
                 addr = base + head * _RXD_SIZE
                 try:
                     (buf_addr, buf_len, reserved0, _l, _f, _c, reserved1, _h, _n, _p, reserved2,
-                     reserved3) = _RXD_UNPACK(dma.read(addr, _RXD_SIZE))
+                     _nh) = _RXD_UNPACK(dma.read(addr, _RXD_SIZE))
                 except DmaError:
                     self.dma_fault(qid)
                     break  # the ring itself is unreachable: HEAD stays, the frame is lost (counted)
                 head = (head + 1) % size
-                bad = bool(reserved0 or reserved1 or reserved2 or reserved3 or not buf_len)
+                # next_offload_handle is a write-back field: a reused descriptor may still hold an old one
+                bad = bool(reserved0 or reserved1 or reserved2 or not buf_len)
                 if not bad:
                     try:
                         dma.view(buf_addr, buf_len).release()  # the whole buffer must be reachable
@@ -170,9 +172,9 @@ class RxPath:
                         self.dma_fault(qid)
                         bad = True
                 if bad:
-                    if reserved0 or reserved1 or reserved2 or reserved3 or not buf_len:
+                    if reserved0 or reserved1 or reserved2 or not buf_len:
                         stats[BAD_DESCRIPTOR] += 1
-                    dma.write(addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0))
+                    dma.write(addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0, 0, 0))
                     completed = True
                     continue  # try the frame on the next descriptor
                 slot = (addr, buf_addr, buf_len)
@@ -238,7 +240,7 @@ class RxPath:
         try:
             dma.write(buf_addr, data)
             dma.write(addr + _RX_WB_AT, _RX_WB.pack(min(n, 0xFFFF), wb_flags, crypto_status, 0,
-                                                    result.handle, next_header, pad_length))
+                                                    result.handle, next_header, pad_length, 0, result.next_handle))
             completed = True
             stats[RX_PACKETS] += 1
             stats[RX_BYTES] += n

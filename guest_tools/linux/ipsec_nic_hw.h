@@ -346,7 +346,7 @@ struct ipnc_rx_desc {
 	u8 next_header;
 	u8 pad_length;
 	__le16 reserved2;
-	__le32 reserved3;
+	__le32 next_offload_handle;
 } __packed;
 static_assert(sizeof(struct ipnc_rx_desc) == 32);
 

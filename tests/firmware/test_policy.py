@@ -267,14 +267,15 @@ def test_v2_add_sa_list_results_carry_status_and_reason():
 
 # ---- never advertise what is not implemented --------------------------------------------------------
 
-def test_profile_refuses_transport_over_tunnel_and_lso():
-    for section in ({"transport_tunnel_combined": True}, {"lso": True},
-                    {"udp_esp": ["transport", "transport-over-tunnel"]}, {"udp_esp": ["udp-transport-over-tunnel"]}):
+def test_profile_refuses_udp_esp_transport_over_tunnel_and_lso():
+    for section in ({"lso": True}, {"udp_esp": ["transport", "transport-over-tunnel"]},
+                    {"udp_esp": ["udp-transport-over-tunnel"]}):
         with pytest.raises(ProfileError, match="refused"):
             Capabilities.from_profile(section)
-    wire = Capabilities.from_profile({"transport_tunnel_combined": False, "lso": False}).to_wire()
+    wire = Capabilities.from_profile({"lso": False}).to_wire()
     assert (wire.transport_tunnel_combined, wire.lso_supported, wire.udp_esp) == (0, 0, 0x3)
-
+    # plain transport over tunnel is implemented (test_combined.py): a profile may offer it
+    assert Capabilities.from_profile({"transport_tunnel_combined": True}).to_wire().transport_tunnel_combined == 1
 
 def test_v1_udpesp_ike_encapsulation_is_refused():
     req = ndis.V1AddUdpEspSa.unpack(_v1(0x700, udpesp=True))

@@ -613,3 +613,36 @@ def test_packet_offload_selector_miss_is_dropped_and_counted():
     d, data = drv.rx(rx[0])
     assert d.wb_flags & RxWbFlags.DECAPSULATED and IP(data[14:]).src == "192.168.2.1"
     r.datapath.close()
+
+
+def test_transport_over_tunnel_through_the_descriptors(rig):
+    """TxDesc.tunnel_handle seals both layers; the loopback brings the frame to the inbound pair and
+    RxDesc says NEXT_CRYPTO_DONE with next_offload_handle = the inner SA."""
+    from dataclasses import replace
+
+    from device.contract.enums import Direction
+    from firmware_model.capabilities import Capabilities
+    from tests.firmware.test_combined import INNER_KEY, OUTER_KEY, PAYLOAD, _host_frame, _sa
+
+    fw = rig.firmware
+    fw.caps = replace(fw.caps, transport_tunnel_combined=True)  # as a profile offering it would
+    inner_out = fw.add_sa(_sa(0x1111, INNER_KEY, inbound=False, tunnel=False))
+    outer_out = fw.add_sa(_sa(0x2222, OUTER_KEY, inbound=False, tunnel=True))
+    # the loopback returns the frame: inbound SAs with the outbound ones' endpoints
+    inner_in = fw.add_sa([replace(p, direction=Direction.INBOUND) for p in _sa(0x1111, INNER_KEY, inbound=False,
+                                                                                tunnel=False)])
+    outer_in = fw.add_sa([replace(p, direction=Direction.INBOUND) for p in _sa(0x2222, OUTER_KEY, inbound=False,
+                                                                                tunnel=True)])
+    drv = rig.drv
+    rx = drv.post_rx(1)
+    frame = bytes(Ether(dst=CARD_MAC, src=PEER_MAC, type=0x0800)) + _host_frame()[14:]
+    i = drv.send(frame, flags=int(TxFlags.EOP | TxFlags.REPORT_STATUS | TxFlags.IPSEC_CRYPTO), handle=inner_out,
+                 tunnel_handle=outer_out)
+    rig.ctx.run()
+    assert drv.tx_wb(i).wb_status == TxStatus.OK
+    d, data = drv.rx(rx[0])
+    assert d.wb_flags & RxWbFlags.CRYPTO_DONE and d.wb_flags & RxWbFlags.NEXT_CRYPTO_DONE
+    assert d.crypto_status == CryptoStatus.SUCCESS
+    assert (d.offload_handle, d.next_offload_handle) == (outer_in, inner_in)
+    assert data[86 + 8:86 + 8 + len(PAYLOAD)] == PAYLOAD
+    assert Capabilities().transport_tunnel_combined is False  # the default profile does not offer it
