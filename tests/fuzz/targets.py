@@ -164,7 +164,7 @@ def _firmware(sa_capacity: int = 256):
                               "aes-cbc-192", "aes-cbc-256", "null"],
                "integrity": ["hmac-md5-96", "hmac-sha1-96", "hmac-sha256-128", "aes-gmac-128", "aes-gmac-192",
                              "aes-gmac-256"],
-               "udp_esp": ["transport", "tunnel"], "ipv4_options": True}
+               "udp_esp": ["transport", "tunnel"], "transport_tunnel_combined": True, "ipv4_options": True}
     return Firmware(Capabilities.from_profile(section, where="fuzz"))
 
 
