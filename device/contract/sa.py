@@ -103,6 +103,12 @@ class SaParams:
     hard_packets: int = 0
     soft_bytes: int = 0
     hard_bytes: int = 0
+    # The rest of the traffic selector, in packet direction like inner_src/inner_dst: the v1 filter's
+    # Protocol/SrcPort/DestPort, ADD_SA_PACKET sel_proto/sel_sport/sel_dport; 0 = any. An inbound SA
+    # delivers only matching packets (datasheet §7.5/§7.6).
+    sel_proto: int = 0
+    sel_sport: int = 0
+    sel_dport: int = 0
 
     @property
     def family(self) -> int:
@@ -154,6 +160,10 @@ def validate_sa(p: SaParams, enc_table: Mapping[EncAlg, EncInfo] = ENC_INFO,
                         f"initial sequence number {p.seq} does not fit {'64' if p.esn else '32'} bits")
     if not 0 <= p.replay_window <= MAX_REPLAY_WINDOW:
         raise SaInvalid(RejectReason.BAD_PARAMETER, f"replay window {p.replay_window} outside 0..{MAX_REPLAY_WINDOW}")
+    if not 0 <= p.sel_proto <= 0xFF or not 0 <= p.sel_sport <= 0xFFFF or not 0 <= p.sel_dport <= 0xFFFF:
+        raise SaInvalid(RejectReason.BAD_PARAMETER, "selector protocol must fit 8 bits and ports 16 bits")
+    if (p.sel_sport or p.sel_dport) and p.sel_proto not in (6, 17):
+        raise SaInvalid(RejectReason.BAD_PARAMETER, "selector ports need protocol tcp (6) or udp (17)")
     for name in ("soft_packets", "hard_packets", "soft_bytes", "hard_bytes"):
         if getattr(p, name) < 0:
             raise SaInvalid(RejectReason.BAD_PARAMETER, f"{name} must not be negative")
@@ -282,14 +292,15 @@ def add_sa_packet(p: SaParams) -> bytes:
     fields["key_offset"] = ndis.ADD_SA_PACKET.size
     encap = p.encap or UdpEncap(0, 0)
     sel: dict = {}
-    if p.inner_src or p.inner_dst:
+    ports = dict(sel_proto=p.sel_proto, sel_sport=p.sel_sport, sel_dport=p.sel_dport)
+    if p.inner_src or p.inner_dst or p.sel_proto:
         inner = [ipaddress.ip_address(a) for a in (p.inner_src, p.inner_dst) if a]
-        v6 = inner[0].version == 6
+        v6 = (inner[0].version if inner else p.family) == 6
         bits = 128 if v6 else 32
         sel = dict(
             sel_src=ndis.addr16(p.inner_src), sel_dst=ndis.addr16(p.inner_dst),
             sel_src_prefix=bits if p.inner_src else 0, sel_dst_prefix=bits if p.inner_dst else 0,
-            sel_flags=ndis.SEL_PRESENT | (ndis.SEL_IPV6 if v6 else 0),
+            sel_flags=ndis.SEL_PRESENT | (ndis.SEL_IPV6 if v6 else 0), **ports,
         )
     else:
         sel = dict(sel_src=bytes(16), sel_dst=bytes(16))
@@ -346,7 +357,8 @@ def _v1_fields(p: SaParams) -> dict:
         addrs = dict(src_addr=ndis.addr4(p.src), src_mask=_FULL_MASK, dest_addr=ndis.addr4(p.dst),
                      dest_mask=_FULL_MASK, src_tunnel_addr=bytes(4), dest_tunnel_addr=bytes(4))
     flags = V1SaFlags.INBOUND if p.direction == Direction.INBOUND else V1SaFlags.OUTBOUND
-    return dict(**addrs, protocol=0, src_port=0, dest_port=0, flags=int(flags), num_sas=1,
+    return dict(**addrs, protocol=p.sel_proto, src_port=p.sel_sport, dest_port=p.sel_dport, flags=int(flags),
+                num_sas=1,
                 sec_assoc=(sa, SaV1(), SaV1()), key_len=len(key), key_mat=key)
 
 

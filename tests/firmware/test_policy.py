@@ -7,6 +7,7 @@ commands as a driver would."""
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -17,7 +18,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from device.contract import ndis
-from device.contract.enums import Direction, EncAlg, IpProto, Mode
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
 from device.contract.ndis import NdisStatus, Opcode, RejectReason
 from device.contract.sa import SaParams, UdpEncap, add_sa_packet, v2_add_sa_ex
 from device.contract.status import CryptoStatus
@@ -283,3 +284,29 @@ def test_v1_udpesp_ike_encapsulation_is_refused():
     fw = Firmware(Capabilities())
     assert fw.execute(Opcode.V1_ADD_UDPESP_SA, ike)[0] == NdisStatus.NOT_SUPPORTED
     assert len(fw.sadb) == 0 and fw.stats().reject_unsupported_feature == 1
+
+
+def test_sa_params_selector_ports_reach_the_card_filters():
+    """The encoders the guest tools use carry SaParams.sel_proto/sel_sport/sel_dport into the v1 filter
+    and the ADD_SA_PACKET selector."""
+    from device.contract.sa import v1_add_sa
+
+    v1 = SaParams(spi=0x800, proto=IpProto.ESP, direction=Direction.INBOUND, mode=Mode.TRANSPORT, src=PEER,
+                  dst=ME, enc_alg=EncAlg.NONE, auth_alg=AuthAlg.SHA1, auth_key=AUTH_KEY, icv_len=12,
+                  replay_window=0, sel_proto=17, sel_dport=5000)
+    req = ndis.V1AddSa.unpack(v1_add_sa(v1))
+    assert (req.protocol, req.src_port, req.dest_port) == (17, 0, 5000)
+    fw = _fw((Opcode.V1_ADD_SA, v1_add_sa(v1)))
+    tx = _sender(0x800)
+    assert fw.receive(_frame(tx, IP(src=PEER, dst=ME) / UDP(dport=5000), 1)).crypto_status == CryptoStatus.SUCCESS
+    _outside(fw, _frame(tx, IP(src=PEER, dst=ME) / UDP(dport=5001), 2))
+    packet = SaParams(spi=0x801, proto=IpProto.ESP, direction=Direction.INBOUND, mode=Mode.TRANSPORT, src=PEER,
+                      dst=ME, enc_alg=EncAlg.AES_GCM_128, enc_key=GCM, icv_len=16, sel_proto=6, sel_dport=443)
+    req = ndis.AddSaPacket.unpack(add_sa_packet(packet))
+    assert req.sel_flags & ndis.SEL_PRESENT and (req.sel_proto, req.sel_dport, req.sel_src_prefix) == (6, 443, 0)
+    fw = _fw((Opcode.ADD_SA_PACKET, add_sa_packet(packet)))
+    gcm = SecurityAssociation(ESP, spi=0x801, crypt_algo="AES-GCM", crypt_key=GCM)
+    assert fw.receive(_frame(gcm, IP(src=PEER, dst=ME) / TCP(dport=443), 1)).decapsulated
+    assert fw.receive(_frame(gcm, IP(src=PEER, dst=ME) / TCP(dport=80), 2)).policy_drop
+    with pytest.raises(ValueError, match="ports need protocol"):
+        add_sa_packet(replace(packet, sel_proto=0))
