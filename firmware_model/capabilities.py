@@ -7,7 +7,7 @@ The ``firmware:`` section of the YAML card profile, e.g.::
       encryption: [aes-gcm-128, aes-gcm-256, aes-cbc-128, aes-cbc-256, null]
       integrity: [hmac-sha1-96, hmac-sha256-128, aes-gmac-128]
       esn: true
-      udp_esp: true              # or a list: [transport, tunnel, transport-over-tunnel, udp-transport-over-tunnel]
+      udp_esp: true              # or a list: [transport, tunnel]
       ipv6: true
       transport: true
       tunnel: true
@@ -19,7 +19,9 @@ The ``firmware:`` section of the YAML card profile, e.g.::
       max_replay_window: 4096
       packet_offload: true
 
-Every key is optional. Algorithms the engine cannot run honestly (single DES; 3DES or MD5 when the
+Every key is optional. lso and the transport-over-tunnel UDP-ESP kinds exist in NDIS but not in this
+card: a profile asking for them is refused. transport_tunnel_combined (crypto offload, plain ESP layers)
+is off unless the profile asks for it. Algorithms the engine cannot run honestly (single DES; 3DES or MD5 when the
 installed ``cryptography``/OpenSSL lacks them) are refused with an error naming the key.
 """
 
@@ -55,6 +57,18 @@ _BOOL_KEYS = (
 )
 
 
+# Capabilities NDIS defines that this card does not implement: a profile may not switch them on, so the
+# card never advertises them (datasheet §12.2 says why each is missing).
+_NOT_IMPLEMENTED = {
+    "lso": "the card never segments (no large send offload)",
+}
+_UDP_ESP_COMBINED_REASON = "transport over tunnel is implemented without UDP encapsulation only"
+_UDP_ESP_NOT_IMPLEMENTED = {
+    "transport-over-tunnel": UdpEspEncapsulation.TRANSPORT_OVER_TUNNEL,
+    "udp-transport-over-tunnel": UdpEspEncapsulation.UDP_ESP_TRANSPORT_OVER_TUNNEL,
+}
+
+
 class ProfileError(ValueError):
     """The firmware section of a card profile is invalid; the message names the key."""
 
@@ -78,6 +92,11 @@ class Capabilities:
     max_replay_window: int = 4096
     packet_offload: bool = True
 
+    def __post_init__(self) -> None:
+        # never advertise what is not implemented (the profile loader names the key; this guards code)
+        if self.lso or self.udp_esp & ~(UdpEspEncapsulation.TRANSPORT | UdpEspEncapsulation.TUNNEL):
+            raise ProfileError("the UDP-ESP transport-over-tunnel kinds and LSO are not implemented")
+
     @classmethod
     def from_profile(cls, section: Mapping[str, Any] | None, where: str = "firmware") -> Capabilities:
         section = dict(section or {})
@@ -90,6 +109,8 @@ class Capabilities:
             if key in section:
                 if not isinstance(section[key], bool):
                     raise ProfileError(f"{where}.{key}: expected true/false, got {section[key]!r}")
+                if section[key] and key in _NOT_IMPLEMENTED:
+                    raise ProfileError(f"{where}.{key}: true refused: {_NOT_IMPLEMENTED[key]}")
                 kwargs[key] = section[key]
         if "sa_capacity" in section:
             kwargs["sa_capacity"] = _int_in(section["sa_capacity"], 1, MAX_SA_CAPACITY, f"{where}.sa_capacity")
@@ -197,5 +218,7 @@ def _udp_esp(value: Any, where: str) -> UdpEspEncapsulation:
     for name in value:
         if name not in UDP_ESP_NAMES:
             raise ProfileError(f"{where}: unknown UDP-ESP encapsulation {name!r} (known: {', '.join(UDP_ESP_NAMES)})")
+        if name in _UDP_ESP_NOT_IMPLEMENTED:
+            raise ProfileError(f"{where}: {name} refused: {_UDP_ESP_COMBINED_REASON}")
         flags |= UDP_ESP_NAMES[name]
     return flags

@@ -12,6 +12,7 @@ from device.contract.ndis import NdisStatus, ParseError, RejectReason, SaListFla
 from device.contract.sa import NAT_T_PORT, SaInvalid, SaParams, UdpEncap, decode_v1, decode_v2
 from firmware_model.capabilities import Capabilities
 from firmware_model.sadb import Sadb, SadbEntry, SaRejected, Selector
+from firmware_model.traffic_filter import TrafficFilter
 
 
 class AdminCommands:
@@ -26,7 +27,7 @@ class AdminCommands:
 
     # Python-level add used by commands, sa_file/fwtool and tests
     def add_sa(self, params: list[SaParams] | tuple[SaParams, ...], *, packet_offload: bool = False,
-               selector: Selector | None = None) -> int:
+               selector: Selector | None = None, rx_filter: TrafficFilter | None = None) -> int:
         """Add one bundle (raises SaRejected). Packet-offload transport SAs without a selector match
         traffic between their endpoints."""
         outbound = bool(params) and params[0].direction == Direction.OUTBOUND
@@ -34,7 +35,7 @@ class AdminCommands:
             selector = None  # selectors pick SAs for transmit: an inbound SA must never encrypt traffic
         elif packet_offload and selector is None:
             selector = _default_selector(params[0])
-        entry = self.sadb.add(params, packet_offload=packet_offload, selector=selector)
+        entry = self.sadb.add(params, packet_offload=packet_offload, selector=selector, rx_filter=rx_filter)
         return entry.handle
 
     def _cmd_get_caps(self, req: bytes) -> tuple[int, bytes]:
@@ -70,7 +71,7 @@ class AdminCommands:
     def _cmd_v1_add_sa(self, req_bytes: bytes) -> tuple[int, bytes]:
         req = ndis.V1AddSa.unpack(req_bytes)
         params = self._decoded(decode_v1, req, req.key_mat)
-        entry = self.sadb.add(params, filters=_v1_filters(req))
+        entry = self.sadb.add(params, rx_filter=_v1_rx_filter(req, params, udpesp=False))
         return NdisStatus.SUCCESS, ndis.HandleResponse(entry.handle).pack()
 
     def _cmd_v1_add_udpesp_sa(self, req_bytes: bytes) -> tuple[int, bytes]:
@@ -103,7 +104,8 @@ class AdminCommands:
                 entry = self.sadb.create_parser(req.udp_encap_type, port)
                 created = True
         try:
-            sa = self.sadb.add(params, parser_entry=entry, filters=_v1_filters(req), checked=True)
+            sa = self.sadb.add(params, parser_entry=entry, rx_filter=_v1_rx_filter(req, params, udpesp=True),
+                               checked=True)
         except Exception:
             if created:
                 self.sadb.delete_parser(entry)
@@ -146,10 +148,11 @@ class AdminCommands:
         for entry in entries:
             try:
                 sa = self._add_v2_entry(entry, entry.key_data)
-                results.append(ndis.V2AddSaResult(sa.handle, NdisStatus.SUCCESS))
+                results.append(ndis.V2AddSaResult(sa.handle, NdisStatus.SUCCESS, 0))
                 added += 1
             except SaRejected as exc:  # partial success: this entry gets a NULL handle
-                results.append(ndis.V2AddSaResult(0, exc.status))
+                # beyond NDIS: the entry keeps why it was refused (datasheet §12.2)
+                results.append(ndis.V2AddSaResult(0, exc.status, int(exc.reason)))
                 first_error = first_error or exc.status
                 self.last_error = str(exc)
         status = NdisStatus.SUCCESS if added else (first_error or NdisStatus.FAILURE)
@@ -176,7 +179,13 @@ class AdminCommands:
             dmask = full ^ ((1 << (bits - req.sel_dst_prefix)) - 1)
             selector = Selector(6 if v6 else 4, src & smask, req.sel_src_prefix, dst & dmask, req.sel_dst_prefix,
                                 req.sel_proto, req.sel_sport, req.sel_dport)
-        handle = self.add_sa(params, packet_offload=True, selector=selector)
+        rx_filter = None
+        if selector is not None and params[0].direction == Direction.INBOUND:
+            # RFC 4301 §5.2 step 4: the inbound SA's selector is checked after decapsulation
+            rx_filter = TrafficFilter.from_prefixes(
+                128 if selector.family == 6 else 32, selector.src, selector.src_prefix, selector.dst,
+                selector.dst_prefix, selector.proto, selector.sport, selector.dport)
+        handle = self.add_sa(params, packet_offload=True, selector=selector, rx_filter=rx_filter)
         return NdisStatus.SUCCESS, ndis.HandleResponse(handle).pack()
 
     def _cmd_v2_delete_sa(self, req_bytes: bytes) -> tuple[int, bytes]:
@@ -270,8 +279,12 @@ def _expect_empty(req: bytes, name: str) -> None:
         raise ParseError(f"{name} takes no payload, got {len(req)} bytes", NdisStatus.INVALID_LENGTH)
 
 
-def _v1_filters(req) -> tuple:
-    return (req.src_addr, req.src_mask, req.dest_addr, req.dest_mask, req.protocol, req.src_port, req.dest_port)
+def _v1_rx_filter(req, params: list[SaParams], *, udpesp: bool) -> TrafficFilter | None:
+    """Inbound v1 SAs deliver only the packets their filter covers (seed 000: the filter names the
+    packets "to which the SAs apply"); outbound ones are the host's to use."""
+    if params[0].direction != Direction.INBOUND:
+        return None
+    return TrafficFilter.from_v1(req, udpesp=udpesp)
 
 
 def _default_selector(p: SaParams) -> Selector | None:

@@ -38,6 +38,7 @@ from device.contract.net import (
     IPPROTO_IPV4,
     IPPROTO_IPV6,
     IPPROTO_NONE,
+    IPPROTO_TCP,
     IPPROTO_UDP,
     IPV6_FRAGMENT,
 )
@@ -183,6 +184,10 @@ class SaEngine:
         if self._limited and not self.soft_expired and (
             (self._soft_packets and st.packets >= self._soft_packets)
             or (self._soft_bytes and st.bytes >= self._soft_bytes)
+            # RFC 4301 §4.4.2.1: a limit with no soft value before it still warns the host; the packet
+            # that reaches the hard limit is the last one processed and it carries SaDeleteReq
+            or (not self._soft_packets and self._hard_packets and st.packets >= self._hard_packets)
+            or (not self._soft_bytes and self._hard_bytes and st.bytes >= self._hard_bytes)
         ):
             self.soft_expired = True
 
@@ -231,6 +236,28 @@ def _udp6_fill_checksum(packet: bytearray, l3: int, udp_at: int, end: int) -> No
     total += sum(struct.unpack("!16H", packet[l3 + 8:l3 + 40])) + (end - udp_at) + 17  # pseudo-header
     csum = fold_checksum(total) or 0xFFFF  # RFC 768: a computed zero is sent as all ones
     packet[udp_at + 6:udp_at + 8] = U16.pack(csum)
+
+
+def l4_checksum_recompute(packet: bytearray, hl: int, proto: int) -> None:
+    """Rewrite the TCP/UDP checksum of the transport packet (IP header of ``hl`` bytes at 0) over its
+    current pseudo-header (RFC 793 §3.1 / RFC 768 / RFC 8200 §8.1). An IPv4 UDP checksum of zero means
+    "not computed" (RFC 768) and stays zero; a computed zero is sent as all ones (UDP)."""
+    at = hl
+    pseudo = bytes(packet[12:20]) if packet[0] >> 4 == 4 else bytes(packet[8:40])
+    seg_len = len(packet) - at
+    csum_at = at + (16 if proto == IPPROTO_TCP else 6)
+    if csum_at + 2 > len(packet):
+        return  # truncated: leave it for the host to refuse
+    if proto == IPPROTO_UDP and packet[0] >> 4 == 4 and not (packet[csum_at] | packet[csum_at + 1]):
+        return
+    packet[csum_at:csum_at + 2] = b"\0\0"
+    seg = bytes(packet[at:]) + (b"\0" if seg_len % 2 else b"")
+    total = sum(struct.unpack(f"!{len(seg) // 2}H", seg)) + sum(struct.unpack(f"!{len(pseudo) // 2}H", pseudo))
+    total += seg_len + proto
+    csum = fold_checksum(total)
+    if proto == IPPROTO_UDP and not csum:
+        csum = 0xFFFF
+    packet[csum_at:csum_at + 2] = U16.pack(csum)
 
 
 def _ip_extent(packet: bytes | bytearray, l3: int) -> tuple[int, int, int]:
@@ -420,6 +447,27 @@ class EspEngine(SaEngine):
             return Verdict.DUMMY
         return Verdict.OK
 
+    def inner_packet_at(self, frame: bytes | bytearray, l3: int) -> tuple[int, int] | None:
+        """Crypto offload, before crypto_encrypt of a host-built frame: (offset of the payload, next header
+        in the plaintext trailer). Transport over tunnel puts the inner (transport) packet there."""
+        verdict, e, end = self._locate_esp(frame, l3)
+        if verdict:
+            return None
+        start = e + ESP_HDR_LEN + self._iv_len
+        at = end - self._icv_len - 2
+        return (start, frame[at + 1]) if start < at else None
+
+    def payload_span(self, frame: bytes | bytearray, l3: int) -> tuple[int, int, int] | None:
+        """After a successful crypto_decrypt: (next header, start, end) of the plaintext payload the ESP
+        carried (RFC 4303 §2: IV, payload, padding, pad length, next header, ICV), for the filter check."""
+        verdict, e, end = self._locate_esp(frame, l3)
+        if verdict:
+            return None
+        at = end - self._icv_len - 2
+        start = e + ESP_HDR_LEN + self._iv_len
+        stop = at - frame[at]
+        return (frame[at + 1], start, stop) if start <= stop else None
+
     # ----- packet offload --------------------------------------------------------------------------
     def encapsulate(self, ip_packet: bytes, *, iv: bytes | None = None) -> tuple[Verdict, bytes]:
         """Protect a plain IP packet; numbers it with the SA's next sequence number."""
@@ -578,7 +626,13 @@ class EspEngine(SaEngine):
             header[nh_at] = nh
             U16.pack_into(header, 4, hl - 40 + payload_len)
         self._count(hl + payload_len)
-        return _OK, bytes(header + payload)
+        packet = header + payload
+        if self._encap is not None and (nh in (IPPROTO_TCP, IPPROTO_UDP)):
+            # RFC 3948 §3.1.2: after a NAT the received addresses are not those the sender's checksum
+            # covered; the ICV vouched for the data, so the checksum is recomputed over what is delivered
+            # (the card knows no NAT-OA, so the incremental fix is not available, datasheet §12.2)
+            l4_checksum_recompute(packet, hl, nh)
+        return _OK, bytes(packet)
 
 
 def _ipv4_rewrite(packet: bytes, hl: int, total: int, proto: int) -> bytearray:
@@ -656,6 +710,13 @@ class AhEngine(SaEngine):
         if ah_len < AH_FIXED_LEN + self._iv_len + self._icv_len or off + ah_len > end:
             return Verdict.BAD_SYNTAX, 0, 0
         return Verdict.OK, off, end
+
+    def payload_span(self, frame: bytes | bytearray, l3: int) -> tuple[int, int, int] | None:
+        """(next header, start, end) of what the AH header protects (AH leaves it in clear)."""
+        verdict, off, end = self._locate_ah(frame, l3)
+        if verdict:
+            return None
+        return frame[off], off + (frame[off + 1] + 2) * 4, end
 
     # ----- crypto offload --------------------------------------------------------------------------
     def crypto_encrypt(self, frame: bytearray, l3: int, seq_hi: int | None = None, *,
@@ -860,6 +921,9 @@ class SaBundle:
         verdict = self.esp.crypto_decrypt(frame, l3)
         self.failed_proto = IpProto.ESP if verdict else None
         return verdict
+
+    def payload_span(self, frame: bytes | bytearray, l3: int) -> tuple[int, int, int] | None:
+        return self.esp.payload_span(frame, l3)  # ESP sits inside the AH (transport adjacency)
 
     def set_seq_hi(self, hi: int) -> None:
         self.esp.set_seq_hi(hi)

@@ -32,6 +32,7 @@ from device.contract.sa import SaInvalid, SaParams, parse_address
 from device.contract.status import NdisStatus
 from firmware_model.algorithms import ENC_INFO, check_sa
 from firmware_model.capabilities import Capabilities
+from firmware_model.traffic_filter import TrafficFilter
 
 VALID = 1 << 31
 SLOT_BITS = 20
@@ -100,10 +101,10 @@ class SadbEntry:
     # A large table holds a million of these: only what the per-frame paths read is stored; the
     # inbound lookup keys and the endpoints are derived from params when an add/remove needs them.
     __slots__ = ("handle", "params", "direction", "mode", "family", "packet_offload", "tunnel",
-                 "selector", "parser_entry", "paired", "delete_requested", "_runtime", "filters")
+                 "selector", "parser_entry", "paired", "delete_requested", "_runtime", "rx_filter")
 
     def __init__(self, params: tuple[SaParams, ...], packet_offload: bool, selector: Selector | None,
-                 filters: object = None) -> None:
+                 rx_filter: TrafficFilter | None = None) -> None:
         first = params[0]
         self.handle = 0
         self.params = params
@@ -113,7 +114,9 @@ class SadbEntry:
         self.family = _parse(first.dst)[0]
         self.packet_offload = packet_offload
         self.selector = selector
-        self.filters = filters  # v1 filter fields, kept for LIST/diagnostics only
+        # inbound: which decrypted packets this SA may deliver (v1 filter, packet-offload selector);
+        # None or an all-zero filter = every packet (traffic.py checks it after the ICV)
+        self.rx_filter = None if rx_filter is None or rx_filter.is_any else rx_filter
         self.parser_entry: ParserEntry | None = None
         self.paired: SadbEntry | None = None
         self.delete_requested = False
@@ -333,11 +336,12 @@ class Sadb:
 
     # -- commit ------------------------------------------------------------------------------------
     def add(self, params: Sequence[SaParams], *, packet_offload: bool = False, selector: Selector | None = None,
-            parser_entry: ParserEntry | None = None, filters: object = None, checked: bool = False) -> SadbEntry:
+            parser_entry: ParserEntry | None = None, rx_filter: TrafficFilter | None = None,
+            checked: bool = False) -> SadbEntry:
         """Validate (unless `checked`) and store a bundle; returns it with its handle set."""
         if not checked:
             self.check(params, packet_offload)
-        bundle = SadbEntry(tuple(params), packet_offload, selector, filters)
+        bundle = SadbEntry(tuple(params), packet_offload, selector, rx_filter)
         slot = self._alloc_slot()
         gen = self._gens[slot]
         bundle.handle = VALID | (gen << SLOT_BITS) | slot

@@ -26,6 +26,7 @@ from firmware_model.capabilities import Capabilities
 from firmware_model.esp import UdpPayloadKind, Verdict, classify_udp_payload, crypto_status_for
 from firmware_model.frames import esp_seq, esp_trailer, ipv6_upper, l3_offset, reframe, selector_key
 from firmware_model.sadb import Sadb, SadbEntry
+from firmware_model.traffic_filter import PacketView, TrafficFilter, outer_addrs, ports_at, view_ip
 
 # SaDeleteReq when fewer than this many sequence numbers are left on a non-ESN SA: leaves the host
 # time to rekey before RFC 4303 §3.3.3 forbids the counter to cycle.
@@ -84,6 +85,12 @@ class RxResult:
     decapsulated: bool = False  # packet offload removed the ESP (and tunnel / UDP) headers
     next_header: int = -1  # crypto offload, check passed: the decrypted ESP trailer (-1 = not found)
     pad_length: int = 0
+    # crypto offload: authentic but outside the SA's filter -> indicated unprocessed (RxWbFlags.POLICY_MISMATCH)
+    policy_mismatch: bool = False
+    # packet offload: decapsulated packet outside the SA's selector -> dropped (RX_POLICY_DROP)
+    policy_drop: bool = False
+    l4_csum_ok: bool = False  # transport UDP-ESP: inner TCP/UDP checksum needs no check (RFC 3948 §3.1.2)
+    next_handle: int = 0  # transport over tunnel: the inner (transport) SA, with next_crypto_done
 
 
 # Enum members read through their class cost ~0.3 us each on Python 3.11; the per-frame paths use these.
@@ -101,6 +108,14 @@ _AUTHENTIC = (Verdict.OK, Verdict.DUMMY)  # the ICV verified
 _CS_SUCCESS = CryptoStatus.SUCCESS
 _CS_SYNTAX = (CryptoStatus.INVALID_PACKET_SYNTAX, CryptoStatus.INVALID_PROTOCOL)
 _CS_GENERIC = CryptoStatus.GENERIC_ERROR
+_L4_PROTOS = (6, 17)
+
+
+def _combinable(sa: SadbEntry | None, outer: bool) -> bool:
+    """One layer of transport over tunnel: an outbound crypto-offload ESP SA; the inner one in transport
+    mode. (A v2 SA carries no mode, so the outer one is known as a tunnel by the IP packet it carries.)"""
+    return (sa is not None and sa.direction == _OUTBOUND and not sa.packet_offload and (outer or not sa.tunnel)
+            and len(sa.params) == 1 and sa.params[0].proto == IpProto.ESP)
 
 
 class TrafficPath:
@@ -110,9 +125,13 @@ class TrafficPath:
     sadb: Sadb
     _stats: ndis.GlobalStats
 
-    def transmit(self, frame: bytes, handle: int, packet_offload: bool, seq_hi: int | None = None) -> TxResult:
+    def transmit(self, frame: bytes, handle: int, packet_offload: bool, seq_hi: int | None = None,
+                 tunnel_handle: int = 0) -> TxResult:
         """One TX frame. ``seq_hi``: crypto offload ESN high half carried by the descriptor (TxFlags.SEQ_HI),
-        used instead of the SA's (UPDATE_SA) for this frame."""
+        used instead of the SA's (UPDATE_SA) for this frame (with ``tunnel_handle``: for the transport SA).
+        ``tunnel_handle``: transport over tunnel, the outer (tunnel) SA; ``handle`` is the inner one."""
+        if tunnel_handle:
+            return self._tx_combined(frame, handle, tunnel_handle, packet_offload, seq_hi)
         st = self._stats
         st.tx_packets += 1
         st.tx_bytes += len(frame)
@@ -134,11 +153,45 @@ class TrafficPath:
         verdict = rt.crypto_encrypt(buf, l3, seq_hi)
         if verdict:  # anything but Verdict.OK (0)
             st.tx_errors += 1
-            return TxResult(_TX_FROM_VERDICT.get(verdict, TxOutcome.ERROR), None)
+            # a refusal after the hard limit still asks for the delete (datasheet §7.9)
+            return TxResult(_TX_FROM_VERDICT.get(verdict, TxOutcome.ERROR), None, self._check_lifetime(sa, rt))
         st.tx_crypto += 1
         if not sa.params[0].esn and self._seq_near_end(buf, l3, sa):
             self.sadb.request_delete(sa)
         return TxResult(_TX_OK, bytes(buf), self._check_lifetime(sa, rt))
+
+    def _tx_combined(self, frame: bytes, handle: int, tunnel_handle: int, packet_offload: bool,
+                     seq_hi: int | None) -> TxResult:
+        """Transport over tunnel, crypto offload (NDIS TunnelHandle / v1 NextOffloadHandle): the host built
+        both layers; the card seals the inner (transport) ESP first, then the outer (tunnel) ESP around it
+        (iterated tunnelling, RFC 4301 §4.5). Either SA unusable -> BAD_HANDLE; an outer trailer that does
+        not carry an IP packet (RFC 4303 §2.6: next header 4 or 41) -> WRONG_PROTOCOL."""
+        st = self._stats
+        st.tx_packets += 1
+        st.tx_bytes += len(frame)
+        inner = self.sadb.get(handle)
+        outer = self.sadb.get(tunnel_handle)
+        if (packet_offload or not self.caps.transport_tunnel_combined or not _combinable(inner, False)
+                or not _combinable(outer, True)):
+            st.tx_bad_handle += 1
+            return TxResult(TxOutcome.BAD_HANDLE, None)
+        l3, _ = l3_offset(frame)
+        if l3 < 0:
+            st.tx_errors += 1
+            return TxResult(TxOutcome.BAD_SYNTAX, None)
+        buf = bytearray(frame)
+        ort, irt = outer.runtime(), inner.runtime()
+        found = ort.inner_packet_at(buf, l3)
+        if found is None or found[1] not in (4, 41):
+            st.tx_errors += 1
+            return TxResult(TxOutcome.WRONG_PROTOCOL, None)
+        verdict = irt.crypto_encrypt(buf, found[0], seq_hi) or ort.crypto_encrypt(buf, l3, None)
+        if verdict:
+            st.tx_errors += 1
+            return TxResult(_TX_FROM_VERDICT.get(verdict, TxOutcome.ERROR), None,
+                            self._check_lifetime(inner, irt) | self._check_lifetime(outer, ort))
+        st.tx_crypto += 1
+        return TxResult(_TX_OK, bytes(buf), self._check_lifetime(inner, irt) | self._check_lifetime(outer, ort))
 
     def _tx_packet(self, frame: bytes, l3: int, handle: int) -> TxResult:
         st = self._stats
@@ -193,23 +246,48 @@ class TrafficPath:
             return RxResult(frame)
         sa, index, seq = found
         rt = sa.runtime()
+        flt = sa.rx_filter
+        l4_ok = False
         if sa.packet_offload:
             verdict, inner = rt.decapsulate(frame[l3:])
             if verdict == _V_NOT_ESP:
                 st.rx_not_processed += 1
                 return RxResult(frame, handle=sa.handle)
-            out = reframe(frame, l3, inner) if verdict == _V_OK else frame
+            if verdict == _V_OK:
+                view = view_ip(inner) if flt is not None else None
+                if flt is not None and (view is None or not flt.matches(view)):
+                    # RFC 4301 §5.2 step 4: outside the SA's selector -> discarded and counted, never
+                    # delivered (the window already moved: the packet was authentic, as in Linux)
+                    st.rx_policy_drops += 1
+                    return RxResult(frame, handle=sa.handle, verdict=int(verdict), policy_drop=True)
+                l4_ok = self._transport_udp_esp(sa) and self._l4_proto(inner)
+                out = reframe(frame, l3, inner)
+            else:
+                out = frame
         else:
+            if flt is not None and not sa.tunnel and not flt.matches_addrs(*outer_addrs(frame, l3)):
+                # transport: the outer addresses are the connection's; known before any decryption
+                return self._policy_unprocessed(frame)
             buf = bytearray(frame)
             verdict = rt.crypto_decrypt(buf, l3)
             if verdict == _V_NOT_ESP:
                 st.rx_not_processed += 1
                 return RxResult(frame, handle=sa.handle)
             authentic = verdict in _AUTHENTIC
+            if verdict == _V_OK and flt is not None and not self._crypto_in_filter(buf, l3, sa, rt, flt):
+                # only an authentic packet is judged (RFC 4303 §3.4.4: ICV first); seed 000: the SA does
+                # not apply to it, so it is indicated as if no SA matched (datasheet §12.1)
+                return self._policy_unprocessed(frame)
+            if verdict == _V_OK and self.caps.transport_tunnel_combined and len(sa.params) == 1:
+                nested = self._rx_nested(frame, buf, l3, sa, rt)
+                if nested is not None:
+                    return nested
             out = bytes(buf) if authentic else frame
             # only an authenticated sequence number may move SA state (a forged one must not ask for a rekey)
             if authentic and seq > U32_MAX - SEQ_SOFT_MARGIN and not sa.params[0].esn:
                 self.sadb.request_delete(sa)
+            # RFC 3948 §3.1.2 option 3 (Linux esp_input_done2: CHECKSUM_UNNECESSARY for encap+transport)
+            l4_ok = verdict == _V_OK and self._transport_udp_esp(sa)
         if verdict == _V_OK:
             status = _CS_SUCCESS
             st.rx_crypto_ok += 1
@@ -238,7 +316,92 @@ class TrafficPath:
             trailer = esp_trailer(out, sa.esp_icv_len)
             if trailer is not None:
                 result.next_header, result.pad_length = trailer
+                # only a TCP/UDP payload has a checksum to vouch for
+                l4_ok = l4_ok and trailer[0] in _L4_PROTOS
+            else:
+                l4_ok = False
+        if l4_ok:
+            result.l4_csum_ok = True
+            st.rx_l4_csum_ok += 1
         return result
+
+    def _rx_nested(self, frame: bytes, buf: bytearray, l3: int, sa: SadbEntry, rt) -> RxResult | None:
+        """Transport over tunnel, crypto offload: the outer (tunnel) ESP verified and carries an IP packet
+        (next header 4/41) whose ESP matches an inbound transport SA -> check that one too. NDIS sets
+        NextCryptoDone only when both payloads were checked (CryptoDone then set too); crypto_status is the
+        inner result, the frame as received if it failed. None = no second layer (one-layer rules apply)."""
+        span = rt.payload_span(buf, l3)
+        if span is None or span[0] not in (4, 41):
+            return None
+        start = span[1]
+        found = self._rx_classify(bytes(buf), start, 4 if span[0] == 4 else 6)
+        if not found:
+            return None
+        isa = found[0]
+        if isa.packet_offload or isa.tunnel or len(isa.params) != 1 or isa.params[0].proto != IpProto.ESP:
+            return None
+        irt = isa.runtime()
+        verdict = irt.crypto_decrypt(buf, start)
+        if verdict == _V_NOT_ESP:
+            return None
+        flt = isa.rx_filter
+        if verdict == _V_OK and flt is not None and not self._crypto_in_filter(buf, start, isa, irt, flt):
+            return self._policy_unprocessed(frame)
+        st = self._stats
+        st.rx_crypto_done += 1
+        if verdict == _V_OK:
+            status = _CS_SUCCESS
+            st.rx_crypto_ok += 1
+        else:
+            status = crypto_status_for(verdict, tunnel=False, ah=False)
+            if status == _CS_SUCCESS:
+                st.rx_crypto_ok += 1
+            elif status in _CS_SYNTAX:
+                st.rx_syntax_errors += 1
+            elif status == _CS_GENERIC:
+                st.rx_other_errors += 1
+            else:
+                st.rx_auth_failed += 1
+        out = bytes(buf) if verdict in _AUTHENTIC else frame
+        delete_req = self._check_lifetime(sa, rt) | self._check_lifetime(isa, irt)
+        if delete_req:
+            st.rx_sa_delete_req += 1
+        result = RxResult(out, True, True, int(status), delete_req, sa.handle, int(verdict), next_handle=isa.handle)
+        if status == _CS_SUCCESS:
+            trailer = esp_trailer(out, sa.esp_icv_len)  # HEADER_INFO describes the outer ESP
+            if trailer is not None:
+                result.next_header, result.pad_length = trailer
+        return result
+
+    def _policy_unprocessed(self, frame: bytes) -> RxResult:
+        """Crypto offload: the frame exactly as received, no IPsec metadata (CRYPTO_DONE clear, handle 0),
+        flagged so the host can tell why; the host's own SPD then drops it (RFC 4301 §5.2)."""
+        self._stats.rx_policy_unprocessed += 1
+        return RxResult(frame, policy_mismatch=True)
+
+    @staticmethod
+    def _transport_udp_esp(sa: SadbEntry) -> bool:
+        return not sa.tunnel and sa.params[0].encap is not None
+
+    @staticmethod
+    def _l4_proto(ip: bytes) -> bool:
+        if ip[0] >> 4 == 4:
+            return ip[9] in _L4_PROTOS
+        return ipv6_upper(ip, 0, len(ip))[0] in _L4_PROTOS
+
+    @staticmethod
+    def _crypto_in_filter(buf: bytearray, l3: int, sa: SadbEntry, rt, flt: TrafficFilter) -> bool:
+        """Does the decrypted packet fall inside the SA's filter? Transport: outer addresses + the payload's
+        protocol and ports; tunnel: the inner packet (seed 000: the filter is the end-to-end connection)."""
+        span = rt.payload_span(buf, l3)
+        if span is None:
+            return False
+        nh, start, end = span
+        if sa.tunnel:
+            view = view_ip(buf, start, end)
+            return view is not None and flt.matches(view)
+        src, dst = outer_addrs(buf, l3)
+        return flt.matches(PacketView(src, dst, nh, ports_at(buf, nh, start, end)))
 
     def _rx_classify(self, frame: bytes, l3: int, ver: int):
         """None = not an IPsec frame we inspect; False = IPsec but no SA; else (entry, element, seq)."""

@@ -465,6 +465,9 @@ V2_ADD_SA_RESULT = Layout(
     [
         ("offload_handle", "I", "handle of the added SA bundle, 0 (NULL) if this entry failed"),
         ("status", "I", "NdisStatus of this entry (beyond NDIS: says why a NULL handle was returned)"),
+        ("reason", "H", "RejectReason of a refused entry (beyond NDIS); valid only when status is not SUCCESS "
+                        "(0 is CAPACITY)"),
+        ("reserved", "H", "zero", 0),
     ],
 )
 
@@ -575,6 +578,12 @@ _STATS_COUNTERS = [
     ("cmd_failed", "commands completed with an error status"),
 ]
 
+_STATS_COUNTERS_1_1 = [
+    ("rx_policy_unprocessed", "crypto offload: authentic frames outside their SA's filter, indicated unprocessed"),
+    ("rx_policy_drops", "packet offload: decapsulated frames outside their SA's selector, dropped"),
+    ("rx_l4_csum_ok", "transport UDP-ESP frames indicated with L4_CSUM_OK (RFC 3948 §3.1.2)"),
+]
+
 GLOBAL_STATS = Layout(
     "GLOBAL_STATS",
     "",
@@ -585,6 +594,8 @@ GLOBAL_STATS = Layout(
         ("reserved", "I", "alignment", 0),
         *[(n, "Q", d) for n, d in _STATS_COUNTERS],
         *[(f"reject_{r.name.lower()}", "Q", f"SA adds refused: {r.name}") for r in RejectReason],
+        # REGMAP 1.1 additions, appended so every earlier offset stays
+        *[(n, "Q", d) for n, d in _STATS_COUNTERS_1_1],
     ],
 )
 

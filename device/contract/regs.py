@@ -31,7 +31,7 @@ MSIX_PBA_OFFSET = 0x800
 MSIX_MAX_VECTORS = 128  # 128 table entries x 16 bytes = 2 KiB, exactly up to the PBA
 
 ID_MAGIC = int.from_bytes(b"IPNC", "little")  # 0x434E5049: the bytes read "IPNC" in memory order
-REGMAP_VERSION_VALUE = 0x0001_0000  # major 1, minor 0: bump minor for additions, major for changes
+REGMAP_VERSION_VALUE = 0x0001_0100  # major 1, minor 1: bump minor for additions, major for changes
 
 # PCI identity of the card. 0xEC5E is absent from the pci.ids database (2023.04 snapshot) and well
 # above its recently assigned ids (around 0x1Fxx-0x2xxx), so the card cannot be mistaken for a real
@@ -284,6 +284,7 @@ STATISTICS: tuple[tuple[str, str], ...] = (
     ("TX_OFFLOAD_ERROR", "TX frames completed with an offload error (bad handle, crypto)"),
     ("BAD_DESCRIPTOR", "Descriptors refused as malformed (all rings)"),
     ("DMA_ERROR", "Guest addresses the card could not reach (all rings and admin buffers)"),
+    ("RX_POLICY_DROP", "RX frames dropped after decapsulation: outside the SA's selector (packet offload)"),
 )
 
 
@@ -462,6 +463,8 @@ BAD_DESCRIPTOR_LO = reg("BAD_DESCRIPTOR_LO")
 BAD_DESCRIPTOR_HI = reg("BAD_DESCRIPTOR_HI")
 DMA_ERROR_LO = reg("DMA_ERROR_LO")
 DMA_ERROR_HI = reg("DMA_ERROR_HI")
+RX_POLICY_DROP_LO = reg("RX_POLICY_DROP_LO")
+RX_POLICY_DROP_HI = reg("RX_POLICY_DROP_HI")
 TXQ_BASE_LO = reg("TXQ_BASE_LO")
 TXQ_BASE_HI = reg("TXQ_BASE_HI")
 TXQ_LEN = reg("TXQ_LEN")
@@ -602,6 +605,10 @@ class RxWbFlags(DocFlag):
     HEADER_INFO = 1 << 5, "next_header and pad_length are valid"
     DECAPSULATED = 1 << 6, "Packet offload removed the ESP (and tunnel/UDP) headers"
     ERROR = 1 << 7, "Frame truncated to buf_len (length is the original size)"
+    L4_CSUM_OK = 1 << 8, ("The inner TCP/UDP checksum needs no check: transport-mode UDP-ESP whose ICV verified "
+                          "(RFC 3948 §3.1.2; packet offload also rewrote it)")
+    POLICY_MISMATCH = 1 << 9, ("Crypto offload: an authentic frame outside its SA's filter/selector, indicated "
+                               "unprocessed as received (CRYPTO_DONE clear, handle 0)")
 
 
 RX_DESC = Layout(
@@ -619,7 +626,8 @@ RX_DESC = Layout(
         ("next_header", "B", "Write-back: ESP next header (HEADER_INFO)"),
         ("pad_length", "B", "Write-back: ESP pad length (HEADER_INFO)"),
         ("reserved2", "H", "Zero"),
-        ("reserved3", "I", "Zero"),
+        ("next_offload_handle", "I", "Write-back: inner (transport) SA of a transport-over-tunnel frame, valid "
+                                     "with NEXT_CRYPTO_DONE, else 0 (REGMAP 1.1; was reserved, not checked)"),
     ),
 )
 

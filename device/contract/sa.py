@@ -103,6 +103,12 @@ class SaParams:
     hard_packets: int = 0
     soft_bytes: int = 0
     hard_bytes: int = 0
+    # The rest of the traffic selector, in packet direction like inner_src/inner_dst: the v1 filter's
+    # Protocol/SrcPort/DestPort, ADD_SA_PACKET sel_proto/sel_sport/sel_dport; 0 = any. An inbound SA
+    # delivers only matching packets (datasheet §7.5/§7.6).
+    sel_proto: int = 0
+    sel_sport: int = 0
+    sel_dport: int = 0
 
     @property
     def family(self) -> int:
@@ -154,6 +160,10 @@ def validate_sa(p: SaParams, enc_table: Mapping[EncAlg, EncInfo] = ENC_INFO,
                         f"initial sequence number {p.seq} does not fit {'64' if p.esn else '32'} bits")
     if not 0 <= p.replay_window <= MAX_REPLAY_WINDOW:
         raise SaInvalid(RejectReason.BAD_PARAMETER, f"replay window {p.replay_window} outside 0..{MAX_REPLAY_WINDOW}")
+    if not 0 <= p.sel_proto <= 0xFF or not 0 <= p.sel_sport <= 0xFFFF or not 0 <= p.sel_dport <= 0xFFFF:
+        raise SaInvalid(RejectReason.BAD_PARAMETER, "selector protocol must fit 8 bits and ports 16 bits")
+    if (p.sel_sport or p.sel_dport) and p.sel_proto not in (6, 17):
+        raise SaInvalid(RejectReason.BAD_PARAMETER, "selector ports need protocol tcp (6) or udp (17)")
     for name in ("soft_packets", "hard_packets", "soft_bytes", "hard_bytes"):
         if getattr(p, name) < 0:
             raise SaInvalid(RejectReason.BAD_PARAMETER, f"{name} must not be negative")
@@ -316,14 +326,15 @@ def add_sa_packet(p: SaParams) -> bytes:
     fields["key_offset"] = ndis.ADD_SA_PACKET.size
     encap = p.encap or UdpEncap(0, 0)
     sel: dict = {}
-    if p.inner_src or p.inner_dst:
+    ports = dict(sel_proto=p.sel_proto, sel_sport=p.sel_sport, sel_dport=p.sel_dport)
+    if p.inner_src or p.inner_dst or p.sel_proto:
         inner = [ipaddress.ip_address(a) for a in (p.inner_src, p.inner_dst) if a]
-        v6 = inner[0].version == 6
+        v6 = (inner[0].version if inner else p.family) == 6
         bits = 128 if v6 else 32
         sel = dict(
             sel_src=ndis.addr16(p.inner_src), sel_dst=ndis.addr16(p.inner_dst),
             sel_src_prefix=bits if p.inner_src else 0, sel_dst_prefix=bits if p.inner_dst else 0,
-            sel_flags=ndis.SEL_PRESENT | (ndis.SEL_IPV6 if v6 else 0),
+            sel_flags=ndis.SEL_PRESENT | (ndis.SEL_IPV6 if v6 else 0), **ports,
         )
     else:
         sel = dict(sel_src=bytes(16), sel_dst=bytes(16))
@@ -389,8 +400,8 @@ def _v1_fields(p: SaParams, ah: SaParams | None = None) -> dict:
         addrs = dict(src_addr=ndis.addr4(p.src), src_mask=_FULL_MASK, dest_addr=ndis.addr4(p.dst),
                      dest_mask=_FULL_MASK, src_tunnel_addr=bytes(4), dest_tunnel_addr=bytes(4))
     flags = V1SaFlags.INBOUND if p.direction == Direction.INBOUND else V1SaFlags.OUTBOUND
-    return dict(**addrs, protocol=0, src_port=0, dest_port=0, flags=int(flags), num_sas=1 if ah is None else 2,
-                sec_assoc=(sa, second, SaV1()), key_len=len(key), key_mat=key)
+    return dict(**addrs, protocol=p.sel_proto, src_port=p.sel_sport, dest_port=p.sel_dport, flags=int(flags),
+                num_sas=1 if ah is None else 2, sec_assoc=(sa, second, SaV1()), key_len=len(key), key_mat=key)
 
 
 def v1_add_sa(p: SaParams, ah: SaParams | None = None) -> bytes:
@@ -422,6 +433,14 @@ HMAC_96 = 12  # HMAC-MD5-96 / HMAC-SHA1-96 ICV bytes (RFC 2403/2404)
 
 
 
+def _v1_host(addr: bytes, mask: bytes) -> str:
+    """The endpoint a v1 transport filter address names: the address for a full or zero ("not used",
+    seed 000) mask, the wildcard for a subnet."""
+    if mask not in (_FULL_MASK, bytes(4)):
+        return "0.0.0.0"
+    return ndis.addr_text(addr, False) or "0.0.0.0"
+
+
 def decode_v1(req: ndis.V1AddSa | ndis.V1AddUdpEspSa, key_mat: bytes) -> list[SaParams]:
     """The SAs of a V1_ADD_SA / V1_ADD_UDPESP_SA request (raises SaInvalid)."""
     flags = req.flags
@@ -435,8 +454,10 @@ def decode_v1(req: ndis.V1AddSa | ndis.V1AddUdpEspSa, key_mat: bytes) -> list[Sa
         src = ndis.addr_text(req.src_tunnel_addr, False) or "0.0.0.0"
         dst = ndis.addr_text(req.dest_tunnel_addr, False) or "0.0.0.0"
     else:
-        src = ndis.addr_text(req.src_addr, False) or "0.0.0.0"
-        dst = ndis.addr_text(req.dest_addr, False) or "0.0.0.0"
+        # A transport SA whose filter names a subnet (mask neither zero nor full) has no single endpoint:
+        # it is filed under the wildcard address and the filter decides (datasheet §12.1)
+        src = _v1_host(req.src_addr, req.src_mask)
+        dst = _v1_host(req.dest_addr, req.dest_mask)
     inner_src = inner_dst = None
     if tunnel:  # full-mask filter addresses are the inner selector
         if req.src_mask == b"\xff" * 4 and any(req.src_addr):

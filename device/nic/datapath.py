@@ -18,7 +18,7 @@ Decisions (datasheet material):
   taken from its first descriptor. A frame may be at most MTU + 18 bytes (Ethernet header and one
   802.1Q tag) and at least 14 (an Ethernet header).
 - **TX offload**: IPSEC_CRYPTO with handle 0 is BAD_HANDLE; ``tunnel_handle`` (transport over tunnel)
-  is not supported and completes with BAD_HANDLE. Offload failures are not sent.
+  goes to the firmware, which refuses it unless the profile offers it. Offload failures are not sent.
 - **RX queue choice**: there is no RSS; every received frame goes to the lowest-numbered enabled RX
   queue.
 - **RX filter**: own MAC, broadcast and multicast (group bit), or anything with CTRL.PROMISC.

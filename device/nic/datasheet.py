@@ -106,8 +106,9 @@ TX_STATUS_WHEN: dict[str, tuple[str, str]] = {
     "DMA_ERROR": ("A buffer of the frame is unreachable", "DMA_ERROR; ERR_CODE = DMA_FAULT, ERR_INFO = 0x100 | n"),
     "BAD_LENGTH": ("A descriptor with length 0, or a frame shorter than 14 bytes or longer than MTU + 18",
                    "BAD_DESCRIPTOR (one per descriptor of the frame)"),
-    "BAD_HANDLE": ("IPSEC_CRYPTO with offload_handle 0; tunnel_handle not 0 (transport-over-tunnel is not "
-                   "supported); handle unknown, stale, inbound, or of the other offload kind",
+    "BAD_HANDLE": ("IPSEC_CRYPTO with offload_handle 0; handle unknown, stale, inbound, or of the other offload "
+                   "kind; tunnel_handle not 0 when the profile does not offer transport over tunnel, with "
+                   "IPSEC_PACKET, or naming anything but an outbound crypto ESP SA (handle: a transport one)",
                    "TX_OFFLOAD_ERROR"),
     "OFFLOAD_FAILED": ("The firmware refused the frame: not IPv4/IPv6, IP lengths inconsistent, a fragment, no "
                        "ESP/AH where the SA needs it, SPI not the SA's, plain ESP on a UDP-ESP SA, ESP body not "
@@ -163,19 +164,21 @@ PROFILE_KEYS: dict[str, tuple[str, str]] = {
     "firmware.encryption": ("list of names (§7.1); des-cbc is always refused", "ENC_ALGOS"),
     "firmware.integrity": ("list of names (§7.1)", "AUTH_ALGOS"),
     "firmware.esn": ("true/false", "ESN SAs accepted"),
-    "firmware.udp_esp": ("true (= transport, tunnel), false, or a list of " + ", ".join(UDP_ESP_NAMES),
+    "firmware.udp_esp": ("true (= transport, tunnel), false, or a list of transport, tunnel "
+                         "(transport-over-tunnel, udp-transport-over-tunnel are refused: UDP-encapsulated "
+                         "transport over tunnel is not implemented, §12.2)",
                          "UDP_ESP kinds accepted in udp_esp_encapsulation"),
     "firmware.ipv6": ("true/false", "IPv6 SAs; also reported as IPv6 extension-header support"),
     "firmware.ipv4_options": ("true/false", "IPv4 packets with options are processed (else indicated "
                                             "unprocessed)"),
     "firmware.transport": ("true/false", "transport-mode SAs accepted"),
     "firmware.tunnel": ("true/false", "tunnel-mode SAs accepted (NDIS needs TRUE for any offload)"),
-    "firmware.transport_tunnel_combined": ("true/false", "reported only; TX with a tunnel_handle is refused "
-                                                         "whatever it says"),
+    "firmware.transport_tunnel_combined": ("true/false", "CAPS transport_tunnel_combined: crypto-offload transport "
+                                                         "over tunnel, plain ESP layers (§7.3, §7.6)"),
     "firmware.ah": ("true/false", "AH SAs accepted"),
     "firmware.esp": ("true/false", "ESP SAs accepted"),
     "firmware.ah_esp_combined": ("true/false", "ESP+AH bundles accepted"),
-    "firmware.lso": ("true/false", "reported only (FEATURES.LSO, CAPS lso_supported); the card never segments"),
+    "firmware.lso": ("false (true is refused: the card never segments)", "FEATURES.LSO, CAPS lso_supported"),
     "firmware.max_replay_window": ("0..65536", "MAX_REPLAY_WINDOW; largest packet-offload replay_window"),
     "firmware.packet_offload": ("true/false", "ADD_SA_PACKET and IPSEC_PACKET available"),
     "wire.type": ("none, loopback, dgram, stream, cable", "wire backend (§11.2)"),

@@ -28,6 +28,7 @@ from device.nic.rings import (
     RX_PACKETS,
     RX_REPLAY_DROP,
     SA_DELETE_CAUSE,
+    STAT,
     STATUS_AT,
     DatapathStats,
     RingRegs,
@@ -45,9 +46,10 @@ _RXD = regs.RX_DESC
 _RXD_SIZE = _RXD.size
 _RXD_UNPACK = _RXD.struct.unpack
 _RX_WB_AT = _RXD.offset_of("length")
-# length, wb_flags, crypto_status, reserved1, offload_handle, next_header, pad_length
-_RX_WB = struct.Struct("<HHHHIBB")
-assert _RX_WB.size == _RXD.offset_of("reserved2") - _RX_WB_AT
+# length, wb_flags, crypto_status, reserved1, offload_handle, next_header, pad_length, reserved2,
+# next_offload_handle
+_RX_WB = struct.Struct("<HHHHIBBHI")
+assert _RX_WB.size == _RXD_SIZE - _RX_WB_AT
 _DD_EOP = int(RxWbFlags.DD | RxWbFlags.EOP)
 _DD_ERROR = int(RxWbFlags.DD | RxWbFlags.ERROR)
 _RX_ERROR = int(RxWbFlags.ERROR)
@@ -56,6 +58,9 @@ _NEXT_CRYPTO_DONE = int(RxWbFlags.NEXT_CRYPTO_DONE)
 _DECAPSULATED = int(RxWbFlags.DECAPSULATED)
 _HEADER_INFO = int(RxWbFlags.HEADER_INFO)
 _SA_DELETE_REQ = int(RxWbFlags.SA_DELETE_REQ)
+_L4_CSUM_OK = int(RxWbFlags.L4_CSUM_OK)
+_POLICY_MISMATCH = int(RxWbFlags.POLICY_MISMATCH)
+RX_POLICY_DROP = STAT["RX_POLICY_DROP"]
 _AUTH_FAILED = frozenset(int(s) for s in regs.CryptoStatus if s.name.endswith("_AUTH_FAILED"))
 _PROMISC = int(Ctrl.PROMISC)
 
@@ -153,12 +158,13 @@ class RxPath:
                 addr = base + head * _RXD_SIZE
                 try:
                     (buf_addr, buf_len, reserved0, _l, _f, _c, reserved1, _h, _n, _p, reserved2,
-                     reserved3) = _RXD_UNPACK(dma.read(addr, _RXD_SIZE))
+                     _nh) = _RXD_UNPACK(dma.read(addr, _RXD_SIZE))
                 except DmaError:
                     self.dma_fault(qid)
                     break  # the ring itself is unreachable: HEAD stays, the frame is lost (counted)
                 head = (head + 1) % size
-                bad = bool(reserved0 or reserved1 or reserved2 or reserved3 or not buf_len)
+                # next_offload_handle is a write-back field: a reused descriptor may still hold an old one
+                bad = bool(reserved0 or reserved1 or reserved2 or not buf_len)
                 if not bad:
                     try:
                         dma.view(buf_addr, buf_len).release()  # the whole buffer must be reachable
@@ -166,9 +172,9 @@ class RxPath:
                         self.dma_fault(qid)
                         bad = True
                 if bad:
-                    if reserved0 or reserved1 or reserved2 or reserved3 or not buf_len:
+                    if reserved0 or reserved1 or reserved2 or not buf_len:
                         stats[BAD_DESCRIPTOR] += 1
-                    dma.write(addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0))
+                    dma.write(addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0, 0, 0))
                     completed = True
                     continue  # try the frame on the next descriptor
                 slot = (addr, buf_addr, buf_len)
@@ -192,6 +198,11 @@ class RxPath:
         drop = result.discard
         if drop:
             self.extra.rx_discarded += 1
+        elif result.policy_drop:
+            stats[RX_POLICY_DROP] += 1  # packet offload: outside the SA's selector (RFC 4301 §5.2)
+            drop = True
+        elif result.policy_mismatch:
+            wb_flags |= _POLICY_MISMATCH  # indicated unprocessed: no CRYPTO_DONE, handle 0
         elif result.crypto_done:
             wb_flags |= _CRYPTO_DONE
             if result.next_crypto_done:
@@ -201,6 +212,8 @@ class RxPath:
                 drop = True
             elif crypto_status == 0:
                 stats[RX_CRYPTO_OK] += 1
+                if result.l4_csum_ok:
+                    wb_flags |= _L4_CSUM_OK
                 if result.decapsulated:
                     wb_flags |= _DECAPSULATED
                 elif result.next_header >= 0:
@@ -227,7 +240,7 @@ class RxPath:
         try:
             dma.write(buf_addr, data)
             dma.write(addr + _RX_WB_AT, _RX_WB.pack(min(n, 0xFFFF), wb_flags, crypto_status, 0,
-                                                    result.handle, next_header, pad_length))
+                                                    result.handle, next_header, pad_length, 0, result.next_handle))
             completed = True
             stats[RX_PACKETS] += 1
             stats[RX_BYTES] += n

@@ -169,11 +169,12 @@ class TxPath:
             return TxStatus.DMA_ERROR, rs
         ipsec = flags & _TX_IPSEC
         if ipsec:
-            if tunnel_handle or (ipsec == _IPSEC_CRYPTO and not handle):
+            if ipsec == _IPSEC_CRYPTO and not handle:
                 stats[TX_OFFLOAD_ERROR] += 1
                 return TxStatus.BAD_HANDLE, rs
+            # tunnel_handle: transport over tunnel (the firmware refuses it unless the profile offers it)
             result = self.firmware.transmit(frame, handle, ipsec == _IPSEC_PACKET,
-                                            seq_hi if flags & _SEQ_HI else None)
+                                            seq_hi if flags & _SEQ_HI else None, tunnel_handle)
             fw_status = result.status
             if result.sa_delete_req:
                 self._cause(SA_DELETE_CAUSE)

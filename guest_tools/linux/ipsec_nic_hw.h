@@ -20,7 +20,7 @@
 #define IPNC_VENDOR_ID                                   0xEC5E
 #define IPNC_DEVICE_ID                                   1
 #define IPNC_ID_MAGIC                                    0x434E5049
-#define IPNC_REGMAP_VERSION                              0x10000
+#define IPNC_REGMAP_VERSION                              0x10100
 #define IPNC_BAR0_SIZE                                   0x4000
 #define IPNC_MAX_QUEUES                                  8
 #define IPNC_RING_ALIGN                                  0x40
@@ -94,6 +94,8 @@
 #define IPNC_REG_BAD_DESCRIPTOR_HI                       0x454
 #define IPNC_REG_DMA_ERROR_LO                            0x458
 #define IPNC_REG_DMA_ERROR_HI                            0x45C
+#define IPNC_REG_RX_POLICY_DROP_LO                       0x460
+#define IPNC_REG_RX_POLICY_DROP_HI                       0x464
 
 /* Ring register blocks: admin queue, TX queue q, RX queue q; rel = IPNC_QREG_* */
 #define IPNC_QREG_BASE_LO                                0
@@ -119,7 +121,8 @@
 #define IPNC_STAT_TX_OFFLOAD_ERROR                       0x448
 #define IPNC_STAT_BAD_DESCRIPTOR                         0x450
 #define IPNC_STAT_DMA_ERROR                              0x458
-#define IPNC_NUM_STATS                                   0xC
+#define IPNC_STAT_RX_POLICY_DROP                         0x460
+#define IPNC_NUM_STATS                                   0xD
 #define IPNC_STAT_NAMES { \
 	"tx_packets", \
 	"tx_bytes", \
@@ -133,6 +136,7 @@
 	"tx_offload_error", \
 	"bad_descriptor", \
 	"dma_error", \
+	"rx_policy_drop", \
 }
 
 /* EncAlg */
@@ -247,6 +251,8 @@
 #define IPNC_RX_WB_FLAGS_HEADER_INFO                     0x20
 #define IPNC_RX_WB_FLAGS_DECAPSULATED                    0x40
 #define IPNC_RX_WB_FLAGS_ERROR                           0x80
+#define IPNC_RX_WB_FLAGS_L4_CSUM_OK                      0x100
+#define IPNC_RX_WB_FLAGS_POLICY_MISMATCH                 0x200
 
 /* IntMode */
 #define IPNC_INT_MODE_POLL                               0
@@ -340,7 +346,7 @@ struct ipnc_rx_desc {
 	u8 next_header;
 	u8 pad_length;
 	__le16 reserved2;
-	__le32 reserved3;
+	__le32 next_offload_handle;
 } __packed;
 static_assert(sizeof(struct ipnc_rx_desc) == 32);
 
@@ -566,7 +572,7 @@ struct ipnc_sa_list_entry {
 } __packed;
 static_assert(sizeof(struct ipnc_sa_list_entry) == 20);
 
-/* GLOBAL_STATS, 264 bytes */
+/* GLOBAL_STATS, 288 bytes */
 struct ipnc_global_stats {
 	__le32 sa_bundles;
 	__le32 sa_capacity;
@@ -603,12 +609,15 @@ struct ipnc_global_stats {
 	__le64 reject_bad_encapsulation;
 	__le64 reject_bad_parser_entry;
 	__le64 reject_bad_parameter;
+	__le64 rx_policy_unprocessed;
+	__le64 rx_policy_drops;
+	__le64 rx_l4_csum_ok;
 } __packed;
-static_assert(sizeof(struct ipnc_global_stats) == 264);
+static_assert(sizeof(struct ipnc_global_stats) == 288);
 
 /* GLOBAL_STATS 64-bit counters, in order, from field tx_packets on */
 #define IPNC_FW_STAT_FIRST offsetof(struct ipnc_global_stats, tx_packets)
-#define IPNC_NUM_FW_STATS                                0x1F
+#define IPNC_NUM_FW_STATS                                0x22
 #define IPNC_FW_STAT_NAMES { \
 	"tx_packets", \
 	"tx_bytes", \
@@ -641,6 +650,9 @@ static_assert(sizeof(struct ipnc_global_stats) == 264);
 	"reject_bad_encapsulation", \
 	"reject_bad_parser_entry", \
 	"reject_bad_parameter", \
+	"rx_policy_unprocessed", \
+	"rx_policy_drops", \
+	"rx_l4_csum_ok", \
 }
 
 #endif /* IPSEC_NIC_HW_H */

@@ -111,7 +111,7 @@ def test_several_crypto_sas_go_as_one_list_and_each_refusal_is_shown(tmp_path, c
     assert lines[0].startswith("0x") and "spi 0x2001 inbound" in lines[0]
     assert lines[1].startswith("refused") and f"{path}: sas[1]" in lines[1] and "spi 0x2001" in lines[1]
     assert lines[1].endswith("): INVALID_PARAMETER: invalid parameter: unknown or stale SA handle, wrong "
-                             "SPI/operation, or a field the card does not accept"), lines[1]
+                             "SPI/operation, or a field the card does not accept [DUPLICATE_SPI]"), lines[1]
     assert lines[2].startswith("0x") and "spi 0x2002" in lines[2]
     from device.contract.ndis import Opcode
 

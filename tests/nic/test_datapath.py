@@ -553,3 +553,96 @@ def test_frames_wait_while_bus_master_is_off(rig):
     rig.ctx.run()
     assert [drv.rx(i)[1] for i in rx[:3]] == frames
     assert drv.stat("RX_NO_BUFFER") == 0
+
+
+# ---- receive policy in the RX write-back (datasheet §7.6, §12.1) ---------------------------------------
+
+def test_filter_miss_is_indicated_unprocessed_with_policy_mismatch(rig):
+    from tests.firmware.test_policy import AUTH_KEY, _v1
+
+    drv = rig.drv
+    # v1 inbound SA for UDP to port 5000 from 10.0.0.0/24 to 10.0.0.2 (NULL + HMAC-SHA1-96)
+    wb, _ = drv.admin(ndis.Opcode.V1_ADD_SA, _v1(0x7001, dst="10.0.0.2", dport=5000))
+    assert wb.fw_status == 0
+    tx = SecurityAssociation(ESP, spi=0x7001, crypt_algo="NULL", auth_algo="HMAC-SHA1-96", auth_key=AUTH_KEY)
+
+    def frame(dport: int, seq: int) -> bytes:
+        inner = IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=dport) / Raw(b"policy")
+        return bytes(Ether(dst=CARD_MAC, src=PEER_MAC) / tx.encrypt(inner, seq_num=seq))
+
+    rx = drv.post_rx(2)
+    outside, inside = frame(6000, 1), frame(5000, 2)
+    drv.send(outside)
+    drv.send(inside)
+    rig.ctx.run()
+    d, data = drv.rx(rx[0])
+    assert d.wb_flags & RxWbFlags.POLICY_MISMATCH and d.wb_flags & RxWbFlags.DD
+    assert not d.wb_flags & RxWbFlags.CRYPTO_DONE and d.offload_handle == 0
+    assert data == outside
+    d, _ = drv.rx(rx[1])
+    assert d.wb_flags & RxWbFlags.CRYPTO_DONE and d.crypto_status == CryptoStatus.SUCCESS
+    assert not d.wb_flags & RxWbFlags.POLICY_MISMATCH and d.offload_handle
+
+
+def test_packet_offload_selector_miss_is_dropped_and_counted():
+    from device.contract.enums import Direction, IpProto
+    from device.contract.sa import SaParams
+    from device.contract.sa import add_sa_packet as encode_packet_sa
+
+    r, _, _ = packet_offload_rig({"type": "loopback"})
+    drv = r.drv
+    sa = SaParams(spi=0x7002, proto=IpProto.ESP, direction=Direction.INBOUND, mode=Mode.TUNNEL, src="10.0.0.1",
+                  dst="10.0.0.2", enc_alg=EncAlg.AES_GCM_128, enc_key=KEY, icv_len=16,
+                  inner_src="192.168.2.1", inner_dst="192.168.1.1")
+    wb, _ = drv.admin(ndis.Opcode.ADD_SA_PACKET, encode_packet_sa(sa))
+    assert wb.fw_status == 0
+    peer = SecurityAssociation(ESP, spi=0x7002, crypt_algo="AES-GCM", crypt_key=KEY,
+                               tunnel_header=IP(src="10.0.0.1", dst="10.0.0.2"))
+
+    def frame(src: str, seq: int) -> bytes:
+        return bytes(Ether(dst=CARD_MAC, src=PEER_MAC) /
+                     peer.encrypt(IP(src=src, dst="192.168.1.1") / UDP() / Raw(b"sel"), seq_num=seq))
+
+    rx = drv.post_rx(2)
+    drv.send(frame("192.168.9.9", 1), flags=int(TxFlags.EOP))
+    r.ctx.run()
+    assert drv.stat("RX_POLICY_DROP") == 1 and drv.stat("RX_PACKETS") == 0
+    assert not drv.rx(rx[0])[0].wb_flags & RxWbFlags.DD  # the descriptor is still the driver's
+    drv.send(frame("192.168.2.1", 2), flags=int(TxFlags.EOP))
+    r.ctx.run()
+    d, data = drv.rx(rx[0])
+    assert d.wb_flags & RxWbFlags.DECAPSULATED and IP(data[14:]).src == "192.168.2.1"
+    r.datapath.close()
+
+
+def test_transport_over_tunnel_through_the_descriptors(rig):
+    """TxDesc.tunnel_handle seals both layers; the loopback brings the frame to the inbound pair and
+    RxDesc says NEXT_CRYPTO_DONE with next_offload_handle = the inner SA."""
+    from dataclasses import replace
+
+    from device.contract.enums import Direction
+    from firmware_model.capabilities import Capabilities
+    from tests.firmware.test_combined import INNER_KEY, OUTER_KEY, PAYLOAD, _host_frame, _sa
+
+    fw = rig.firmware
+    fw.caps = replace(fw.caps, transport_tunnel_combined=True)  # as a profile offering it would
+    inner_out = fw.add_sa(_sa(0x1111, INNER_KEY, inbound=False, tunnel=False))
+    outer_out = fw.add_sa(_sa(0x2222, OUTER_KEY, inbound=False, tunnel=True))
+    # the loopback returns the frame: inbound SAs with the outbound ones' endpoints
+    inner_in = fw.add_sa([replace(p, direction=Direction.INBOUND) for p in _sa(0x1111, INNER_KEY, inbound=False,
+                                                                                tunnel=False)])
+    outer_in = fw.add_sa([replace(p, direction=Direction.INBOUND) for p in _sa(0x2222, OUTER_KEY, inbound=False,
+                                                                                tunnel=True)])
+    drv = rig.drv
+    rx = drv.post_rx(1)
+    frame = bytes(Ether(dst=CARD_MAC, src=PEER_MAC, type=0x0800)) + _host_frame()[14:]
+    i = drv.send(frame, flags=int(TxFlags.EOP | TxFlags.REPORT_STATUS | TxFlags.IPSEC_CRYPTO), handle=inner_out,
+                 tunnel_handle=outer_out)
+    rig.ctx.run()
+    assert drv.tx_wb(i).wb_status == TxStatus.OK
+    d, data = drv.rx(rx[0])
+    assert d.wb_flags & RxWbFlags.CRYPTO_DONE and d.wb_flags & RxWbFlags.NEXT_CRYPTO_DONE
+    assert d.crypto_status == CryptoStatus.SUCCESS
+    assert (d.offload_handle, d.next_offload_handle) == (outer_in, inner_in)
+    assert data[86 + 8:86 + 8 + len(PAYLOAD)] == PAYLOAD
+    assert Capabilities().transport_tunnel_combined is False  # the default profile does not offer it

@@ -243,7 +243,7 @@ def test_long_admin_lists_do_not_stall_mmio(card):
             assert time.monotonic() < deadline
         for k in range(lists):
             wb = regs.ADMIN_DESC.unpack(ram[k * 64 : k * 64 + 64])
-            assert wb.status == 0 and wb.fw_status == 0 and wb.resp_len == 8 + 8 * per
+            assert wb.status == 0 and wb.fw_status == 0 and wb.resp_len == 8 + ndis.V2_ADD_SA_RESULT.size * per
         # The loop answered every MMIO read within a few passes, whatever the queue held (the bound leaves
         # room for a loaded host descheduling the server; unsplit, one pass took 0.6 s and more).
         assert worst < 0.2, f"an MMIO read waited {worst * 1000:.0f} ms behind the admin queue"
