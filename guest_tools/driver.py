@@ -155,6 +155,7 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
         self._open = False
         self._tx_backlog: list[TxCompletion] = []
         self.vfio = None  # a guest_tools.vfio.VfioDevice when opened through vfio-pci
+        self._icr_read_at = regs.ICR  # M_ICR once the card says it has the mirror page (map 1.1)
 
     # ------------------------------------------------------------------------------------------
     # init sequence
@@ -191,6 +192,8 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
         if version >> 16 != regs.REGMAP_VERSION_VALUE >> 16:
             raise CardError(f"register map {regs.decode_version(version)} is not compatible with this driver "
                             f"({regs.decode_version(regs.REGMAP_VERSION_VALUE)}): update guest_tools")
+        # Waiting polls ICR; its mirror is in the mmappable page, so polling costs the card nothing.
+        self._icr_read_at = regs.M_ICR if version >= regs.MIRROR_MIN_VERSION else regs.ICR
 
     def _reset(self) -> None:
         """CTRL.RESET: every register, ring and SA back to reset state (self-clearing)."""
@@ -350,7 +353,7 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
 
     def service(self) -> int:
         """Read and acknowledge ICR (W1C); note SA delete requests and errors. Returns the causes seen."""
-        icr = self.mmio.read32(regs.ICR)
+        icr = self.mmio.read32(self._icr_read_at)
         if icr:
             self.mmio.write32(regs.ICR, icr)
             if icr & Cause.SA_DELETE_REQ:

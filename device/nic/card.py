@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import mmap
+import os
 import time
 from array import array
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from device.contract import regs
 from device.contract.regs import Access, Cause, Ctrl, ErrCode, IntMode, QueueCtrl, QueueId, Status
 from device.pci.function import PciFunction
 from device.profile import Profile
-from device.vfio_user.device_api import DeviceContext
+from device.vfio_user.device_api import DeviceContext, MmapArea
 from firmware_model.capabilities import Capabilities
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,7 @@ class Ring:
         return _QUEUE_ID[self.kind] | self.index
 
     def set_head(self, value: int) -> None:
-        self.card.mem[(self.base + regs.QREG_HEAD) >> 2] = value % max(self.length, 1)
+        self.card.store((self.base + regs.QREG_HEAD) >> 2, value % max(self.length, 1))
 
     def pending(self) -> int:
         """Descriptors made ready by the driver and not yet processed."""
@@ -188,6 +190,14 @@ class NicCard:
                 self.read_only[at] = r.access is Access.RO
                 self.reset_image[at] = values.get(r.name, r.element_reset(i)) if r.reset_from else r.element_reset(i)
         self.mem = array("I", self.reset_image)
+        # The mirror page (regs.MIRROR_PAGE), as the client sees it: private memory until a client asks
+        # for the region's mmap (shared_mapping), then a memfd (no fd for a card nobody maps).
+        self.shared = memoryview(bytearray(regs.BAR0_SIZE)).cast("I")
+        self._shared_file = None
+        self._shared_map: mmap.mmap | None = None
+        # Source dword -> mirror dword (both indices into mem / shared).
+        self.mirror_of: dict[int, int] = {
+            src >> 2: m >> 2 for src, m in regs.mirror_sources(nic.tx_queues, nic.rx_queues).items()}
         self.stats = [0] * len(Stat)
         self._latched_hi: dict[int, int] = {}
         self.function: PciFunction | None = None
@@ -235,6 +245,7 @@ class NicCard:
             self.write_ops[ring.base + regs.QREG_LEN] = self._ring_config_writer(ring)
             self.write_ops[ring.base + regs.QREG_TAIL] = self._tail_writer(ring)
             self.write_ops[ring.base + regs.QREG_CTRL] = self._ring_ctrl_writer(ring)
+        self._sync_mirrors()
 
     # ----- wiring -----
 
@@ -250,6 +261,44 @@ class NicCard:
         if self.datapath is not None:
             self.datapath.detached()
         self.ctx = None
+
+    def shared_mapping(self) -> tuple[int, tuple[MmapArea, ...]]:
+        """The fd and the BAR0 areas a vfio-user client may mmap (PciFunction.region_info asks)."""
+        if self._shared_file is None:
+            # The file spans the whole BAR so an area's file offset equals its BAR offset (vfio: region
+            # offset + area offset); only the mirror page is ever written.
+            fd = os.memfd_create("ipsec-nic-bar0", os.MFD_CLOEXEC)
+            self._shared_file = os.fdopen(fd, "r+b", buffering=0)  # owns the fd
+            os.ftruncate(fd, regs.BAR0_SIZE)
+            self._shared_map = mmap.mmap(fd, regs.BAR0_SIZE)
+            shared = memoryview(self._shared_map).cast("I")
+            shared[:] = self.shared
+            self.shared = shared
+        return self._shared_file.fileno(), (MmapArea(regs.MIRROR_PAGE, regs.MIRROR_PAGE_SIZE),)
+
+    def close(self) -> None:
+        """Release the shared mapping and its fd (the card itself keeps working on private memory)."""
+        if self._shared_file is not None:
+            private = memoryview(bytearray(regs.BAR0_SIZE)).cast("I")
+            private[:] = self.shared
+            self.shared.release()
+            self.shared = private
+            assert self._shared_map is not None
+            self._shared_map.close()
+            self._shared_file.close()
+            self._shared_file = self._shared_map = None
+
+    def store(self, at: int, value: int) -> None:
+        """Set register dword ``at`` (offset >> 2) and, when it has one, its mirror in the shared page."""
+        self.mem[at] = value
+        m = self.mirror_of.get(at)
+        if m is not None:
+            self.mem[m] = value
+            self.shared[m] = value
+
+    def _sync_mirrors(self) -> None:
+        for src, m in self.mirror_of.items():
+            self.mem[m] = self.shared[m] = self.mem[src]
 
     def rings(self) -> list[Ring]:
         return [self.admin_ring, *self.tx_rings, *self.rx_rings]
@@ -283,6 +332,7 @@ class NicCard:
     def reset(self) -> None:
         """Card reset (CTRL.RESET, FLR, DEVICE_RESET): every register and counter to its reset value."""
         self.mem[:] = self.reset_image
+        self._sync_mirrors()
         self._set_status(Status.LINK_UP, self.link_up)  # the link is physical: it survives a reset
         self.stats = [0] * len(Stat)
         self._latched_hi.clear()
@@ -329,7 +379,7 @@ class NicCard:
         return self.mem[regs.reg(name) >> 2]
 
     def _put(self, name: str, value: int) -> None:
-        self.mem[regs.reg(name) >> 2] = value & 0xFFFF_FFFF
+        self.store(regs.reg(name) >> 2, value & 0xFFFF_FFFF)
 
     # ----- control and status -----
 
@@ -524,7 +574,7 @@ class NicCard:
                                f"{problem}")
                     self.report_error(ErrCode.BAD_RING_CONFIG, ring.queue_id)
                     return
-                self.mem[(ring.base + regs.QREG_HEAD) >> 2] = 0
+                self.store((ring.base + regs.QREG_HEAD) >> 2, 0)
             self.mem[offset >> 2] = int(QueueCtrl.ENABLE) if want else 0
             if self.ring_enable_hook is not None:
                 self.ring_enable_hook(ring.kind, ring.index, want)

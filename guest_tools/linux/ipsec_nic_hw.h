@@ -20,7 +20,7 @@
 #define IPNC_VENDOR_ID                                   0xEC5E
 #define IPNC_DEVICE_ID                                   1
 #define IPNC_ID_MAGIC                                    0x434E5049
-#define IPNC_REGMAP_VERSION                              0x10000
+#define IPNC_REGMAP_VERSION                              0x10100
 #define IPNC_BAR0_SIZE                                   0x4000
 #define IPNC_MAX_QUEUES                                  8
 #define IPNC_RING_ALIGN                                  0x40
@@ -94,6 +94,13 @@
 #define IPNC_REG_BAD_DESCRIPTOR_HI                       0x454
 #define IPNC_REG_DMA_ERROR_LO                            0x458
 #define IPNC_REG_DMA_ERROR_HI                            0x45C
+#define IPNC_REG_M_STATUS                                0x3000
+#define IPNC_REG_M_ICR                                   0x3004
+#define IPNC_REG_M_ERR_CODE                              0x3008
+#define IPNC_REG_M_ERR_INFO                              0x300C
+#define IPNC_REG_M_AQ_HEAD                               0x3010
+#define IPNC_REG_M_TXQ_HEAD(n)                           (0x3040 + (n) * 0x4)
+#define IPNC_REG_M_RXQ_HEAD(n)                           (0x3060 + (n) * 0x4)
 
 /* Ring register blocks: admin queue, TX queue q, RX queue q; rel = IPNC_QREG_* */
 #define IPNC_QREG_BASE_LO                                0

@@ -1,0 +1,97 @@
+"""The mmappable mirror page (regs.MIRROR_PAGE): offered for mmap over vfio-user, kept equal to its sources.
+
+The check reads the page through an independent mmap of the fd GET_REGION_INFO hands out, as QEMU's
+vfio-user client does (hw/vfio/region.c: mmap(fd, region offset + sparse area offset)).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+
+import pytest
+
+from device.contract import regs
+from device.contract.regs import Cause, Ctrl, Status
+from device.vfio_user import protocol as p
+
+from .conftest import make_rig
+from .test_datapath import udp_frame
+
+
+@pytest.fixture
+def mirror(rig):
+    info = rig.fn.region_info(0)
+    assert info.mmap_fd is not None
+    assert [(a.offset, a.size) for a in info.sparse_areas] == [(regs.MIRROR_PAGE, regs.MIRROR_PAGE_SIZE)]
+    mm = mmap.mmap(info.mmap_fd, regs.MIRROR_PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ,
+                   offset=info.mmap_offset + regs.MIRROR_PAGE)
+    yield lambda off: struct.unpack_from("<I", mm, off - regs.MIRROR_PAGE)[0]
+    mm.close()
+    rig.card.close()
+
+
+def _pairs(rig):
+    nic = rig.card.profile.nic
+    return regs.mirror_sources(nic.tx_queues, nic.rx_queues)
+
+
+def _assert_mirrors_equal(rig, mirror):
+    for src, m in _pairs(rig).items():
+        value = rig.drv.r(src)
+        assert mirror(m) == value, f"mirror {m:#x} of {src:#x}"
+        assert rig.drv.r(m) == value  # a trapped read of the mirror sees the same value
+
+
+def test_region_info_reply_carries_sparse_area_and_fd(rig):
+    info = rig.fn.region_info(0)
+    data, fds = p.build_region_info_reply(1, 4096, 0, info)
+    assert fds == (info.mmap_fd,)
+    flags = p.REGION_INFO.unpack_from(data, p.HEADER.size)[1]
+    assert flags & p.REGION_INFO_FLAG_MMAP and flags & p.REGION_INFO_FLAG_CAPS
+    area = p.SPARSE_MMAP_AREA.unpack_from(data, p.HEADER.size + p.REGION_INFO.size + p.SPARSE_MMAP_CAP.size)
+    assert area == (regs.MIRROR_PAGE, regs.MIRROR_PAGE_SIZE)
+    assert rig.fn.region_info(2).mmap_fd is None  # the MSI-X BAR stays trapped (QEMU emulates the table)
+    rig.card.close()
+
+
+def test_mirrors_follow_status_icr_and_heads_through_traffic(rig, mirror):
+    drv = rig.drv
+    _assert_mirrors_equal(rig, mirror)
+    assert mirror(regs.M_STATUS) & Status.ENABLED
+    drv.w(regs.IMS, regs.cause_tx(0) | regs.cause_rx(0))
+    drv.post_rx(4)
+    drv.send(udp_frame())
+    rig.ctx.run()
+    assert mirror(regs.M_TXQ_HEAD) == 1 and mirror(regs.M_RXQ_HEAD) == 1
+    assert mirror(regs.M_ICR) & regs.cause_tx(0)
+    assert mirror(regs.M_ICR) & regs.cause_tx(0)  # reading the mirror clears nothing
+    _assert_mirrors_equal(rig, mirror)
+    drv.w(regs.ICR, 0xFFFF_FFFF)
+    assert mirror(regs.M_ICR) == 0
+    drv.w(regs.ICS, Cause.ADMINQ)
+    assert mirror(regs.M_ICR) == Cause.ADMINQ
+    drv.w(regs.MTU, 1)  # refused: ERR_CODE/ERR_INFO and the ERROR cause
+    assert mirror(regs.M_ERR_CODE) == regs.ErrCode.BAD_MTU and mirror(regs.M_ERR_INFO) == 1
+    _assert_mirrors_equal(rig, mirror)
+
+
+def test_mirrors_follow_reset_and_guest_writes_to_them_are_ignored(rig, mirror):
+    drv = rig.drv
+    drv.w(regs.ICR, 0xFFFF_FFFF)
+    drv.w(regs.ICS, Cause.ADMINQ)
+    drv.w(regs.M_ICR, 0)  # trapped write to a read-only mirror: ignored
+    assert mirror(regs.M_ICR) == Cause.ADMINQ
+    drv.w(regs.CTRL, Ctrl.RESET)
+    assert mirror(regs.M_ICR) == 0 and mirror(regs.M_TXQ_HEAD) == 0
+    assert mirror(regs.M_STATUS) == drv.r(regs.STATUS) and not mirror(regs.M_STATUS) & Status.ENABLED
+    _assert_mirrors_equal(rig, mirror)
+
+
+def test_absent_queues_mirror_zero():
+    r = make_rig(nic={"tx_queues": 1, "rx_queues": 1})
+    try:
+        assert regs.txq_reg(1, regs.QREG_HEAD) not in _pairs(r)
+        assert r.drv.r(regs.M_TXQ_HEAD + 4) == 0 and r.drv.r(regs.M_RXQ_HEAD + 28) == 0
+    finally:
+        r.datapath.close()
