@@ -100,6 +100,9 @@ def vm_figures(seconds: float, say: Progress, logs: Path) -> list[Row]:
             mm["edu_read"], "read/s on QEMU's edu BAR", MMIO_TARGET,
             note="QEMU mmapped the mirror page (memfd in its /proc maps)" if mapped
             else "QEMU did NOT mmap the mirror page: every read is trapped"),
+        Row("QEMU mmapped the card's mirror page (its memfd in QEMU's /proc/PID/maps)", 1.0 if mapped else 0.0,
+            "1 = yes", note="sparse mmap taken: M_* reads are RAM loads" if mapped
+            else "not mapped: every M_* read is trapped"),
         Row("guest register reads/s, card ICR (trapped: a vfio-user round trip)", mm["card_read_trapped"],
             "read/s", mm["edu_read"], "read/s on QEMU's edu BAR"),
         Row("guest doorbells/s, card TX tail", mm["card_doorbell"], "write/s", mm["edu_write"],
