@@ -19,7 +19,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 
 from device.contract.net import IPPROTO_ESP, IPPROTO_NONE
-from firmware_model.esp import U64, Verdict, strip_trailer
+from firmware_model.esp import PAD_BYTES, U64, Verdict, strip_trailer
 from firmware_model.replay import REJECT
 
 _IP_MF_OFFSET_MASK = 0x3FFF  # IPv4 "more fragments" flag + fragment offset
@@ -115,7 +115,9 @@ def encapsulate_v4(eng: Any, ip_packet: bytes, *, iv: bytes | None = None) -> tu
         vt, total, idf, ttl, nh, _, src, dst = _V4_FIELDS_UNPACK_FROM(ip_packet)
         seq = eng._seq + 1
         # (a fragment, MF or offset set in idf's low bits, takes the general path, which refuses it)
-        if 20 <= total <= n and total <= _V4_FAST_MAX and seq <= eng._seq_limit and not idf & 0x3FFF:
+        # (_seq_warn < _seq_limit: one compare per packet; the limit is checked once past the warning)
+        if (20 <= total <= n and total <= _V4_FAST_MAX and not idf & 0x3FFF
+                and (seq < eng._seq_warn or seq <= eng._seq_limit)):
             if seq >= eng._seq_warn:
                 eng.seq_nearly_exhausted = True
             # IV = sequence number, forced strictly increasing (module docstring); below 2^33 without
@@ -155,16 +157,28 @@ def decapsulate_v4(eng: Any, ip_packet: bytes) -> tuple[Verdict, bytes]:
         if (proto == IPPROTO_ESP and not idf & _IP_MF_OFFSET_MASK and 56 <= total <= len(ip_packet)
                 and spi == eng.spi):
             window = eng.window
-            seq = window.check(seq_lo)  # RFC 4303 §3.4.3: early reject before the ICV work
+            # RFC 4303 §3.4.3: early reject before the ICV work. No ESN here, so the number is seq_lo;
+            # one above the window's top (in-order traffic) passes without the window's own check.
+            seq = seq_lo if seq_lo > window.top else window.check(seq_lo)
             if seq == REJECT:
                 return eng._fail(_REPLAY), b""
             try:
                 plain = decrypt(_NONCE_PACK(eng._gcm_salt, iv), ip_packet[_V4_ESP_LEN:total], ip_packet[20:28])
             except InvalidTag:
                 return eng._fail(_AUTH_FAILED), b""
-            verdict, payload_len, nh = eng._after_icv(window, seq, plain)
-            if verdict:
-                return verdict, b""
+            # EspEngine._after_icv, inlined: move the window, check the trailer, drop a dummy packet
+            if not window.accept(seq):  # only authenticated packets move the window
+                return eng._fail(_REPLAY), b""
+            n = len(plain)  # >= 4: total >= 56 leaves 4 bytes between IV and ICV
+            padlen = plain[-2]
+            payload_len = n - 2 - padlen
+            if payload_len < 0 or (padlen and plain[payload_len:n - 2] != PAD_BYTES[:padlen]):
+                return eng._fail(_BAD_SYNTAX), b""  # RFC 4303 §2.4: padding must be 1, 2, 3, ...
+            nh = plain[-1]
+            if nh == IPPROTO_NONE:  # RFC 4303 §2.6: dummy packet, discard silently
+                eng.stats.dummy_packets += 1
+                eng._count(0)
+                return _DUMMY, b""
             out_total = 20 + payload_len
             csum = -(vt + out_total + idf + (ttl << 8 | nh) + src + dst) % 0xFFFF
             if limited:
