@@ -261,6 +261,7 @@ class NicCard:
         if self.datapath is not None:
             self.datapath.detached()
         self.ctx = None
+        self.close()  # the client that mapped the mirror page is gone; the next one gets a fresh file
 
     def shared_mapping(self) -> tuple[int, tuple[MmapArea, ...]]:
         """The fd and the BAR0 areas a vfio-user client may mmap (PciFunction.region_info asks)."""
