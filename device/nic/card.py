@@ -171,6 +171,30 @@ class Ring:
         return ""
 
 
+MIRROR_MEMFD_NAME = "ipsec-nic-mirror"  # shows in a mapping process's /proc/PID/maps (the bench checks)
+
+
+class MirrorBar:
+    """BAR4, the mirror BAR: reads come from the card's shared mirror memory; writes are ignored."""
+
+    def __init__(self, card: NicCard) -> None:
+        self.card = card
+        self.ignored_writes = 0
+
+    def read(self, offset: int, size: int) -> int:
+        with self.card.shared.cast("B") as view:  # released at once: close() may drop the mapping
+            return int.from_bytes(view[offset:offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.ignored_writes += 1  # read-only (through the mapping a write lands in memory until the next update)
+
+    def reset(self) -> None:
+        pass  # the mirrors follow BAR0, whose reset rewrites them
+
+    def shared_mapping(self) -> tuple[int, tuple[MmapArea, ...]]:
+        return self.card.mirror_mapping()
+
+
 class NicCard:
     """BAR0 of the card. Implements the PCI function's BarHandler interface."""
 
@@ -190,14 +214,15 @@ class NicCard:
                 self.read_only[at] = r.access is Access.RO
                 self.reset_image[at] = values.get(r.name, r.element_reset(i)) if r.reset_from else r.element_reset(i)
         self.mem = array("I", self.reset_image)
-        # The mirror page (regs.MIRROR_PAGE), as the client sees it: private memory until a client asks
-        # for the region's mmap (shared_mapping), then a memfd (no fd for a card nobody maps).
-        self.shared = memoryview(bytearray(regs.BAR0_SIZE)).cast("I")
+        # The mirror BAR (regs.MIRROR_BAR) as the client sees it: private memory until a client asks for
+        # the region's mmap (mirror_mapping), then a memfd (no fd for a card nobody maps).
+        self.shared = memoryview(bytearray(regs.MIRROR_BAR_SIZE)).cast("I")
         self._shared_file = None
         self._shared_map: mmap.mmap | None = None
-        # Source dword -> mirror dword (both indices into mem / shared).
+        # BAR0 dword of a source register -> mirror BAR dword of its mirror.
         self.mirror_of: dict[int, int] = {
             src >> 2: m >> 2 for src, m in regs.mirror_sources(nic.tx_queues, nic.rx_queues).items()}
+        self.mirror_bar = MirrorBar(self)
         self.stats = [0] * len(Stat)
         self._latched_hi: dict[int, int] = {}
         self.function: PciFunction | None = None
@@ -261,26 +286,24 @@ class NicCard:
         if self.datapath is not None:
             self.datapath.detached()
         self.ctx = None
-        self.close()  # the client that mapped the mirror page is gone; the next one gets a fresh file
+        self.close()  # the client that mapped the mirror BAR is gone; the next one gets a fresh file
 
-    def shared_mapping(self) -> tuple[int, tuple[MmapArea, ...]]:
-        """The fd and the BAR0 areas a vfio-user client may mmap (PciFunction.region_info asks)."""
+    def mirror_mapping(self) -> tuple[int, tuple[MmapArea, ...]]:
+        """The fd of the mirror BAR and its areas a vfio-user client may mmap (all of it)."""
         if self._shared_file is None:
-            # The file spans the whole BAR so an area's file offset equals its BAR offset (vfio: region
-            # offset + area offset); only the mirror page is ever written.
-            fd = os.memfd_create("ipsec-nic-bar0", os.MFD_CLOEXEC)
+            fd = os.memfd_create(MIRROR_MEMFD_NAME, os.MFD_CLOEXEC)
             self._shared_file = os.fdopen(fd, "r+b", buffering=0)  # owns the fd
-            os.ftruncate(fd, regs.BAR0_SIZE)
-            self._shared_map = mmap.mmap(fd, regs.BAR0_SIZE)
+            os.ftruncate(fd, regs.MIRROR_BAR_SIZE)
+            self._shared_map = mmap.mmap(fd, regs.MIRROR_BAR_SIZE)
             shared = memoryview(self._shared_map).cast("I")
             shared[:] = self.shared
             self.shared = shared
-        return self._shared_file.fileno(), (MmapArea(regs.MIRROR_PAGE, regs.MIRROR_PAGE_SIZE),)
+        return self._shared_file.fileno(), (MmapArea(0, regs.MIRROR_BAR_SIZE),)
 
     def close(self) -> None:
         """Release the shared mapping and its fd (the card itself keeps working on private memory)."""
         if self._shared_file is not None:
-            private = memoryview(bytearray(regs.BAR0_SIZE)).cast("I")
+            private = memoryview(bytearray(regs.MIRROR_BAR_SIZE)).cast("I")
             private[:] = self.shared
             self.shared.release()
             self.shared = private
@@ -290,16 +313,15 @@ class NicCard:
             self._shared_file = self._shared_map = None
 
     def store(self, at: int, value: int) -> None:
-        """Set register dword ``at`` (offset >> 2) and, when it has one, its mirror in the shared page."""
+        """Set BAR0 register dword ``at`` (offset >> 2) and, when it has one, its mirror in BAR4."""
         self.mem[at] = value
         m = self.mirror_of.get(at)
         if m is not None:
-            self.mem[m] = value
             self.shared[m] = value
 
     def _sync_mirrors(self) -> None:
         for src, m in self.mirror_of.items():
-            self.mem[m] = self.shared[m] = self.mem[src]
+            self.shared[m] = self.mem[src]
 
     def rings(self) -> list[Ring]:
         return [self.admin_ring, *self.tx_rings, *self.rx_rings]

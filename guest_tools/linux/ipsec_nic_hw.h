@@ -94,13 +94,6 @@
 #define IPNC_REG_BAD_DESCRIPTOR_HI                       0x454
 #define IPNC_REG_DMA_ERROR_LO                            0x458
 #define IPNC_REG_DMA_ERROR_HI                            0x45C
-#define IPNC_REG_M_STATUS                                0x3000
-#define IPNC_REG_M_ICR                                   0x3004
-#define IPNC_REG_M_ERR_CODE                              0x3008
-#define IPNC_REG_M_ERR_INFO                              0x300C
-#define IPNC_REG_M_AQ_HEAD                               0x3010
-#define IPNC_REG_M_TXQ_HEAD(n)                           (0x3040 + (n) * 0x4)
-#define IPNC_REG_M_RXQ_HEAD(n)                           (0x3060 + (n) * 0x4)
 
 /* Ring register blocks: admin queue, TX queue q, RX queue q; rel = IPNC_QREG_* */
 #define IPNC_QREG_BASE_LO                                0

@@ -75,7 +75,10 @@ class HostRig:
                                           int(Command.MEMORY | Command.BUS_MASTER).to_bytes(2, "little"))
             self.link.region_read(REGION_CONFIG, COMMAND, 2)  # the posted write has landed
             self.mmio = LinkMmio(self.link, REGION_BAR0, regs.BAR0_SIZE)
-            self.card = Card(self.mmio, self.memory, ring_size=RING, receive=receive).init(reset=True)
+            # the mirror BAR, mmapped where the server allows it (as QEMU does); its reads count too
+            self.mirror = LinkMmio(self.link, regs.MIRROR_BAR, regs.MIRROR_BAR_SIZE)
+            self.card = Card(self.mmio, self.memory, ring_size=RING, receive=receive,
+                             mirror=self.mirror).init(reset=True)
         except BaseException:
             self.child.stop()
             raise

@@ -52,11 +52,11 @@ def _guest_json(output: str) -> dict:
     raise RuntimeError(f"guest loop printed no result:\n{output[-2000:]}")
 
 
-MIRROR_MEMFD = "memfd:ipsec-nic-bar0"  # the name device/nic/card.py gives the mirror page's file
+MIRROR_MEMFD = "memfd:ipsec-nic-mirror"  # device/nic/card.py MIRROR_MEMFD_NAME (the mirror BAR's file)
 
 
 def qemu_maps_mirror(pid: int | None) -> bool:
-    """Did QEMU mmap the card's mirror page? Its /proc maps then list the card's memfd."""
+    """Did QEMU mmap the card's mirror BAR? Its /proc maps then list the card's memfd."""
     if pid is None:
         return False
     try:
@@ -96,11 +96,11 @@ def vm_figures(seconds: float, say: Progress, logs: Path) -> list[Row]:
         finally:
             drain.close()
     rows += [
-        Row("guest register reads/s, card M_ICR (the hot-path read, mirror page)", mm["card_read"], "read/s",
+        Row("guest register reads/s, card M_ICR (the hot-path read, mirror BAR)", mm["card_read"], "read/s",
             mm["edu_read"], "read/s on QEMU's edu BAR", MMIO_TARGET,
-            note="QEMU mmapped the mirror page (memfd in its /proc maps)" if mapped
-            else "QEMU did NOT mmap the mirror page: every read is trapped"),
-        Row("QEMU mmapped the card's mirror page (its memfd in QEMU's /proc/PID/maps)", 1.0 if mapped else 0.0,
+            note="QEMU mmapped the mirror BAR (memfd in its /proc maps)" if mapped
+            else "QEMU did NOT mmap the mirror BAR: every read is trapped"),
+        Row("QEMU mmapped the card's mirror BAR (its memfd in QEMU's /proc/PID/maps)", 1.0 if mapped else 0.0,
             "1 = yes", note="sparse mmap taken: M_* reads are RAM loads" if mapped
             else "not mapped: every M_* read is trapped"),
         Row("guest register reads/s, card ICR (trapped: a vfio-user round trip)", mm["card_read_trapped"],

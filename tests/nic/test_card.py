@@ -74,7 +74,7 @@ def test_scratch_is_read_write(fn):
 
 
 def test_unknown_offsets_read_zero_and_ignore_writes(fn):
-    for off in (0x0F0, 0x2FFC, regs.MIRROR_PAGE + 0x800, regs.txq_reg(fn.card.profile.nic.tx_queues, regs.QREG_TAIL)):
+    for off in (0x0F0, 0x2FFC, regs.DOORBELL_PAGE, regs.txq_reg(fn.card.profile.nic.tx_queues, regs.QREG_TAIL)):
         w32(fn, off, 0xFFFF_FFFF)
         assert r32(fn, off) == 0
 
