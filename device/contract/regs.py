@@ -48,9 +48,8 @@ DOORBELL_PAGE = 0x3000  # reserved: a 4 KiB page that a later revision may make 
 
 # BAR4, the mirror BAR (register map 1.1): read-only mirrors of card-owned registers (STATUS, ICR,
 # ERR_*, ring HEADs). Nothing in it has a read or write side effect, so the card lets the client mmap
-# all of it: the driver reads it from shared memory, no trap and no message. A BAR of its own, not a
-# page of BAR0: QEMU's vfio client may stop posting writes to a region that has mmapped parts (a guest
-# read through the mapping could overtake a posted write), and BAR0's doorbells must stay posted.
+# all of it: the driver reads it from shared memory, no trap and no message. A BAR of its own keeps
+# BAR0 wholly trapped (every BAR0 access reaches the card, in order).
 MIRROR_BAR = 4
 MIRROR_BAR_SIZE = 0x1000
 MIRROR_TXQ_HEAD_BASE = 0x40
