@@ -191,8 +191,9 @@ class MirrorBar:
     def reset(self) -> None:
         pass  # the mirrors follow BAR0, whose reset rewrites them
 
-    def shared_mapping(self) -> tuple[int, tuple[MmapArea, ...]]:
-        return self.card.mirror_mapping()
+    def shared_mapping(self) -> tuple[int, tuple[MmapArea, ...]] | None:
+        """What PciFunction.region_info offers for mmap (None: profile nic.mirror_mmap is off)."""
+        return self.card.mirror_mapping() if self.card.profile.nic.mirror_mmap else None
 
 
 class NicCard:

@@ -117,3 +117,13 @@ def test_absent_queues_mirror_zero_and_every_mirror_is_in_the_datasheet():
     for m in regs.MIRRORS:
         assert f"| {m.name} |" in sheet
         assert m.offset % 4 == 0 and m.offset + 4 * m.count <= regs.MIRROR_BAR_SIZE
+
+
+def test_profile_can_withhold_the_mmap():
+    r = make_rig(nic={"mirror_mmap": False})
+    try:
+        assert r.fn.region_info(regs.MIRROR_BAR).mmap_fd is None  # trapped: still readable
+        r.drv.w(regs.ICS, Cause.ADMINQ)
+        assert _r4(r, regs.M_ICR) & Cause.ADMINQ
+    finally:
+        r.datapath.close()
