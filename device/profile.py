@@ -52,6 +52,9 @@ class NicProfile:
     admin_queue_size: int = 256
     admin_buffer_size: int = 65536
     hw_version: int = regs.encode_version(1, 0, 0)
+    # Offer the mirror BAR for mmap (datasheet §2). Off: its reads are trapped like BAR0's, and QEMU keeps
+    # posting BAR writes (it stops once any region is mapped; docs/performance.md).
+    mirror_mmap: bool = True
 
     @property
     def mac_text(self) -> str:
@@ -165,7 +168,7 @@ def _pci(v: _Validator, s: Mapping[str, Any]) -> PciProfile:
 def _nic(v: _Validator, s: Mapping[str, Any]) -> NicProfile:
     d = NicProfile()
     v.only_keys(s, "nic", ("mac", "tx_queues", "rx_queues", "ring_size", "msix_vectors", "mtu", "max_mtu",
-                           "admin_queue_size", "admin_buffer_size", "hw_version"))
+                           "admin_queue_size", "admin_buffer_size", "hw_version", "mirror_mmap"))
     mac = d.mac
     if "mac" in s:
         text = s["mac"]
@@ -186,6 +189,9 @@ def _nic(v: _Validator, s: Mapping[str, Any]) -> NicProfile:
     # One vector for admin/link/errors plus one per queue pair is the natural layout (IVAR reset map).
     default_vectors = 1 + max(tx, rx)
     vectors = v.integer(s, "msix_vectors", "nic.msix_vectors", default_vectors, 1, regs.MSIX_MAX_VECTORS)
+    mirror_mmap = s.get("mirror_mmap", d.mirror_mmap)
+    if not isinstance(mirror_mmap, bool):
+        raise v.error("nic.mirror_mmap", f"expected true or false, got {mirror_mmap!r}")
     hw_version = d.hw_version
     if "hw_version" in s:
         hw_version = _version(v, s["hw_version"], "nic.hw_version")
@@ -195,6 +201,7 @@ def _nic(v: _Validator, s: Mapping[str, Any]) -> NicProfile:
         admin_buffer_size=v.integer(s, "admin_buffer_size", "nic.admin_buffer_size", d.admin_buffer_size,
                                     4096, 1 << 20),
         hw_version=hw_version,
+        mirror_mmap=mirror_mmap,
     )
 
 

@@ -317,6 +317,8 @@ class EspEngine(SaEngine):
         self._min_body = self._iv_len + max(self._align, 4) + self._icv_len
         self._encap = params.encap
         self._ip_proto = IPPROTO_UDP if params.encap else IPPROTO_ESP
+        if fast_v4:
+            self.__class__ = FastV4EspEngine  # same slots; its methods enter fastpath.py directly
 
     # ----- helpers ---------------------------------------------------------------------------------
     def _make_iv(self, seq: int) -> bytes:
@@ -385,10 +387,6 @@ class EspEngine(SaEngine):
                        iv: bytes | None = None) -> Verdict:
         if self._limited and self._over_hard_limit():
             return Verdict.HARD_LIMIT
-        if self._v4_encrypt is not None and iv is None:
-            fast = fastpath.crypto_encrypt_v4(self, frame, l3)
-            if fast is not None:
-                return fast
         verdict, e, end = self._locate_esp(frame, l3)
         if verdict:
             return self._fail(verdict)
@@ -413,10 +411,6 @@ class EspEngine(SaEngine):
     def crypto_decrypt(self, frame: bytearray, l3: int) -> Verdict:
         if self._limited and self._over_hard_limit():
             return Verdict.HARD_LIMIT
-        if self._v4_decrypt is not None:
-            fast = fastpath.crypto_decrypt_v4(self, frame, l3)
-            if fast is not None:
-                return fast
         verdict, e, end = self._locate_esp(frame, l3)
         if verdict:
             return self._fail(verdict)
@@ -474,10 +468,6 @@ class EspEngine(SaEngine):
         if self._limited and self._over_hard_limit():
             return _HARD_LIMIT, b""
         n = len(ip_packet)
-        if self._v4_encrypt is not None and iv is None:
-            fast = fastpath.encapsulate_v4(self, ip_packet)
-            if fast is not None:
-                return fast
         if n < 20:
             return self._fail(_BAD_SYNTAX), b""
         ver = ip_packet[0] >> 4
@@ -577,10 +567,6 @@ class EspEngine(SaEngine):
         original packet (transport). DUMMY packets return b"" and must be dropped."""
         if self._limited and self._over_hard_limit():
             return _HARD_LIMIT, b""
-        if self._v4_decrypt is not None:
-            fast = fastpath.decapsulate_v4(self, ip_packet)
-            if fast is not None:
-                return fast
         verdict, e, end = self._locate_esp(ip_packet, 0)
         if verdict:
             return self._fail(verdict), b""
@@ -633,6 +619,21 @@ class EspEngine(SaEngine):
             # (the card knows no NAT-OA, so the incremental fix is not available, datasheet §12.2)
             l4_checksum_recompute(packet, hl, nh)
         return _OK, bytes(packet)
+
+
+class FastV4EspEngine(EspEngine):
+    """An EspEngine whose SA takes the fast paths (see EspEngine.__init__ and firmware_model/fastpath.py)."""
+
+    __slots__ = ()
+    encapsulate = fastpath.encapsulate_v4
+    decapsulate = fastpath.decapsulate_v4
+    crypto_encrypt = fastpath.crypto_encrypt_v4
+    crypto_decrypt = fastpath.crypto_decrypt_v4
+    # where the fast code sends whatever it does not take
+    _general_encapsulate = EspEngine.encapsulate
+    _general_decapsulate = EspEngine.decapsulate
+    _general_crypto_encrypt = EspEngine.crypto_encrypt
+    _general_crypto_decrypt = EspEngine.crypto_decrypt
 
 
 def _ipv4_rewrite(packet: bytes, hl: int, total: int, proto: int) -> bytearray:

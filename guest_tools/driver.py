@@ -135,8 +135,12 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
 
     def __init__(self, mmio: Mmio, memory: DmaMemory, *, interrupts=None, ring_size: int = DEFAULT_RING_SIZE,
                  admin_size: int = DEFAULT_ADMIN_SIZE, state: HostSaTable | None = None,
-                 admin_timeout: float = ADMIN_TIMEOUT, queue: int = 0, receive: bool = True) -> None:
+                 admin_timeout: float = ADMIN_TIMEOUT, queue: int = 0, receive: bool = True,
+                 mirror: Mmio | None = None) -> None:
         self.mmio = mmio
+        # The mirror BAR (regs.MIRROR_BAR), when the caller mapped it: the waits poll M_ICR there, a
+        # load from memory QEMU shares with the card instead of a trapped BAR0 read.
+        self.mirror = mirror
         # A process that will not receive leaves its RX ring off: frames that arrive meanwhile wait in
         # the card's RX backlog for the next process that does (datasheet §7), instead of landing in
         # this process's buffers and vanishing with it.
@@ -155,6 +159,7 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
         self._open = False
         self._tx_backlog: list[TxCompletion] = []
         self.vfio = None  # a guest_tools.vfio.VfioDevice when opened through vfio-pci
+        self._read_icr = self._read_icr_trapped
 
     # ------------------------------------------------------------------------------------------
     # init sequence
@@ -191,6 +196,15 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
         if version >> 16 != regs.REGMAP_VERSION_VALUE >> 16:
             raise CardError(f"register map {regs.decode_version(version)} is not compatible with this driver "
                             f"({regs.decode_version(regs.REGMAP_VERSION_VALUE)}): update guest_tools")
+        if self.mirror is not None and version >= regs.MIRROR_MIN_VERSION:
+            self._read_icr = self._read_icr_mirror
+
+    def _read_icr_trapped(self) -> int:
+        return self.mmio.read32(regs.ICR)
+
+    def _read_icr_mirror(self) -> int:
+        assert self.mirror is not None
+        return self.mirror.read32(regs.M_ICR)
 
     def _reset(self) -> None:
         """CTRL.RESET: every register, ring and SA back to reset state (self-clearing)."""
@@ -330,6 +344,9 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
                 self.mmio.write32(regs.reg("IMC"), self.causes)
             self.host.save()
         self.irq.close()
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
         if self.vfio is not None:
             self.vfio.close()
             self.vfio = None
@@ -350,7 +367,7 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
 
     def service(self) -> int:
         """Read and acknowledge ICR (W1C); note SA delete requests and errors. Returns the causes seen."""
-        icr = self.mmio.read32(regs.ICR)
+        icr = self._read_icr()
         if icr:
             self.mmio.write32(regs.ICR, icr)
             if icr & Cause.SA_DELETE_REQ:
@@ -400,6 +417,20 @@ def card_uses_vfio(bdf: str | None, irq: str) -> tuple[str, bool]:
     return dev.bdf, irq == "msix" or bound == "vfio-pci"
 
 
+def _vfio_mirror(vdev) -> Mmio | None:
+    """The mirror BAR through vfio when the card has one and vfio lets us mmap it (else None: polling
+    the mirror by pread would cost a syscall per read, no better than ICR itself)."""
+    from guest_tools.mmio import MappedMmio
+
+    try:
+        reg = vdev.region(regs.MIRROR_BAR)
+        if reg.size < regs.MIRROR_BAR_SIZE or not reg.mmappable:
+            return None
+        return MappedMmio(vdev.fd, regs.MIRROR_BAR_SIZE, reg.offset, what="vfio mirror BAR")
+    except OSError:
+        return None
+
+
 def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, state_path: str | None = None,
               ring_size: int = DEFAULT_RING_SIZE, receive: bool = True) -> Card:
     """Find the card in sysfs and initialise it: vfio (IOVA DMA, MSI-X) when asked for or already bound to
@@ -426,6 +457,7 @@ def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, st
             vdev = vfio.VfioDevice(dev.bdf)
             vdev.enable_bus_master()
             mmio = vdev.bar0(regs.BAR0_SIZE)
+            mirror = _vfio_mirror(vdev)
             memory: DmaMemory = IovaMemory(vdev.map_dma)
             # Reset IVAR map: misc causes -> vector 0, queue n -> vector 1 + n (regs._default_ivar).
             nvec = min(2, vdev.msix_count())
@@ -434,7 +466,8 @@ def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, st
             if vdev is not None:
                 vdev.close()  # container, group and device fds (and any eventfds) go with it
             raise CardError(str(exc)) from None
-        card = Card(mmio, memory, interrupts=interrupts, state=state, ring_size=ring_size, receive=receive)
+        card = Card(mmio, memory, interrupts=interrupts, state=state, ring_size=ring_size, receive=receive,
+                    mirror=mirror)
         card.vfio = vdev  # the card owns the vfio fds from here on and closes them in close()
     else:
         if irq == "msix":
@@ -446,8 +479,12 @@ def open_card(bdf: str | None = None, irq: str = "auto", reset: bool = False, st
             mmio = pci.Bar(dev, 0)
         except pci.PciError as exc:
             raise CardError(str(exc)) from None
+        try:
+            mirror: Mmio | None = pci.Bar(dev, regs.MIRROR_BAR)
+        except pci.PciError:
+            mirror = None  # a card before register map 1.1: ICR is read in BAR0
         card = Card(mmio, PagemapMemory(), interrupts=PollInterrupts(), state=state, ring_size=ring_size,
-                    receive=receive)
+                    receive=receive, mirror=mirror)
     card.bdf = dev.bdf  # type: ignore[attr-defined]
     try:
         card.init(reset=reset)

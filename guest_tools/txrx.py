@@ -79,6 +79,9 @@ class TxRxOps:
     sa_delete_requests: int
     _open: bool
     _tx_backlog: list[TxCompletion]
+    # Inside tx_burst(): descriptors are queued without a TAIL write; one doorbell covers them all.
+    _tx_burst_depth = 0
+    _tx_doorbell_pending = False
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         raise NotImplementedError  # Card._wait
@@ -111,6 +114,7 @@ class TxRxOps:
         if len(frame) > self.buf_size:
             raise CardError(f"frame of {len(frame)} bytes exceeds the {self.buf_size}-byte TX buffer (MTU?)")
         if self._tx_free() == 0:
+            self._tx_kick()  # a burst's queued frames first, or the card never frees a descriptor
             self._tx_reclaim_wait()
         r = self.txr
         i = r.tail
@@ -121,8 +125,29 @@ class TxRxOps:
             addr=buf.iova, length=len(frame), flags=int(flags | TxFlags.EOP | TxFlags.REPORT_STATUS),
             offload_handle=handle, esp_offset=esp_offset, pad_length=pad_length, next_header=next_header)
         r.tail = (i + 1) % r.entries
-        self.mmio.write32(regs.txq_reg(self.queue, regs.QREG_TAIL), r.tail)
+        if self._tx_burst_depth:
+            self._tx_doorbell_pending = True
+        else:
+            self.mmio.write32(regs.txq_reg(self.queue, regs.QREG_TAIL), r.tail)
         return i
+
+    def _tx_kick(self) -> None:
+        if self._tx_doorbell_pending:
+            self._tx_doorbell_pending = False
+            self.mmio.write32(regs.txq_reg(self.queue, regs.QREG_TAIL), self.txr.tail)
+
+    @contextlib.contextmanager
+    def tx_burst(self):
+        """Queue several frames behind one doorbell: send()/send_raw() inside the block write no TAIL;
+        the block's end writes TAIL once (a full ring writes it early, so the card can free slots).
+        Each doorbell is a trapped register write, a vfio-user message; this cuts them by the burst."""
+        self._tx_burst_depth += 1
+        try:
+            yield self
+        finally:
+            self._tx_burst_depth -= 1
+            if not self._tx_burst_depth:
+                self._tx_kick()
 
     def send(self, frame: bytes, handle: int = 0, mode: str | None = None) -> int:
         """Send an Ethernet frame carrying a plain IP packet.
@@ -194,6 +219,7 @@ class TxRxOps:
     def flush_tx(self, timeout: float = 5.0) -> list[TxCompletion]:
         """Wait until every queued frame completed; returns their completions."""
         done: list[TxCompletion] = []
+        self._tx_kick()
 
         def all_done() -> bool:
             done.extend(self.poll_tx())
@@ -218,6 +244,7 @@ class TxRxOps:
                 self._wait(self._rx_ready, timeout, "a received frame")
         out: list[RxPacket] = []
         r = self.rxr
+        armed = -1
         while len(out) < limit and self._rx_ready():
             i = r.clean
             d = RX_DESC.unpack(r.mem.view, r.at(i))
@@ -226,8 +253,11 @@ class TxRxOps:
             out.append(self._rx_packet(frame, d))
             self._arm_rx(i)
             r.clean = (i + 1) % r.entries
-            # Hand the re-armed descriptor back: TAIL = i keeps one descriptor between TAIL and HEAD.
-            self.mmio.write32(regs.rxq_reg(self.queue, regs.QREG_TAIL), i)
+            armed = i
+        if armed >= 0:
+            # Hand the re-armed descriptors back in one doorbell: TAIL = the last one keeps one
+            # descriptor between TAIL and HEAD (the card fills HEAD .. TAIL - 1).
+            self.mmio.write32(regs.rxq_reg(self.queue, regs.QREG_TAIL), armed)
         return out
 
     def _rx_packet(self, frame: bytes, d) -> RxPacket:

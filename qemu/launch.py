@@ -682,6 +682,11 @@ class Vm:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    @property
+    def qemu_pid(self) -> int | None:
+        """QEMU's process id while it runs (the benchmarks read its /proc maps)."""
+        return self._boot.qemu.pid if self._boot.qemu is not None else None
+
     def start(self) -> None:
         boot = self._boot
         boot.start()

@@ -31,7 +31,7 @@ MSIX_PBA_OFFSET = 0x800
 MSIX_MAX_VECTORS = 128  # 128 table entries x 16 bytes = 2 KiB, exactly up to the PBA
 
 ID_MAGIC = int.from_bytes(b"IPNC", "little")  # 0x434E5049: the bytes read "IPNC" in memory order
-REGMAP_VERSION_VALUE = 0x0001_0100  # major 1, minor 1: bump minor for additions, major for changes
+REGMAP_VERSION_VALUE = 0x0001_0100  # major 1, minor 1 (1.1: mirror BAR, RX policy/checksum flags); minor = additions
 
 # PCI identity of the card. 0xEC5E is absent from the pci.ids database (2023.04 snapshot) and well
 # above its recently assigned ids (around 0x1Fxx-0x2xxx), so the card cannot be mistaken for a real
@@ -45,6 +45,16 @@ QUEUE_STRIDE = 0x40  # bytes between consecutive queues' register blocks
 TXQ_BASE = 0x1000
 RXQ_BASE = 0x2000
 DOORBELL_PAGE = 0x3000  # reserved: a 4 KiB page that a later revision may make mmappable
+
+# BAR4, the mirror BAR (register map 1.1): read-only mirrors of card-owned registers (STATUS, ICR,
+# ERR_*, ring HEADs). Nothing in it has a read or write side effect, so the card lets the client mmap
+# all of it: the driver reads it from shared memory, no trap and no message. A BAR of its own keeps
+# BAR0 wholly trapped (every BAR0 access reaches the card, in order).
+MIRROR_BAR = 4
+MIRROR_BAR_SIZE = 0x1000
+MIRROR_TXQ_HEAD_BASE = 0x40
+MIRROR_RXQ_HEAD_BASE = 0x60
+MIRROR_MIN_VERSION = 0x0001_0100  # REGMAP_VERSION from which the mirror BAR exists
 
 RING_ALIGN = 64  # ring base addresses must be multiples of this (one cache line)
 MIN_RING_SIZE = 2  # entries; ring sizes are powers of two between MIN and the MAX_RING_SIZE register
@@ -206,6 +216,7 @@ class Block(enum.Enum):
     STATS = "Statistics"
     TXQ = "TX queues"
     RXQ = "RX queues"
+    MIRROR = "Mirror BAR (BAR4, mmappable)"
 
 
 @dataclass(frozen=True)
@@ -375,6 +386,23 @@ REGISTERS: tuple[Register, ...] = (
     *_ring_registers("RXQ", RXQ_BASE, Block.RXQ, MAX_QUEUES),
 )
 
+# The mirror BAR's registers (offsets within BAR4). The card writes each one whenever its source
+# changes; reading one never clears or latches anything (ICR is cleared only by writing ICR in BAR0).
+# Entries of queues the card lacks read 0.
+MIRRORS: tuple[Register, ...] = (
+    Register("M_STATUS", 0x00, Access.RO, Block.MIRROR, "Mirror of STATUS", reset=Status.READY, fields=Status),
+    Register("M_ICR", 0x04, Access.RO, Block.MIRROR,
+             "Mirror of ICR: pending causes; reading clears nothing (write ICR to clear)", fields=Cause),
+    Register("M_ERR_CODE", 0x08, Access.RO, Block.MIRROR, "Mirror of ERR_CODE"),
+    Register("M_ERR_INFO", 0x0C, Access.RO, Block.MIRROR, "Mirror of ERR_INFO"),
+    Register("M_AQ_HEAD", 0x10, Access.RO, Block.MIRROR, "Mirror of AQ_HEAD"),
+    Register("M_TXQ_HEAD", MIRROR_TXQ_HEAD_BASE, Access.RO, Block.MIRROR, "Mirror of TXQ_HEAD[n]",
+             count=MAX_QUEUES, stride=4),
+    Register("M_RXQ_HEAD", MIRROR_RXQ_HEAD_BASE, Access.RO, Block.MIRROR, "Mirror of RXQ_HEAD[n]",
+             count=MAX_QUEUES, stride=4),
+)
+MIRROR_BY_NAME: dict[str, Register] = {r.name: r for r in MIRRORS}
+
 REGISTER_BY_NAME: dict[str, Register] = {r.name: r for r in REGISTERS}
 
 
@@ -477,6 +505,24 @@ RXQ_LEN = reg("RXQ_LEN")
 RXQ_HEAD = reg("RXQ_HEAD")
 RXQ_TAIL = reg("RXQ_TAIL")
 RXQ_CTRL = reg("RXQ_CTRL")
+# Mirror BAR offsets (BAR4).
+M_STATUS = MIRROR_BY_NAME["M_STATUS"].offset
+M_ICR = MIRROR_BY_NAME["M_ICR"].offset
+M_ERR_CODE = MIRROR_BY_NAME["M_ERR_CODE"].offset
+M_ERR_INFO = MIRROR_BY_NAME["M_ERR_INFO"].offset
+M_AQ_HEAD = MIRROR_BY_NAME["M_AQ_HEAD"].offset
+M_TXQ_HEAD = MIRROR_BY_NAME["M_TXQ_HEAD"].offset
+M_RXQ_HEAD = MIRROR_BY_NAME["M_RXQ_HEAD"].offset
+
+
+def mirror_sources(tx_queues: int = MAX_QUEUES, rx_queues: int = MAX_QUEUES) -> dict[int, int]:
+    """BAR0 offset of a source register -> BAR4 offset of its mirror (the card keeps them equal)."""
+    pairs = {STATUS: M_STATUS, ICR: M_ICR, ERR_CODE: M_ERR_CODE, ERR_INFO: M_ERR_INFO, AQ_HEAD: M_AQ_HEAD}
+    for q in range(tx_queues):
+        pairs[TXQ_BASE + q * QUEUE_STRIDE + QREG_HEAD] = MIRROR_TXQ_HEAD_BASE + 4 * q
+    for q in range(rx_queues):
+        pairs[RXQ_BASE + q * QUEUE_STRIDE + QREG_HEAD] = MIRROR_RXQ_HEAD_BASE + 4 * q
+    return pairs
 
 
 def txq_reg(queue: int, rel: int) -> int:
@@ -686,9 +732,12 @@ def datasheet_tables() -> str:
     out.append(f"BAR0 is {BAR0_SIZE // 1024} KiB; all registers are 32-bit, little-endian. "
                f"Register map version {decode_version(REGMAP_VERSION_VALUE)}.")
     for block in Block:
-        regs_in_block = [r for r in REGISTERS if r.block is block]
-        out += ["", f"### {block.value}", "", "| Offset | Name | Access | Reset | Description |",
-                "|---|---|---|---|---|"]
+        regs_in_block = [r for r in (*REGISTERS, *MIRRORS) if r.block is block]
+        out += ["", f"### {block.value}", ""]
+        if block is Block.MIRROR:
+            out += [f"BAR{MIRROR_BAR}, {MIRROR_BAR_SIZE // 1024} KiB, offsets within it (§2, *The mirror BAR*):",
+                    ""]
+        out += ["| Offset | Name | Access | Reset | Description |", "|---|---|---|---|---|"]
         for r in regs_in_block:
             out.append(f"| {_offset_text(r)} | {r.name} | {r.access.value} | {_reset_text(r)} | "
                        f"{r.description} |")
@@ -701,10 +750,10 @@ def datasheet_tables() -> str:
         f"0x{v:08X}" for v in REGISTER_BY_NAME["IVAR"].resets) + "."]
     out += ["", "### Bit fields"]
     seen: set[type[DocFlag]] = set()
-    for r in REGISTERS:
+    for r in (*REGISTERS, *MIRRORS):
         if r.fields is not None and r.fields not in seen:
             seen.add(r.fields)
-            users = [x.name for x in REGISTERS if x.fields is r.fields]
+            users = [x.name for x in (*REGISTERS, *MIRRORS) if x.fields is r.fields]
             out += ["", f"#### {', '.join(dict.fromkeys(users))} ({r.fields.__name__})", ""]
             out += _fields_table(r.fields)
     for title, e in (("CTRL.INT_MODE (IntMode)", IntMode), ("ERR_CODE (ErrCode)", ErrCode),

@@ -31,7 +31,8 @@ def build_card(profile: Profile) -> NicFunction:
     function = NicFunction(
         PciIds(pci.vendor_id, pci.device_id, pci.subsystem_vendor_id, pci.subsystem_id, pci.class_code,
                pci.revision),
-        bars={0: (BarLayout(0, regs.BAR0_SIZE, BarType.MEM32), card)},
+        bars={0: (BarLayout(0, regs.BAR0_SIZE, BarType.MEM32), card),
+              regs.MIRROR_BAR: (BarLayout(regs.MIRROR_BAR, regs.MIRROR_BAR_SIZE, BarType.MEM32), card.mirror_bar)},
         msix_vectors=profile.nic.msix_vectors,
         msix_bar=2,
         msix_table_offset=regs.MSIX_TABLE_OFFSET,

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import enum
 import logging
+import mmap
+import os
 import time
 from array import array
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from device.contract import regs
 from device.contract.regs import Access, Cause, Ctrl, ErrCode, IntMode, QueueCtrl, QueueId, Status
 from device.pci.function import PciFunction
 from device.profile import Profile
-from device.vfio_user.device_api import DeviceContext
+from device.vfio_user.device_api import DeviceContext, MmapArea
 from firmware_model.capabilities import Capabilities
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,7 @@ class Ring:
         return _QUEUE_ID[self.kind] | self.index
 
     def set_head(self, value: int) -> None:
-        self.card.mem[(self.base + regs.QREG_HEAD) >> 2] = value % max(self.length, 1)
+        self.card.store((self.base + regs.QREG_HEAD) >> 2, value % max(self.length, 1))
 
     def pending(self) -> int:
         """Descriptors made ready by the driver and not yet processed."""
@@ -167,6 +169,31 @@ class Ring:
         if self.tail >= n:
             return f"tail {self.tail} is not below length {n}"
         return ""
+
+
+MIRROR_MEMFD_NAME = "ipsec-nic-mirror"  # shows in a mapping process's /proc/PID/maps (the bench checks)
+
+
+class MirrorBar:
+    """BAR4, the mirror BAR: reads come from the card's shared mirror memory; writes are ignored."""
+
+    def __init__(self, card: NicCard) -> None:
+        self.card = card
+        self.ignored_writes = 0
+
+    def read(self, offset: int, size: int) -> int:
+        with self.card.shared.cast("B") as view:  # released at once: close() may drop the mapping
+            return int.from_bytes(view[offset:offset + size], "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.ignored_writes += 1  # read-only (through the mapping a write lands in memory until the next update)
+
+    def reset(self) -> None:
+        pass  # the mirrors follow BAR0, whose reset rewrites them
+
+    def shared_mapping(self) -> tuple[int, tuple[MmapArea, ...]] | None:
+        """What PciFunction.region_info offers for mmap (None: profile nic.mirror_mmap is off)."""
+        return self.card.mirror_mapping() if self.card.profile.nic.mirror_mmap else None
 
 
 class NicCard:
@@ -188,6 +215,15 @@ class NicCard:
                 self.read_only[at] = r.access is Access.RO
                 self.reset_image[at] = values.get(r.name, r.element_reset(i)) if r.reset_from else r.element_reset(i)
         self.mem = array("I", self.reset_image)
+        # The mirror BAR (regs.MIRROR_BAR) as the client sees it: private memory until a client asks for
+        # the region's mmap (mirror_mapping), then a memfd (no fd for a card nobody maps).
+        self.shared = memoryview(bytearray(regs.MIRROR_BAR_SIZE)).cast("I")
+        self._shared_file = None
+        self._shared_map: mmap.mmap | None = None
+        # BAR0 dword of a source register -> mirror BAR dword of its mirror.
+        self.mirror_of: dict[int, int] = {
+            src >> 2: m >> 2 for src, m in regs.mirror_sources(nic.tx_queues, nic.rx_queues).items()}
+        self.mirror_bar = MirrorBar(self)
         self.stats = [0] * len(Stat)
         self._latched_hi: dict[int, int] = {}
         self.function: PciFunction | None = None
@@ -235,6 +271,7 @@ class NicCard:
             self.write_ops[ring.base + regs.QREG_LEN] = self._ring_config_writer(ring)
             self.write_ops[ring.base + regs.QREG_TAIL] = self._tail_writer(ring)
             self.write_ops[ring.base + regs.QREG_CTRL] = self._ring_ctrl_writer(ring)
+        self._sync_mirrors()
 
     # ----- wiring -----
 
@@ -250,6 +287,42 @@ class NicCard:
         if self.datapath is not None:
             self.datapath.detached()
         self.ctx = None
+        self.close()  # the client that mapped the mirror BAR is gone; the next one gets a fresh file
+
+    def mirror_mapping(self) -> tuple[int, tuple[MmapArea, ...]]:
+        """The fd of the mirror BAR and its areas a vfio-user client may mmap (all of it)."""
+        if self._shared_file is None:
+            fd = os.memfd_create(MIRROR_MEMFD_NAME, os.MFD_CLOEXEC)
+            self._shared_file = os.fdopen(fd, "r+b", buffering=0)  # owns the fd
+            os.ftruncate(fd, regs.MIRROR_BAR_SIZE)
+            self._shared_map = mmap.mmap(fd, regs.MIRROR_BAR_SIZE)
+            shared = memoryview(self._shared_map).cast("I")
+            shared[:] = self.shared
+            self.shared = shared
+        return self._shared_file.fileno(), (MmapArea(0, regs.MIRROR_BAR_SIZE),)
+
+    def close(self) -> None:
+        """Release the shared mapping and its fd (the card itself keeps working on private memory)."""
+        if self._shared_file is not None:
+            private = memoryview(bytearray(regs.MIRROR_BAR_SIZE)).cast("I")
+            private[:] = self.shared
+            self.shared.release()
+            self.shared = private
+            assert self._shared_map is not None
+            self._shared_map.close()
+            self._shared_file.close()
+            self._shared_file = self._shared_map = None
+
+    def store(self, at: int, value: int) -> None:
+        """Set BAR0 register dword ``at`` (offset >> 2) and, when it has one, its mirror in BAR4."""
+        self.mem[at] = value
+        m = self.mirror_of.get(at)
+        if m is not None:
+            self.shared[m] = value
+
+    def _sync_mirrors(self) -> None:
+        for src, m in self.mirror_of.items():
+            self.shared[m] = self.mem[src]
 
     def rings(self) -> list[Ring]:
         return [self.admin_ring, *self.tx_rings, *self.rx_rings]
@@ -283,6 +356,7 @@ class NicCard:
     def reset(self) -> None:
         """Card reset (CTRL.RESET, FLR, DEVICE_RESET): every register and counter to its reset value."""
         self.mem[:] = self.reset_image
+        self._sync_mirrors()
         self._set_status(Status.LINK_UP, self.link_up)  # the link is physical: it survives a reset
         self.stats = [0] * len(Stat)
         self._latched_hi.clear()
@@ -329,7 +403,7 @@ class NicCard:
         return self.mem[regs.reg(name) >> 2]
 
     def _put(self, name: str, value: int) -> None:
-        self.mem[regs.reg(name) >> 2] = value & 0xFFFF_FFFF
+        self.store(regs.reg(name) >> 2, value & 0xFFFF_FFFF)
 
     # ----- control and status -----
 
@@ -524,7 +598,7 @@ class NicCard:
                                f"{problem}")
                     self.report_error(ErrCode.BAD_RING_CONFIG, ring.queue_id)
                     return
-                self.mem[(ring.base + regs.QREG_HEAD) >> 2] = 0
+                self.store((ring.base + regs.QREG_HEAD) >> 2, 0)
             self.mem[offset >> 2] = int(QueueCtrl.ENABLE) if want else 0
             if self.ring_enable_hook is not None:
                 self.ring_enable_hook(ring.kind, ring.index, want)

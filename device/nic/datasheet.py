@@ -160,6 +160,8 @@ PROFILE_KEYS: dict[str, tuple[str, str]] = {
     "nic.admin_queue_size": ("power of two, 2..4096", "AQ_MAX_LEN"),
     "nic.admin_buffer_size": ("4096..1048576", "AQ_MAX_BUF"),
     "nic.hw_version": ('"major.minor[.patch]"', "HW_VERSION"),
+    "nic.mirror_mmap": ("true/false", "Offer the mirror BAR (BAR4) for mmap; false: its reads are trapped and "
+                        "QEMU keeps posting BAR writes (§2)"),
     "firmware.sa_capacity": ("1..1048575", "SA_CAPACITY, CAPS sa_offload_capacity"),
     "firmware.encryption": ("list of names (§7.1); des-cbc is always refused", "ENC_ALGOS"),
     "firmware.integrity": ("list of names (§7.1)", "AUTH_ALGOS"),

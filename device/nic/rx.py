@@ -184,7 +184,7 @@ class RxPath:
         if slot is None:
             # Only unusable descriptors (or an unreachable ring): they are consumed, and the frame waits
             # in the backlog for the driver's next descriptors instead of being lost.
-            mem[rb + Q_HEAD] = head
+            card.store(rb + Q_HEAD, head)
             if completed:
                 self._cause(regs.cause_rx(ring.index))
             return False
@@ -227,7 +227,7 @@ class RxPath:
         if drop:
             # Nothing to indicate: the secured descriptor stays with the driver for the next frame.
             head = (head - 1) % size
-            mem[rb + Q_HEAD] = head
+            card.store(rb + Q_HEAD, head)
             if completed:
                 self._cause(regs.cause_rx(ring.index))
             return True
@@ -246,7 +246,7 @@ class RxPath:
             stats[RX_BYTES] += n
         except DmaError:  # unmapped between the check and the write: the client changed its map
             self.dma_fault(qid)
-        mem[rb + Q_HEAD] = head
+        card.store(rb + Q_HEAD, head)
         if completed:
             self._cause(regs.cause_rx(ring.index))
         return True

@@ -124,7 +124,7 @@ class TxPath:
             report |= rs
             k = j + 1
         if k:
-            mem[rb + Q_HEAD] = (head + k) % size
+            card.store(rb + Q_HEAD, (head + k) % size)
         if report:
             self._cause(regs.cause_tx(ring.index))
         return k > 0 and n < ready

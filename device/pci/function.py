@@ -174,6 +174,13 @@ class PciFunction:
 
     def region_info(self, index: int) -> RegionInfo:
         if index in self.bar_layouts:
+            # A BAR whose handler keeps side-effect-free pages in a shared file offers them for mmap
+            # (vfio sparse mmap: the client traps everything else as before).
+            shared = getattr(self.handlers[index], "shared_mapping", None)
+            mapping = shared() if shared is not None else None
+            if mapping is not None:
+                fd, areas = mapping
+                return RegionInfo(size=self.bar_layouts[index].size, mmap_fd=fd, sparse_areas=areas)
             return RegionInfo(size=self.bar_layouts[index].size)
         if index == REGION_CONFIG:
             return RegionInfo(size=self.config.size)

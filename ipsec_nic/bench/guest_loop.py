@@ -7,8 +7,9 @@ Each prints one line ``BENCH-JSON {...}`` for the host to parse.
 
 mmio: the same Python loop (a ctypes cell on the sysfs BAR mapping: one 32-bit load or store per
 iteration) on the card's BAR0 and on BAR0 of QEMU's own `edu` device (a device QEMU emulates itself,
-no socket behind it). Card registers: ICR (0x200), the register the driver reads while it waits on the
-hot path (reads have no side effect: ICR clears on write-1); the TX queue 0 TAIL doorbell (the queue is
+no socket behind it). Card registers: M_ICR (BAR4 0x04), the register the driver reads while it waits
+on the hot path, in the mirror BAR the card offers for mmap (a RAM load if QEMU mapped it); ICR (0x200),
+its trapped source (every read a vfio-user round trip); the TX queue 0 TAIL doorbell (the queue is
 disabled, so the card only stores it, but QEMU forwards the write exactly as a live doorbell). edu:
 the identification register (0x00) and the liveness register (0x04, a plain store).
 """
@@ -25,10 +26,10 @@ import time
 EDU_VENDOR, EDU_DEVICE = 0x1234, 0x11E8
 
 
-def _bar_cell(dev, offset: int):
+def _bar_cell(dev, offset: int, bar: int = 0):
     import mmap
 
-    path = dev.path / "resource0"
+    path = dev.path / f"resource{bar}"
     fd = os.open(path, os.O_RDWR | os.O_SYNC)
     try:
         mm = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -57,13 +58,14 @@ def mmio(seconds: float) -> dict:
         pci.enable_device(dev)
     maps = []
     loops = {}
-    for name, dev, offset, fn in (
-        ("card_read", card, regs.reg("ICR"), _reads),
-        ("edu_read", edu, 0x00, _reads),
-        ("card_doorbell", card, regs.txq_reg(0, regs.QREG_TAIL), _writes),
-        ("edu_write", edu, 0x04, _writes),
+    for name, dev, bar, offset, fn in (
+        ("card_read", card, regs.MIRROR_BAR, regs.M_ICR, _reads),
+        ("card_read_trapped", card, 0, regs.ICR, _reads),
+        ("edu_read", edu, 0, 0x00, _reads),
+        ("card_doorbell", card, 0, regs.txq_reg(0, regs.QREG_TAIL), _writes),
+        ("edu_write", edu, 0, 0x04, _writes),
     ):
-        mm, cell = _bar_cell(dev, offset)
+        mm, cell = _bar_cell(dev, offset, bar)
         maps.append((mm, cell))
         loops[name] = (fn, cell)
     # Interpreter floor: the same loop on ordinary memory (what Python costs without any MMIO).
@@ -111,8 +113,9 @@ def pps(seconds: float) -> dict:
                 t0 = time.perf_counter()
                 deadline = t0 + seconds / rounds / len(modes)
                 while time.perf_counter() < deadline:
-                    for _ in range(32):
-                        card.send(frame, handle, mode)
+                    with card.tx_burst():  # one TAIL doorbell per 32 frames
+                        for _ in range(32):
+                            card.send(frame, handle, mode)
                     n += 32
                 failed[mode] += sum(1 for c in card.flush_tx() if c.status != 0)
                 if r:

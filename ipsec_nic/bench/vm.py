@@ -52,6 +52,20 @@ def _guest_json(output: str) -> dict:
     raise RuntimeError(f"guest loop printed no result:\n{output[-2000:]}")
 
 
+MIRROR_MEMFD = "memfd:ipsec-nic-mirror"  # device/nic/card.py MIRROR_MEMFD_NAME (the mirror BAR's file)
+
+
+def qemu_maps_mirror(pid: int | None) -> bool:
+    """Did QEMU mmap the card's mirror BAR? Its /proc maps then list the card's memfd."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as f:
+            return any(MIRROR_MEMFD in line for line in f)
+    except OSError:
+        return False
+
+
 def vm_figures(seconds: float, say: Progress, logs: Path) -> list[Row]:
     from ipsec_nic.runner import CardServer, run_dir, write_profile
     from qemu import toolchain
@@ -73,6 +87,7 @@ def vm_figures(seconds: float, say: Progress, logs: Path) -> list[Row]:
                     say(f"VM up in {vm.boot_seconds:.1f} s; guest register loops, {seconds:.0f} s")
                     mm = _guest_json(vm.run(f"python3 -m ipsec_nic.bench.guest_loop mmio {seconds}",
                                             timeout=seconds * 4 + 60, check=True).output)
+                    mapped = qemu_maps_mirror(vm.qemu_pid)
                     say(f"guest packets/s through the Python guest tools, {seconds:.0f} s")
                     pp = _guest_json(vm.run(f"python3 -m ipsec_nic.bench.guest_loop pps {seconds}",
                                             timeout=seconds * 4 + 120, check=True).output)
@@ -81,8 +96,15 @@ def vm_figures(seconds: float, say: Progress, logs: Path) -> list[Row]:
         finally:
             drain.close()
     rows += [
-        Row("guest register reads/s, card ICR (the hot-path read)", mm["card_read"], "read/s", mm["edu_read"],
-            "read/s on QEMU's edu BAR", MMIO_TARGET),
+        Row("guest register reads/s, card M_ICR (the hot-path read, mirror BAR)", mm["card_read"], "read/s",
+            mm["edu_read"], "read/s on QEMU's edu BAR", MMIO_TARGET,
+            note="QEMU mmapped the mirror BAR (memfd in its /proc maps)" if mapped
+            else "QEMU did NOT mmap the mirror BAR: every read is trapped"),
+        Row("QEMU mmapped the card's mirror BAR (its memfd in QEMU's /proc/PID/maps)", 1.0 if mapped else 0.0,
+            "1 = yes", note="sparse mmap taken: M_* reads are RAM loads" if mapped
+            else "not mapped: every M_* read is trapped"),
+        Row("guest register reads/s, card ICR (trapped: a vfio-user round trip)", mm["card_read_trapped"],
+            "read/s", mm["edu_read"], "read/s on QEMU's edu BAR"),
         Row("guest doorbells/s, card TX tail", mm["card_doorbell"], "write/s", mm["edu_write"],
             "write/s on QEMU's edu BAR"),
         Row("guest Python loop on plain memory (interpreter floor)", mm["python_floor"], "access/s"),

@@ -35,7 +35,7 @@ def test_info_matches_qemu_expectations(client):
         m = client.get_region_info(index)
         assert not m.is_error
         sizes[index] = struct.unpack("<IIIIQQ", m.payload)[4]
-    assert sizes == {0: regs.BAR0_SIZE, 1: 0, 2: regs.BAR2_SIZE, 3: 0, 4: 0, 5: 0, 6: 0, 7: 4096, 8: 0}
+    assert sizes == {0: regs.BAR0_SIZE, 1: 0, 2: regs.BAR2_SIZE, 3: 0, 4: regs.MIRROR_BAR_SIZE, 5: 0, 6: 0, 7: 4096, 8: 0}
     counts = [struct.unpack("<IIII", client.get_irq_info(i).payload)[3] for i in range(5)]
     assert counts == [1, 0, 5, 1, 1]  # INTx, MSI, MSI-X, ERR, REQ
 
