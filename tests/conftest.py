@@ -24,3 +24,14 @@ def fn(profile: Profile, ctx: FakeContext) -> NicFunction:
     function = build_card(profile)
     function.attached(ctx)  # type: ignore[arg-type]
     return function
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `matrix` (long grids) run only when `-m` names them; otherwise they are deselected,
+    not skipped, so a default run reports exactly what it ran."""
+    if "matrix" in (config.option.markexpr or ""):
+        return
+    chosen = [item for item in items if item.get_closest_marker("matrix") is None]
+    if len(chosen) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("matrix")])
+        items[:] = chosen
