@@ -151,8 +151,8 @@ def _read_all(reader: RawPcapReader, name: str, size: int, complaints: _ScapyCom
             raise CaptureError(f"{name}: record {index} was captured cut short ({caplen} of {meta.wirelen} bytes); "
                                "capture again with a larger snaplen")
         _check_linktype(linktype, name, f"record {index}")
-        records.append(CaptureRecord(bytes(data), linktype, ticks, resolution))
-        end_of_last = reader.f.tell()
+        records.append(CaptureRecord(data, linktype, ticks, resolution))
+        end_of_last += 16 + caplen  # classic record header + data (tell() per record would cost a third)
     # scapy ends silently on a cut-off record header or block; a clean end consumed the whole file
     if not isinstance(reader.f, gzip.GzipFile):
         consumed = reader.f.tell() if ng else end_of_last
