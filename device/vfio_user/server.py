@@ -187,6 +187,7 @@ class VfioUserServer:
         self.dma_timeout = dma_timeout
         self.ready = threading.Event()
         self.clients_served = 0
+        self.dma_messages = 0  # DMA_READ/DMA_WRITE requests sent to the current client (guest RAM not shared)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
@@ -597,7 +598,8 @@ class VfioUserServer:
         sock, conn, ctx = self._sock, self._conn, self._ctx
         if sock is None:
             return
-        log.info("client disconnected: %s", reason)
+        log.info("client disconnected: %s (%d DMA_READ/DMA_WRITE messages sent to it)", reason, self.dma_messages)
+        self.dma_messages = 0
         self._sock = self._conn = self._ctx = None
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(sock)
@@ -770,6 +772,7 @@ class VfioUserServer:
                 self.call_soon(lambda r=exc.reason: self._finish_op(op, False, r))
                 return
             self._dma_ops[msg_id] = (op, k, iova + off, n)
+            self.dma_messages += 1
             op.ids.append(msg_id)
             self._send(out)
         op.timer = self.call_later(self.dma_timeout, lambda: self._finish_op(op, False, "timed out"))
