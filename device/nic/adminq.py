@@ -34,7 +34,7 @@ from collections.abc import Callable
 from device.contract import ndis, regs
 from device.contract.regs import AdminFlags, AdminStatus
 from device.contract.status import NdisStatus
-from device.nic.dma_pass import Pass, Read, Write
+from device.nic.dma_pass import READ, WRITE, Pass
 from device.nic.rings import STAT, QueueEvents, RingRegs
 from device.vfio_user.device_api import DmaError
 
@@ -103,7 +103,7 @@ class AdminQueue:
             budget -= 1
             addr = base + head * _DESC_SIZE
             try:
-                desc = _UNPACK((yield Read(addr, _DESC_SIZE)))
+                desc = _UNPACK((yield READ, addr, _DESC_SIZE))
             except DmaError:
                 eng.dma_fault(qid)
                 break
@@ -113,12 +113,12 @@ class AdminQueue:
                 break
             status, fw_status, resp_len = step
             try:
-                yield Write(addr + _RESP_LEN_AT, _U32.pack(resp_len))
-                yield Write(addr + _STATUS_AT, _STATUS_FW.pack(status, 0, fw_status))
+                yield (WRITE, addr + _RESP_LEN_AT, _U32.pack(resp_len))
+                yield (WRITE, addr + _STATUS_AT, _STATUS_FW.pack(status, 0, fw_status))
                 flags = (desc[1] & int(AdminFlags.INTERRUPT)) | int(AdminFlags.DONE)
                 if status != AdminStatus.OK:
                     flags |= int(AdminFlags.ERROR)
-                yield Write(addr + _FLAGS_AT, _U16.pack(flags))  # DONE last, after the rest is acknowledged
+                yield (WRITE, addr + _FLAGS_AT, _U16.pack(flags))  # DONE last, after the rest is acknowledged
             except DmaError:  # readable but not writable (read-only mapping)
                 eng.dma_fault(qid)
             self.commands += 1
@@ -143,7 +143,7 @@ class AdminQueue:
             if desc[0] != ndis.Opcode.V2_ADD_SA or self._refuse(desc) is not None or not desc[5]:
                 return (yield from self._execute(desc, qid))
             try:
-                entries = ndis.unpack_v2_add_sa_list((yield Read(desc[6], desc[5])))
+                entries = ndis.unpack_v2_add_sa_list((yield READ, desc[6], desc[5]))
             except (DmaError, ndis.ParseError):
                 return (yield from self._execute(desc, qid))  # reports the fault or the firmware's refusal
             if len(entries) <= LIST_CHUNK:
@@ -180,7 +180,7 @@ class AdminQueue:
             eng.count(BAD_DESCRIPTOR)
             return refused, 0, 0
         try:
-            request = (yield Read(req_addr, req_len)) if req_len else b""
+            request = (yield READ, req_addr, req_len) if req_len else b""
         except DmaError:
             eng.dma_fault(qid)
             return AdminStatus.DMA_ERROR, 0, 0
@@ -215,7 +215,7 @@ class AdminQueue:
             response = response[:resp_cap]
         if response:
             try:
-                yield Write(resp_addr, response)
+                yield (WRITE, resp_addr, response)
             except DmaError:
                 eng.dma_fault(qid)
                 return AdminStatus.DMA_ERROR, fw_status & 0xFFFF_FFFF, 0

@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 
 _BUS_MASTER = int(Command.BUS_MASTER)
 _RX_KEY = ("rx", 0)
+_STARTING = object()  # a pass in its first, synchronous step
 
 
 class Datapath(TxPath, RxPath):
@@ -92,7 +93,7 @@ class Datapath(TxPath, RxPath):
         self._backlog: deque[bytes] = deque()
         self._backlog_bytes = 0
         self._scheduled: set[tuple[str, int]] = set()
-        self._passes: dict[tuple[str, int], DmaPass] = {}  # passes waiting for a DMA reply
+        self._passes: dict[tuple[str, int], Any] = {}  # passes running or waiting for a DMA reply
         self._rerun: set[tuple[str, int]] = set()  # rings rung while their pass waited
         self._warned: set[str] = set()
         card.doorbell_hook = self.doorbell
@@ -195,14 +196,27 @@ class Datapath(TxPath, RxPath):
 
     def _start_pass(self, key: tuple[str, int], gen: Pass) -> None:
         """Run a pass: to its end now when guest RAM is shared, else up to its first DMA message."""
+        # The hot accesses go to shared RAM directly, so most passes end in this first step: no runner.
+        self._passes[key] = _STARTING  # busy (a frame arriving meanwhile waits in the backlog)
+        try:
+            first = gen.send(None)
+        except StopIteration as stop:
+            self._passes.pop(key, None)
+            self._pass_done(key, None, stop.value)
+            return
+        except Exception:  # an engine bug must not stop the server loop (the pass is abandoned)
+            log.exception("ring pass failed")
+            self._passes.pop(key, None)
+            return
         p = DmaPass(self.ctx, gen, lambda more: self._pass_done(key, p, more))  # type: ignore[arg-type]
         self._passes[key] = p
-        p.start()
+        p.start(first)
 
-    def _pass_done(self, key: tuple[str, int], p: DmaPass, more: Any) -> None:
-        self.extra.dma_messages += p.messages
-        if self._passes.get(key) is p:
-            del self._passes[key]
+    def _pass_done(self, key: tuple[str, int], p: DmaPass | None, more: Any) -> None:
+        if p is not None:
+            self.extra.dma_messages += p.messages
+            if self._passes.get(key) is p:
+                del self._passes[key]
         if more or key in self._rerun:
             self._rerun.discard(key)
             self._schedule(*key)
@@ -212,8 +226,9 @@ class Datapath(TxPath, RxPath):
         self._passes.clear()
         self._rerun.clear()
         for p in passes:
-            self.extra.dma_messages += p.messages
-            p.cancel()
+            if p is not _STARTING:
+                self.extra.dma_messages += p.messages
+                p.cancel()
 
     def _rx_busy(self) -> bool:
         return _RX_KEY in self._passes

@@ -6,11 +6,12 @@ VFIO_USER_DMA_READ/DMA_WRITE messages (qemu docs/interop/vfio-user.rst, "VFIO_US
 optional). QEMU answers those on its main loop, and it waits for our replies with its big lock held, so a
 handler must never wait for a reply (device_api.py).
 
-So a ring pass (TX, RX, admin) is a generator that *yields* its DMA accesses instead of performing them::
+So a ring pass (TX, RX, admin) is a generator that *yields* its DMA accesses instead of performing them,
+as plain tuples (the hot path makes millions of them)::
 
-    desc = yield Read(addr, 32)
-    yield Write(addr + 16, wb)
-    yield Reachable(buf_addr, buf_len)    # the whole buffer is mapped writable (RX secures its buffer)
+    desc = yield READ, addr, 32             # evaluates to the bytes
+    yield WRITE, addr + 16, wb              # evaluates to None once written
+    yield REACHABLE, buf_addr, buf_len      # the whole buffer is mapped (RX secures its buffer first)
 
 and :class:`DmaPass` runs it. An access to fd-backed memory is done at once and the generator goes on in
 the same call (no message, no extra loop turn: the shared-memory path stays synchronous). An access to a
@@ -26,35 +27,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator
-from typing import Any, NamedTuple
+from typing import Any
 
 from device.vfio_user.device_api import DeviceContext, DmaError
 
 log = logging.getLogger(__name__)
 
 
-class Read(NamedTuple):
-    """Read ``length`` bytes at ``addr``; the yield evaluates to the bytes."""
-
-    addr: int
-    length: int
-
-
-class Write(NamedTuple):
-    """Write ``data`` at ``addr``; the yield evaluates to None once the write is done."""
-
-    addr: int
-    data: bytes | bytearray | memoryview
-
-
-class Reachable(NamedTuple):
-    """Check that [addr, addr+length) lies in one writable mapping (no data moves)."""
-
-    addr: int
-    length: int
-
-
-DmaOp = Read | Write | Reachable
+READ, WRITE, REACHABLE = 0, 1, 2  # op[0]; then (addr, length) or (addr, data)
+DmaOp = tuple[int, int, Any]
 Pass = Generator[DmaOp, Any, Any]
 
 
@@ -75,8 +56,9 @@ class DmaPass:
         self.finished = False
         self.messages = 0  # DMA accesses that went through vfio-user messages
 
-    def start(self) -> None:
-        self._step(None, None)
+    def start(self, first: DmaOp | None = None) -> None:
+        """Run until the end or the first message; ``first``: the op the generator already yielded."""
+        self._step(None, None, first)
 
     def cancel(self) -> None:
         if self.finished:
@@ -86,61 +68,64 @@ class DmaPass:
         if not self._running:  # else _step closes it when the generator yields next
             self._gen.close()
 
-    def _step(self, value: Any, error: DmaError | None) -> None:
+    def _step(self, value: Any, error: DmaError | None, op: DmaOp | None = None) -> None:
         self._running = True
         try:
-            self._run(value, error)
+            self._run(value, error, op)
         finally:
             self._running = False
 
-    def _run(self, value: Any, error: DmaError | None) -> None:
+    def _run(self, value: Any, error: DmaError | None, op: DmaOp | None) -> None:
         gen = self._gen
+        send = gen.send
         dma = self._ctx.dma
         while True:
+            if op is None:
+                try:
+                    op = send(value) if error is None else gen.throw(error)
+                except StopIteration as stop:
+                    self.finished = True
+                    self._done(stop.value)
+                    return
+                except Exception:  # an engine bug must not stop the server loop (the pass is abandoned)
+                    log.exception("ring pass failed")
+                    self.finished = True
+                    self._done(None)
+                    return
+                if self.cancelled:
+                    gen.close()
+                    return
+            kind, addr, arg = op
+            op = None
+            error = value = None
             try:
-                op = gen.throw(error) if error is not None else gen.send(value)
-            except StopIteration as stop:
-                self.finished = True
-                self._done(stop.value)
-                return
-            except Exception:  # an engine bug must not stop the server loop (the pass is abandoned)
-                log.exception("ring pass failed")
-                self.finished = True
-                self._done(None)
-                return
-            if self.cancelled:
-                gen.close()
-                return
-            error = None
-            kind = type(op)
-            try:
-                if kind is Read:
-                    value = dma.read(op.addr, op.length)
-                elif kind is Write:
-                    dma.write(op.addr, op.data)
-                    value = None
+                if kind == READ:
+                    value = dma.read(addr, arg)
+                elif kind == WRITE:
+                    dma.write(addr, arg)
                 else:
-                    info = dma.mapped(op.addr, op.length)
-                    if info is None or not info.writable:
-                        raise DmaError(f"{op.length} bytes at {op.addr:#x} are not in one writable mapped range")
-                    value = None
+                    dma.view(addr, arg).release()
                 continue
             except DmaError as exc:
-                if kind is Reachable or not self._send(op, kind):
-                    error = exc
-                    continue
-            return  # waits for the client's reply
+                error = exc
+            if self._message(kind, addr, arg):
+                if kind != REACHABLE:
+                    return  # waits for the client's reply
+                error = None
 
-    def _send(self, op: DmaOp, kind: type) -> bool:
-        """Issue ``op`` as a vfio-user message if its range exists without an fd. False: it cannot be done."""
-        info = self._ctx.dma.mapped(op.addr, len(op.data) if kind is Write else op.length)
-        if info is None or info.fd_backed or not (info.writable if kind is Write else info.readable):
+    def _message(self, kind: int, addr: int, arg: Any) -> bool:
+        """Issue a READ/WRITE as a vfio-user message if its range exists without an fd (a REACHABLE range
+        needs none). False: it cannot be done at all."""
+        ctx = self._ctx
+        info = ctx.dma.mapped(addr, len(arg) if kind == WRITE else arg)
+        if info is None or info.fd_backed or not (info.readable if kind == READ else info.writable):
             return False
-        self.messages += 1
-        if kind is Read:
-            self._ctx.dma_read_async(op.addr, op.length, self._read_done)
-        else:
-            self._ctx.dma_write_async(op.addr, bytes(op.data), self._write_done)
+        if kind == READ:
+            self.messages += 1
+            ctx.dma_read_async(addr, arg, self._read_done)
+        elif kind == WRITE:
+            self.messages += 1
+            ctx.dma_write_async(addr, bytes(arg), self._write_done)
         return True
 
     def _read_done(self, data: bytes | None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Protocol
 
 from device.contract import regs
-from device.nic.dma_pass import Pass, Read
+from device.nic.dma_pass import READ, Pass
 
 # Index of each statistics counter (regs.STATISTICS order = card.Stat values = register order).
 STAT: dict[str, int] = {name: i for i, (name, _) in enumerate(regs.STATISTICS)}
@@ -83,7 +83,7 @@ def fetch_block(base: int, size: int, head: int, count: int, desc_size: int) -> 
     """Read up to ``count`` descriptors from ``head`` without wrapping (``yield from``, a DMA pass step):
     (bytes, descriptors read). Raises DmaError if the ring memory is unreachable."""
     n = min(count, size - head)
-    return (yield Read(base + head * desc_size, n * desc_size)), n
+    return (yield READ, base + head * desc_size, n * desc_size), n
 
 
 @dataclass

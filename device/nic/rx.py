@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from device.contract import regs
 from device.contract.net import ETH_HLEN
 from device.contract.regs import Ctrl, RxWbFlags
-from device.nic.dma_pass import Pass, Reachable, Read, Write
+from device.nic.dma_pass import REACHABLE, READ, WRITE, Pass
 from device.nic.rings import (
     BAD_DESCRIPTOR,
     CTRL_AT,
@@ -168,29 +168,39 @@ class RxPath:
         base, size = mem[rb + Q_BASE_LO] | mem[rb + Q_BASE_HI] << 32, mem[rb + Q_LEN]
         stats = card.stats
         qid = ring.queue_id
+        dma = self.ctx.dma  # type: ignore[union-attr]
+        # Hot accesses go straight to shared guest RAM; DmaError (not shared, or a fault) hands the
+        # access to the pass runner, which sends it as a message or throws the fault back here.
         completed = False  # some descriptor was written back: the driver has something to look at
         slot = None
         try:
             while head != tail:
                 addr = base + head * _RXD_SIZE
                 try:
+                    try:
+                        raw = dma.read(addr, _RXD_SIZE)
+                    except DmaError:
+                        raw = yield READ, addr, _RXD_SIZE
                     (buf_addr, buf_len, reserved0, _l, _f, _c, reserved1, _h, _n, _p, reserved2,
-                     reserved3) = _RXD_UNPACK((yield Read(addr, _RXD_SIZE)))
+                     reserved3) = _RXD_UNPACK(raw)
                 except DmaError:
                     self.dma_fault(qid)
                     break  # the ring itself is unreachable: HEAD stays, the frame is lost (counted)
                 head = (head + 1) % size
                 bad = bool(reserved0 or reserved1 or reserved2 or reserved3 or not buf_len)
                 if not bad:
-                    try:
-                        yield Reachable(buf_addr, buf_len)  # the whole buffer must be reachable
+                    try:  # the whole buffer must be reachable
+                        try:
+                            dma.view(buf_addr, buf_len).release()
+                        except DmaError:
+                            yield REACHABLE, buf_addr, buf_len
                     except DmaError:
                         self.dma_fault(qid)
                         bad = True
                 if bad:
                     if reserved0 or reserved1 or reserved2 or reserved3 or not buf_len:
                         stats[BAD_DESCRIPTOR] += 1
-                    yield Write(addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0))
+                    yield (WRITE, addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0))
                     completed = True
                     continue  # try the frame on the next descriptor
                 slot = (addr, buf_addr, buf_len)
@@ -247,9 +257,15 @@ class RxPath:
         else:
             data = out
         try:
-            yield Write(buf_addr, data)  # acknowledged before the write-back below: DD is seen last
-            yield Write(addr + _RX_WB_AT, _RX_WB.pack(min(n, 0xFFFF), wb_flags, crypto_status, 0,
-                                                    result.handle, next_header, pad_length))
+            try:
+                dma.write(buf_addr, data)
+            except DmaError:
+                yield WRITE, buf_addr, data  # acknowledged before the write-back below: DD is seen last
+            wb = _RX_WB.pack(min(n, 0xFFFF), wb_flags, crypto_status, 0, result.handle, next_header, pad_length)
+            try:
+                dma.write(addr + _RX_WB_AT, wb)
+            except DmaError:
+                yield WRITE, addr + _RX_WB_AT, wb
             completed = True
             stats[RX_PACKETS] += 1
             stats[RX_BYTES] += n
