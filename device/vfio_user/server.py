@@ -606,13 +606,15 @@ class VfioUserServer:
         sock.close()
         if conn is not None:
             conn.close(reason)
+        # The device learns of the detach first, so it can drop work that waits for these replies
+        # instead of treating their failure as DMA faults.
+        if ctx is not None:
+            ctx.active = False
+            self._guarded(self.device.detached, "detached()")
         ops = {id(op): op for op, *_ in self._dma_ops.values()}
         self._dma_ops.clear()
         for op in ops.values():
             self._finish_op(op, False, "client disconnected")
-        if ctx is not None:
-            ctx.active = False
-            self._guarded(self.device.detached, "detached()")
         self._dma.unmap_all()
         self._irqs.close_all()
         self._batch = []

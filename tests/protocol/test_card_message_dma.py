@@ -16,9 +16,11 @@ from scapy.packet import Raw
 from device.contract import ndis, regs
 from device.contract.regs import AdminFlags, AdminStatus, RxWbFlags, TxStatus, TxWbFlags
 from device.nic.assembly import NicFunction, build_card
+from device.nic.rings import STAT
 from device.profile import profile_from_dict
 
-from .client import DMA_READ, DMA_WRITE, Msg, answer_dma
+from .client import DEVICE_RESET, DMA_READ, DMA_WRITE, Msg, answer_dma
+from .conftest import wait_for
 
 CONFIG, BAR0 = 7, 0
 BASE = 0x1_0000_0000
@@ -110,3 +112,35 @@ def test_card_works_with_guest_ram_reachable_only_by_messages(client):
     assert client.read32(BAR0, regs.stat_offset("DMA_ERROR")) == 0
     assert client.read32(BAR0, regs.stat_offset("RX_PACKETS")) == 1
     assert DMA_READ in g.requests and DMA_WRITE in g.requests
+
+
+def test_client_gone_while_the_card_waits_for_a_dma_reply(connect, device):
+    c = connect()
+    assert not c.negotiate().is_error
+    g = Guest(c)
+    c.on_server_request = None  # requests are kept, never answered
+    c.region_write(CONFIG, 0x4, struct.pack("<H", 0x6))
+    g.w(regs.CTRL, int(regs.Ctrl.ENABLE))
+    g.until(lambda: c.read32(BAR0, regs.STATUS) & regs.Status.ENABLED)
+    g.ring(regs.ADMINQ_BASE, ADMIN, 8)
+    g.put(ADMIN, regs.ADMIN_DESC.pack(opcode=ndis.Opcode.GET_CAPS, resp_addr=BUF, resp_len=4096))
+    g.w(regs.ADMINQ_BASE + regs.QREG_TAIL, 1)
+    g.until(lambda: bool(c.server_requests))  # the admin pass waits for its descriptor
+    assert c.server_requests[0].command == DMA_READ and device.card.datapath._passes
+    c.close()
+    # the pass is dropped with the client, its failed reply is not counted as a DMA fault
+    wait_for(lambda: not device.card.datapath._passes)
+    assert device.card.stats[STAT["DMA_ERROR"]] == 0
+    # a new client (after a system reset, as QEMU does) finds a working card
+    c2 = connect()
+    assert not c2.negotiate().is_error
+    assert not c2.request(DEVICE_RESET).is_error
+    g2 = Guest(c2)
+    c2.region_write(CONFIG, 0x4, struct.pack("<H", 0x6))
+    g2.w(regs.CTRL, int(regs.Ctrl.ENABLE))
+    g2.until(lambda: c2.read32(BAR0, regs.STATUS) & regs.Status.ENABLED)
+    g2.ring(regs.ADMINQ_BASE, ADMIN, 8)
+    g2.put(ADMIN, regs.ADMIN_DESC.pack(opcode=ndis.Opcode.GET_CAPS, resp_addr=BUF, resp_len=4096))
+    g2.w(regs.ADMINQ_BASE + regs.QREG_TAIL, 1)
+    g2.until(lambda: regs.ADMIN_DESC.unpack(g2.get(ADMIN, regs.ADMIN_DESC.size)).flags & AdminFlags.DONE)
+    assert regs.ADMIN_DESC.unpack(g2.get(ADMIN, regs.ADMIN_DESC.size)).status == AdminStatus.OK
