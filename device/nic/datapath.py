@@ -135,7 +135,17 @@ class Datapath(TxPath, RxPath):
         self._schedule(getattr(kind, "value", kind), index)
 
     def ring_enabled(self, kind: Any, index: int, enabled: bool) -> None:
-        if enabled and getattr(kind, "value", kind) == "rx":
+        kind = getattr(kind, "value", kind)
+        if not enabled:
+            # A pass waiting for message DMA on this ring is abandoned, as by a reset: re-enabling sets
+            # HEAD to 0, and the pass must not write its old HEAD or descriptors over the new ring.
+            key = _RX_KEY if kind == "rx" else (kind, index)
+            p = self._passes.get(key)
+            if isinstance(p, DmaPass):
+                del self._passes[key]
+                self._rerun.discard(key)
+                self._cancel(p)
+        elif kind == "rx":
             self._schedule("rx", index)
 
     def card_enabled(self, enabled: bool) -> None:
@@ -227,8 +237,12 @@ class Datapath(TxPath, RxPath):
         self._rerun.clear()
         for p in passes:
             if p is not _STARTING:
-                self.extra.dma_messages += p.messages
-                p.cancel()
+                self._cancel(p)
+
+    def _cancel(self, p: DmaPass) -> None:
+        self.extra.dma_messages += p.messages
+        self.extra.passes_abandoned += 1  # an RX frame in such a pass is lost with it
+        p.cancel()
 
     def _rx_busy(self) -> bool:
         return _RX_KEY in self._passes

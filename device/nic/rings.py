@@ -99,6 +99,7 @@ class DatapathStats:
     tx_not_sent: int = 0  # frames the wire could not take (peer absent, link down)
     admin_commands: int = 0
     dma_messages: int = 0  # DMA accesses sent as vfio-user DMA_READ/DMA_WRITE (guest RAM not shared)
+    passes_abandoned: int = 0  # passes waiting for message DMA dropped by a reset, ring disable or detach
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

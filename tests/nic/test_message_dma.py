@@ -283,3 +283,22 @@ def test_long_v2_list_split_over_passes(seed):
     results = ndis.unpack_counted(resp, ndis.V2_ADD_SA_RESULT)
     assert len(results) == len(entries) and len({x.offload_handle for x in results}) == len(entries)
     assert all(x.offload_handle for x in results) and r.firmware.stats().sa_bundles == len(entries)
+
+
+def test_ring_disabled_while_its_pass_waits():
+    r = message_rig(13)
+    drv, ctx = r.drv, r.ctx
+    first = drv.send(udp_frame(b"abandoned"))
+    while not ctx.pending:
+        ctx.soon.popleft()()
+    drv.w(regs.txq_reg(0, regs.QREG_CTRL), 0)  # the driver disables the ring under the pass
+    before = bytes(ctx.memory.mem)
+    ctx.run()
+    assert bytes(ctx.memory.mem) == before and drv.tx_wb(first).wb_flags == 0
+    assert r.datapath.extra.passes_abandoned == 1 and drv.stat("TX_PACKETS") == 0
+    # re-enabled (HEAD back to 0), the ring works from its new start
+    rx = drv.post_rx(1)
+    drv.setup_ring("tx", 0, 16)
+    drv.send(udp_frame(b"fresh"))
+    ctx.run()
+    assert drv.head("tx") == 1 and drv.rx(rx[0])[1] == udp_frame(b"fresh")
