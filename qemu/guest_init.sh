@@ -8,6 +8,8 @@
 #   ipsec_nic.cmd=BASE64      run this shell command once, between markers, then power off
 #   ipsec_nic.agent=DEV       else serve commands on this serial device (qemu/guest_agent.py)
 #   ipsec_nic.shares=T:N,...  mount virtiofs tag T at /mnt/N
+#   ipsec_nic.fs=9p           the shares are virtio-9p (a boot without shared RAM: qemu/initrd_9p.py
+#                             mounted root and project and ran this script in place of stage 0)
 #   ipsec_nic.modules=a,b     modules to load (best effort; the kernel loads most others on demand)
 # The root file system is the read-only toolchain tree: everything writable is tmpfs.
 
@@ -35,6 +37,7 @@ cmd=
 agent=
 shares=
 modules=
+fs=virtiofs
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         ipsec_nic.nonce=*) nonce="${arg#*=}" ;;
@@ -42,6 +45,7 @@ for arg in $(cat /proc/cmdline); do
         ipsec_nic.agent=*) agent="${arg#*=}" ;;
         ipsec_nic.shares=*) shares="${arg#*=}" ;;
         ipsec_nic.modules=*) modules="${arg#*=}" ;;
+        ipsec_nic.fs=*) fs="${arg#*=}" ;;
     esac
 done
 
@@ -55,7 +59,11 @@ for share in $(echo "$shares" | tr ',' ' '); do
     tag="${share%%:*}"
     name="${share#*:}"
     mkdir -p "/mnt/$name"
-    mount -t virtiofs "$tag" "/mnt/$name" || echo "ipsec-nic init: cannot mount share $tag at /mnt/$name"
+    if [ "$fs" = 9p ]; then
+        mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 "$tag" "/mnt/$name"
+    else
+        mount -t virtiofs "$tag" "/mnt/$name"
+    fi || echo "ipsec-nic init: cannot mount share $tag at /mnt/$name"
 done
 
 # Kernel messages of warning level and below stay in dmesg, out of the command's output.

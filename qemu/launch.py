@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from qemu.initrd_9p import initrd_path
 from qemu.toolchain import STAGE0_PATH, Toolchain
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -110,6 +111,10 @@ class VmConfig:
     accel: str = "auto"  # "auto" (trial-boot KVM once, cached), "kvm" or "tcg"
     timeout_s: float = 300.0
     log_dir: Path | None = None  # serial/QEMU/virtiofsd logs; default <cache>/vm-logs/<time>-<nonce>
+    # "memfd": guest RAM in a shared memfd backend (virtiofs shares; vfio-user servers map RAM directly).
+    # "private": plain -m, nothing shared: shares over virtio-9p (qemu/initrd_9p.py), and vfio-user
+    # servers reach RAM only through DMA_READ/DMA_WRITE messages.
+    guest_ram: str = "memfd"
 
 
 @dataclass(frozen=True)
@@ -188,13 +193,20 @@ def _shares(cfg: VmConfig, toolchain: Toolchain) -> list[_Share]:
 # --- pure argv builders ----------------------------------------------------------------------------
 
 
+def _private_ram(cfg: VmConfig) -> bool:
+    if cfg.guest_ram not in ("memfd", "private"):
+        raise ValueError(f"guest_ram must be 'memfd' or 'private', not {cfg.guest_ram!r}")
+    return cfg.guest_ram == "private"
+
+
 def kernel_cmdline(cfg: VmConfig, paths: VmRunPaths, *, agent: bool) -> str:
+    if _private_ram(cfg):  # the 9p initramfs mounts root and project, then runs guest_init.sh
+        root = ["rdinit=/init", "ipsec_nic.fs=9p"]
+    else:
+        root = [f"root={ROOT_TAG}", "rootfstype=virtiofs", "ro", f"init={STAGE0_PATH}"]
     args = [
         "console=ttyS0",
-        f"root={ROOT_TAG}",
-        "rootfstype=virtiofs",
-        "ro",
-        f"init={STAGE0_PATH}",
+        *root,
         "panic=-1",
         "quiet",
         "mitigations=off",
@@ -256,12 +268,21 @@ def virtiofsd_argv(toolchain: Toolchain, share: _Share, socket_path: Path) -> li
 
 
 def qemu_argv(
-    cfg: VmConfig, toolchain: Toolchain, paths: VmRunPaths, *, accel: str = "tcg", agent: bool = False
+    cfg: VmConfig, toolchain: Toolchain, paths: VmRunPaths, *, accel: str = "tcg", agent: bool = False,
+    initrd_9p: Path | None = None,
 ) -> list[str]:
-    """The full QEMU command line for one boot. Pure: builds strings, touches nothing."""
+    """The full QEMU command line for one boot. Pure: builds strings, touches nothing. A private-RAM
+    boot needs ``initrd_9p`` (qemu/initrd_9p.py)."""
     if accel not in ("tcg", "kvm"):
         raise ValueError(f"accel must be 'tcg' or 'kvm', not {accel!r}")
+    private = _private_ram(cfg)
+    if private and initrd_9p is None:
+        raise ValueError("a guest_ram='private' boot needs the 9p initramfs")
     memory = f"{cfg.memory_mib}M"
+    # virtiofs needs shared guest RAM; vfio-user servers get the same memfd in DMA_MAP. Private RAM
+    # has no fd: QEMU sends DMA_MAP without one and serves the servers' DMA_READ/DMA_WRITE itself.
+    shared = [] if private else ["-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
+                                 "-numa", "node,memdev=mem"]
     argv = [
         *toolchain.qemu_argv,
         "-machine",
@@ -272,11 +293,7 @@ def qemu_argv(
         str(cfg.cpus),
         "-m",
         memory,
-        # virtiofs needs shared guest RAM; vfio-user servers get the same memfd in DMA_MAP.
-        "-object",
-        f"memory-backend-memfd,id=mem,size={memory},share=on",
-        "-numa",
-        "node,memdev=mem",
+        *shared,
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -285,7 +302,10 @@ def qemu_argv(
         "-kernel",
         str(toolchain.kernel),
     ]
-    # No initrd: Debian's kernel has virtio-fs built in, and skipping the initramfs saves seconds.
+    # No initrd for virtiofs: Debian's kernel has virtio-fs built in, and skipping the initramfs saves
+    # seconds. 9p is a module there: a tiny initramfs loads it.
+    if private:
+        argv += ["-initrd", str(initrd_9p)]
     argv += ["-append", kernel_cmdline(cfg, paths, agent=agent)]
     # ttyS0: the console, to our stdout pipe and to a log file.
     argv += [
@@ -302,6 +322,15 @@ def qemu_argv(
             "chardev:agent",
         ]
     for index, share in enumerate(_shares(cfg, toolchain)):
+        if private:
+            argv += [
+                "-fsdev",
+                f"local,id=fs{index},path={share.host_path},security_model=none"
+                + (",readonly=on" if share.readonly else ""),
+                "-device",
+                f"virtio-9p-pci,fsdev=fs{index},mount_tag={share.tag}",
+            ]
+            continue
         argv += [
             "-chardev",
             f"socket,id=fs{index},path={paths.virtiofs_socket(index)}",
@@ -508,10 +537,15 @@ class _Boot:
         self.paths.socket_dir.mkdir(mode=0o700)
         self.paths.log_dir.mkdir(parents=True, exist_ok=True)
         self.accel = resolve_accel(self.cfg, self.toolchain)
-        argv = qemu_argv(self.cfg, self.toolchain, self.paths, accel=self.accel, agent=self.agent)
+        private = _private_ram(self.cfg)
+        initrd = initrd_path(self.toolchain) if private else None
+        argv = qemu_argv(self.cfg, self.toolchain, self.paths, accel=self.accel, agent=self.agent,
+                         initrd_9p=initrd)
         for index, share in enumerate(_shares(self.cfg, self.toolchain)):
             if not share.host_path.is_dir():
                 raise VmError(f"share {share.tag}: {share.host_path} is not a directory")
+            if private:
+                continue  # QEMU serves 9p itself
             socket_path = self.paths.virtiofs_socket(index)
             log = self.paths.log_dir / f"virtiofsd-{share.tag}.log"
             with open(log, "wb") as log_file:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from device.vfio_user.device_api import DmaError
+from device.vfio_user.device_api import DmaError, MappingInfo
 
 GUEST_BASE = 0x1_0000_0000  # above 4 GiB, so BASE_HI matters
 GUEST_SIZE = 1 << 20
@@ -38,6 +38,11 @@ class FakeDma:
         n = len(memoryview(data).cast("B"))
         o = self._offset(iova, n)
         self.mem[o : o + n] = data
+
+    def mapped(self, iova: int, length: int) -> MappingInfo | None:
+        if length < 0 or iova < self.base or iova + length > self.base + self.size:
+            return None
+        return MappingInfo(self.base, self.size, True, True, True)
 
     def view(self, iova: int, length: int) -> memoryview:
         o = self._offset(iova, length)

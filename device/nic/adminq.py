@@ -34,8 +34,9 @@ from collections.abc import Callable
 from device.contract import ndis, regs
 from device.contract.regs import AdminFlags, AdminStatus
 from device.contract.status import NdisStatus
+from device.nic.dma_pass import READ, WRITE, Pass
 from device.nic.rings import STAT, QueueEvents, RingRegs
-from device.vfio_user.device_api import DmaAccess, DmaError
+from device.vfio_user.device_api import DmaError
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,9 @@ class AdminQueue:
         """Card reset: a list half executed is forgotten with the SAs it added."""
         self._list = None
 
-    def process(self, ring: RingRegs, dma: DmaAccess) -> bool:
-        """One bounded pass. Returns True when descriptors remain (caller schedules another pass)."""
+    def process(self, ring: RingRegs) -> Pass:
+        """One bounded pass (a DMA pass, device/nic/dma_pass.py). Returns True when descriptors remain
+        (the caller schedules another pass)."""
         eng = self.events
         base, size, head, tail = ring.base_address, ring.length, ring.head, ring.tail
         qid = ring.queue_id
@@ -101,22 +103,22 @@ class AdminQueue:
             budget -= 1
             addr = base + head * _DESC_SIZE
             try:
-                desc = _UNPACK(dma.read(addr, _DESC_SIZE))
+                desc = _UNPACK((yield READ, addr, _DESC_SIZE))
             except DmaError:
                 eng.dma_fault(qid)
                 break
-            step = self._list_step(dma, addr, desc, qid, deadline)
+            step = yield from self._list_step(addr, desc, qid, deadline)
             if step is None:  # the list goes on in the next pass
                 budget = 0
                 break
             status, fw_status, resp_len = step
             try:
-                dma.write(addr + _RESP_LEN_AT, _U32.pack(resp_len))
-                dma.write(addr + _STATUS_AT, _STATUS_FW.pack(status, 0, fw_status))
+                yield (WRITE, addr + _RESP_LEN_AT, _U32.pack(resp_len))
+                yield (WRITE, addr + _STATUS_AT, _STATUS_FW.pack(status, 0, fw_status))
                 flags = (desc[1] & int(AdminFlags.INTERRUPT)) | int(AdminFlags.DONE)
                 if status != AdminStatus.OK:
                     flags |= int(AdminFlags.ERROR)
-                dma.write(addr + _FLAGS_AT, _U16.pack(flags))
+                yield (WRITE, addr + _FLAGS_AT, _U16.pack(flags))  # DONE last, after the rest is acknowledged
             except DmaError:  # readable but not writable (read-only mapping)
                 eng.dma_fault(qid)
             self.commands += 1
@@ -131,8 +133,7 @@ class AdminQueue:
             eng.set_cause(regs.Cause.ADMINQ)
         return head != tail and budget == 0
 
-    def _list_step(self, dma: DmaAccess, addr: int, desc: tuple, qid: int,
-                   deadline: float) -> tuple[int, int, int] | None:
+    def _list_step(self, addr: int, desc: tuple, qid: int, deadline: float) -> Pass:
         """Run the descriptor at ``addr``, a long V2_ADD_SA list in chunks until ``deadline``: the
         write-back triple when done, None when the list continues in the next pass."""
         lst = self._list
@@ -140,13 +141,13 @@ class AdminQueue:
             lst = self._list = None  # the ring moved under us (driver re-programmed it)
         if lst is None:
             if desc[0] != ndis.Opcode.V2_ADD_SA or self._refuse(desc) is not None or not desc[5]:
-                return self._execute(dma, desc, qid)
+                return (yield from self._execute(desc, qid))
             try:
-                entries = ndis.unpack_v2_add_sa_list(dma.read(desc[6], desc[5]))
+                entries = ndis.unpack_v2_add_sa_list((yield READ, desc[6], desc[5]))
             except (DmaError, ndis.ParseError):
-                return self._execute(dma, desc, qid)  # reports the fault or the firmware's refusal
+                return (yield from self._execute(desc, qid))  # reports the fault or the firmware's refusal
             if len(entries) <= LIST_CHUNK:
-                return self._execute(dma, desc, qid)
+                return (yield from self._execute(desc, qid))
             lst = self._list = _ListInProgress(addr, desc, entries)
         while lst.done < len(lst.entries):
             chunk = lst.entries[lst.done : lst.done + LIST_CHUNK]
@@ -167,10 +168,11 @@ class AdminQueue:
             if lst.done < len(lst.entries) and time.monotonic() >= deadline:
                 return None
         self._list = None
-        return self._respond(dma, desc, qid, int(NdisStatus.FAILURE if lst.status is None else lst.status), ndis.pack_counted(lst.results))
+        return (yield from self._respond(desc, qid, int(NdisStatus.FAILURE if lst.status is None else lst.status),
+                                         ndis.pack_counted(lst.results)))
 
-    def _execute(self, dma: DmaAccess, desc: tuple, qid: int) -> tuple[int, int, int]:
-        """(AdminStatus, firmware status, resp_len write-back) for one descriptor."""
+    def _execute(self, desc: tuple, qid: int) -> Pass:
+        """(AdminStatus, firmware status, resp_len write-back) for one descriptor (a DMA pass step)."""
         opcode, req_len, req_addr = desc[0], desc[5], desc[6]
         eng = self.events
         refused = self._refuse(desc)
@@ -178,7 +180,7 @@ class AdminQueue:
             eng.count(BAD_DESCRIPTOR)
             return refused, 0, 0
         try:
-            request = dma.read(req_addr, req_len) if req_len else b""
+            request = (yield READ, req_addr, req_len) if req_len else b""
         except DmaError:
             eng.dma_fault(qid)
             return AdminStatus.DMA_ERROR, 0, 0
@@ -188,7 +190,7 @@ class AdminQueue:
             log.exception("firmware fault executing admin opcode %#06x", opcode)  # no request bytes logged
             eng.report_error(regs.ErrCode.FIRMWARE_FAULT, opcode)
             return AdminStatus.FIRMWARE_FAULT, 0, 0
-        return self._respond(dma, desc, qid, fw_status, response)
+        return (yield from self._respond(desc, qid, fw_status, response))
 
     def _refuse(self, desc: tuple) -> int | None:
         """The AdminStatus a malformed descriptor gets, or None."""
@@ -202,8 +204,8 @@ class AdminQueue:
             return AdminStatus.BAD_DESCRIPTOR
         return None
 
-    def _respond(self, dma: DmaAccess, desc: tuple, qid: int, fw_status: int, response: bytes) -> tuple[int, int, int]:
-        """Write the response (truncated to the descriptor's capacity); the write-back triple."""
+    def _respond(self, desc: tuple, qid: int, fw_status: int, response: bytes) -> Pass:
+        """Write the response (truncated to the descriptor's capacity); the write-back triple (a DMA pass step)."""
         resp_addr, resp_cap = desc[7], desc[8]
         eng = self.events
         status = AdminStatus.OK
@@ -213,7 +215,7 @@ class AdminQueue:
             response = response[:resp_cap]
         if response:
             try:
-                dma.write(resp_addr, response)
+                yield (WRITE, resp_addr, response)
             except DmaError:
                 eng.dma_fault(qid)
                 return AdminStatus.DMA_ERROR, fw_status & 0xFFFF_FFFF, 0

@@ -37,6 +37,12 @@ Decisions (datasheet material):
   keeps serving (never FATAL: the guest may have remapped memory).
 - **Reset** (CTRL.RESET, FLR, DEVICE_RESET): the register file resets (rings off, counters 0), the
   backlog is dropped and Firmware.reset() deletes every SA. The wire stays as it is (link is physical).
+- **Guest RAM not shared** (QEMU without a memfd backend maps RAM without an fd): every pass is a
+  resumable DMA pass (device/nic/dma_pass.py); its accesses to such RAM go out as vfio-user DMA_READ/
+  DMA_WRITE messages and the pass continues when QEMU answers. One pass per ring is in flight; a doorbell
+  meanwhile runs the ring again afterwards; frames from the wire wait in the RX backlog. A reset or a
+  detach abandons the passes in flight: nothing more is read or written for them, but DMA_WRITE messages
+  already sent are still carried out by QEMU (it executes our requests in order, also after its reset).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from device.contract.regs import ErrCode
 from device.nic.adminq import AdminQueue
+from device.nic.dma_pass import DmaPass, Pass
 from device.nic.rings import (
     DMA_ERROR,
     ENABLED,
@@ -67,6 +74,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _BUS_MASTER = int(Command.BUS_MASTER)
+_RX_KEY = ("rx", 0)
+_STARTING = object()  # a pass in its first, synchronous step
 
 
 class Datapath(TxPath, RxPath):
@@ -84,6 +93,8 @@ class Datapath(TxPath, RxPath):
         self._backlog: deque[bytes] = deque()
         self._backlog_bytes = 0
         self._scheduled: set[tuple[str, int]] = set()
+        self._passes: dict[tuple[str, int], Any] = {}  # passes running or waiting for a DMA reply
+        self._rerun: set[tuple[str, int]] = set()  # rings rung while their pass waited
         self._warned: set[str] = set()
         card.doorbell_hook = self.doorbell
         card.ring_enable_hook = self.ring_enabled
@@ -101,6 +112,7 @@ class Datapath(TxPath, RxPath):
 
     def detached(self) -> None:
         self.wire.detach()
+        self._abandon_passes()
         self.ctx = None
         self._scheduled.clear()
 
@@ -112,6 +124,7 @@ class Datapath(TxPath, RxPath):
         """Card reset (called by the register file after its registers are back to reset values)."""
         self._drop_backlog()
         self._scheduled.clear()  # queued passes find their rings disabled and do nothing
+        self._abandon_passes()
         self.admin.abandon()
         self.firmware.reset()
 
@@ -122,7 +135,17 @@ class Datapath(TxPath, RxPath):
         self._schedule(getattr(kind, "value", kind), index)
 
     def ring_enabled(self, kind: Any, index: int, enabled: bool) -> None:
-        if enabled and getattr(kind, "value", kind) == "rx":
+        kind = getattr(kind, "value", kind)
+        if not enabled:
+            # A pass waiting for message DMA on this ring is abandoned, as by a reset: re-enabling sets
+            # HEAD to 0, and the pass must not write its old HEAD or descriptors over the new ring.
+            key = _RX_KEY if kind == "rx" else (kind, index)
+            p = self._passes.get(key)
+            if isinstance(p, DmaPass):
+                del self._passes[key]
+                self._rerun.discard(key)
+                self._cancel(p)
+        elif kind == "rx":
             self._schedule("rx", index)
 
     def card_enabled(self, enabled: bool) -> None:
@@ -145,7 +168,7 @@ class Datapath(TxPath, RxPath):
     # ------------------------------------------------------------------ scheduling
 
     def _schedule(self, kind: str, index: int) -> None:
-        key = (kind, index)
+        key = _RX_KEY if kind == "rx" else (kind, index)  # one RX pass serves every RX queue
         ctx = self.ctx
         if ctx is None or key in self._scheduled:
             return
@@ -156,24 +179,83 @@ class Datapath(TxPath, RxPath):
         if key not in self._scheduled:
             return  # reset or detach since it was queued
         self._scheduled.discard(key)
+        if key in self._passes:  # its pass waits for the client: run the ring again when it ends
+            self._rerun.add(key)
+            return
         kind, index = key
-        more = False
+        gen: Pass | None = None
         if kind == "rx":
-            self.drain_backlog()
+            gen = self.drain_backlog()
         elif self._dma_allowed():
-            dma = self.ctx.dma  # type: ignore[union-attr]
             if kind == "tx":
                 ring = self.card.tx_rings[index]
                 if ring.enabled:
-                    more = self._tx_pass(ring, dma)
+                    gen = self._tx_pass(ring)
             elif kind == "admin":
                 ring = self.card.admin_ring
                 if ring.enabled:
-                    before = self.admin.commands
-                    more = self.admin.process(ring, dma)
-                    self.extra.admin_commands += self.admin.commands - before
-        if more:
-            self._schedule(kind, index)
+                    gen = self._admin_pass(ring)
+        if gen is not None:
+            self._start_pass(key, gen)
+
+    def _admin_pass(self, ring: Any) -> Pass:
+        before = self.admin.commands
+        more = yield from self.admin.process(ring)
+        self.extra.admin_commands += self.admin.commands - before
+        return more
+
+    def _start_pass(self, key: tuple[str, int], gen: Pass) -> None:
+        """Run a pass: to its end now when guest RAM is shared, else up to its first DMA message."""
+        # The hot accesses go to shared RAM directly, so most passes end in this first step: no runner.
+        self._passes[key] = _STARTING  # busy (a frame arriving meanwhile waits in the backlog)
+        try:
+            first = gen.send(None)
+        except StopIteration as stop:
+            self._passes.pop(key, None)
+            self._pass_done(key, None, stop.value)
+            return
+        except Exception:  # an engine bug must not stop the server loop (the pass is abandoned)
+            log.exception("ring pass failed")
+            self._passes.pop(key, None)
+            return
+        p = DmaPass(self.ctx, gen, lambda more: self._pass_done(key, p, more))  # type: ignore[arg-type]
+        self._passes[key] = p
+        p.start(first)
+
+    def _pass_done(self, key: tuple[str, int], p: DmaPass | None, more: Any) -> None:
+        if p is not None:
+            self.extra.dma_messages += p.messages
+            if self._passes.get(key) is p:
+                del self._passes[key]
+        if more or key in self._rerun:
+            self._rerun.discard(key)
+            self._schedule(*key)
+
+    def _abandon_passes(self) -> None:
+        passes = list(self._passes.values())
+        self._passes.clear()
+        self._rerun.clear()
+        for p in passes:
+            if p is not _STARTING:
+                self._cancel(p)
+
+    def _cancel(self, p: DmaPass) -> None:
+        self.extra.dma_messages += p.messages
+        self.extra.passes_abandoned += 1  # an RX frame in such a pass is lost with it
+        p.cancel()
+
+    def _rx_busy(self) -> bool:
+        return _RX_KEY in self._passes
+
+    def _start_rx(self, frame: bytes | None) -> None:
+        """A frame came from the wire: deliver it (None: the backlog) unless an RX pass is in flight."""
+        if self.ctx is None:
+            if frame is not None:
+                self._backlog_frame(frame)
+            return
+        if _RX_KEY in self._passes:
+            return  # the pass in flight drains the backlog when it gets there
+        self._start_pass(_RX_KEY, self.rx_first(frame) if frame is not None else self.drain_backlog())
 
     def _dma_allowed(self) -> bool:
         card = self.card

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Protocol
 
 from device.contract import regs
-from device.vfio_user.device_api import DmaAccess
+from device.nic.dma_pass import READ, Pass
 
 # Index of each statistics counter (regs.STATISTICS order = card.Stat values = register order).
 STAT: dict[str, int] = {name: i for i, (name, _) in enumerate(regs.STATISTICS)}
@@ -79,11 +79,11 @@ class QueueEvents(Protocol):
     def report_error(self, code: regs.ErrCode, info: int = 0) -> None: ...
 
 
-def fetch_block(dma: DmaAccess, base: int, size: int, head: int, count: int, desc_size: int) -> tuple[bytes, int]:
-    """Read up to ``count`` descriptors from ``head`` without wrapping: (bytes, descriptors read).
-    Raises DmaError if the ring memory is unreachable."""
+def fetch_block(base: int, size: int, head: int, count: int, desc_size: int) -> Pass:
+    """Read up to ``count`` descriptors from ``head`` without wrapping (``yield from``, a DMA pass step):
+    (bytes, descriptors read). Raises DmaError if the ring memory is unreachable."""
     n = min(count, size - head)
-    return dma.read(base + head * desc_size, n * desc_size), n
+    return (yield READ, base + head * desc_size, n * desc_size), n
 
 
 @dataclass
@@ -98,6 +98,8 @@ class DatapathStats:
     rx_discarded: int = 0  # dummy packets discarded by packet offload
     tx_not_sent: int = 0  # frames the wire could not take (peer absent, link down)
     admin_commands: int = 0
+    dma_messages: int = 0  # DMA accesses sent as vfio-user DMA_READ/DMA_WRITE (guest RAM not shared)
+    passes_abandoned: int = 0  # passes waiting for message DMA dropped by a reset, ring disable or detach
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

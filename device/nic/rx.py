@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from device.contract import regs
 from device.contract.net import ETH_HLEN
 from device.contract.regs import Ctrl, RxWbFlags
+from device.nic.dma_pass import REACHABLE, READ, WRITE, Pass
 from device.nic.rings import (
     BAD_DESCRIPTOR,
     CTRL_AT,
@@ -85,6 +86,12 @@ class RxPath:
     def _dma_allowed(self) -> bool:
         raise NotImplementedError  # Datapath._dma_allowed
 
+    def _rx_busy(self) -> bool:
+        raise NotImplementedError  # Datapath._rx_busy
+
+    def _start_rx(self, frame: bytes | None) -> None:
+        raise NotImplementedError  # Datapath._start_rx
+
     def frame_received(self, frame: bytes) -> None:
         """A frame from the wire (wire callback, on the server loop)."""
         mem = self.card.mem
@@ -97,17 +104,29 @@ class RxPath:
         if not (frame[0] & 1 or frame.startswith(self.mac) or mem[CTRL_AT] & _PROMISC):
             self.extra.rx_filtered += 1
             return
-        if self._backlog:
+        if self._backlog or self._rx_busy():
             self._backlog_frame(frame)  # keep arrival order
-            self.drain_backlog()
-        elif not self._rx_deliver(frame):
-            self._backlog_frame(frame)
+            self._start_rx(None)
+        else:
+            self._start_rx(frame)
 
-    def _backlog_frame(self, frame: bytes) -> None:
+    def rx_first(self, frame: bytes) -> Pass:
+        """The RX pass for a frame straight from the wire (nothing was waiting)."""
+        if not (yield from self._rx_deliver(frame)):
+            self._backlog_frame(frame, front=True)  # frames that came meanwhile queue behind it
+            return False
+        if self._backlog:  # frames that arrived while this one waited for message DMA
+            yield from self.drain_backlog()
+        return False
+
+    def _backlog_frame(self, frame: bytes, front: bool = False) -> None:
         if len(self._backlog) >= RX_BACKLOG or self._backlog_bytes + len(frame) > RX_BACKLOG_BYTES:
             self.card.stats[RX_NO_BUFFER] += 1
             return
-        self._backlog.append(frame)
+        if front:
+            self._backlog.appendleft(frame)
+        else:
+            self._backlog.append(frame)
         self._backlog_bytes += len(frame)
         self.extra.rx_backlogged += 1
 
@@ -115,15 +134,18 @@ class RxPath:
         self._backlog.clear()
         self._backlog_bytes = 0
 
-    def drain_backlog(self) -> None:
-        """Move waiting frames into RX descriptors while there are some (RX doorbell, ring enable)."""
+    def drain_backlog(self) -> Pass:
+        """The RX pass that moves waiting frames into RX descriptors while there are some (RX doorbell,
+        ring enable)."""
         backlog = self._backlog
         while backlog:
             frame = backlog[0]
-            if not self._rx_deliver(frame):
-                return
-            backlog.popleft()
-            self._backlog_bytes -= len(frame)
+            if not (yield from self._rx_deliver(frame)):
+                return False
+            if backlog and backlog[0] is frame:  # (a reset meanwhile emptied it)
+                backlog.popleft()
+                self._backlog_bytes -= len(frame)
+        return False
 
     def _rx_ring(self) -> RingRegs | None:
         mem = self.card.mem
@@ -132,8 +154,9 @@ class RxPath:
                 return ring
         return None
 
-    def _rx_deliver(self, frame: bytes) -> bool:
-        """Put one frame in the next RX descriptor. False when there is none (frame not consumed).
+    def _rx_deliver(self, frame: bytes) -> Pass:
+        """Put one frame in the next RX descriptor (a DMA pass step). False when there is none (frame not
+        consumed).
 
         A usable descriptor (well-formed, buffer reachable) is secured *before* the firmware sees the
         frame: a frame the card then cannot store must not have moved the SA's replay window, sequence
@@ -149,16 +172,22 @@ class RxPath:
             return False
         base, size = mem[rb + Q_BASE_LO] | mem[rb + Q_BASE_HI] << 32, mem[rb + Q_LEN]
         stats = card.stats
-        dma = self.ctx.dma  # type: ignore[union-attr]
         qid = ring.queue_id
+        dma = self.ctx.dma  # type: ignore[union-attr]
+        # Hot accesses go straight to shared guest RAM; DmaError (not shared, or a fault) hands the
+        # access to the pass runner, which sends it as a message or throws the fault back here.
         completed = False  # some descriptor was written back: the driver has something to look at
         slot = None
         try:
             while head != tail:
                 addr = base + head * _RXD_SIZE
                 try:
+                    try:
+                        raw = dma.read(addr, _RXD_SIZE)
+                    except DmaError:
+                        raw = yield READ, addr, _RXD_SIZE
                     (buf_addr, buf_len, reserved0, _l, _f, _c, reserved1, _h, _n, _p, reserved2,
-                     _nh) = _RXD_UNPACK(dma.read(addr, _RXD_SIZE))
+                     _nh) = _RXD_UNPACK(raw)
                 except DmaError:
                     self.dma_fault(qid)
                     break  # the ring itself is unreachable: HEAD stays, the frame is lost (counted)
@@ -166,15 +195,18 @@ class RxPath:
                 # next_offload_handle is a write-back field: a reused descriptor may still hold an old one
                 bad = bool(reserved0 or reserved1 or reserved2 or not buf_len)
                 if not bad:
-                    try:
-                        dma.view(buf_addr, buf_len).release()  # the whole buffer must be reachable
+                    try:  # the whole buffer must be reachable
+                        try:
+                            dma.view(buf_addr, buf_len).release()
+                        except DmaError:
+                            yield REACHABLE, buf_addr, buf_len
                     except DmaError:
                         self.dma_fault(qid)
                         bad = True
                 if bad:
                     if reserved0 or reserved1 or reserved2 or not buf_len:
                         stats[BAD_DESCRIPTOR] += 1
-                    dma.write(addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0, 0, 0))
+                    yield (WRITE, addr + _RX_WB_AT, _RX_WB.pack(0, _DD_ERROR, 0, 0, 0, 0, 0, 0, 0))
                     completed = True
                     continue  # try the frame on the next descriptor
                 slot = (addr, buf_addr, buf_len)
@@ -238,9 +270,16 @@ class RxPath:
         else:
             data = out
         try:
-            dma.write(buf_addr, data)
-            dma.write(addr + _RX_WB_AT, _RX_WB.pack(min(n, 0xFFFF), wb_flags, crypto_status, 0,
-                                                    result.handle, next_header, pad_length, 0, result.next_handle))
+            try:
+                dma.write(buf_addr, data)
+            except DmaError:
+                yield WRITE, buf_addr, data  # acknowledged before the write-back below: DD is seen last
+            wb = _RX_WB.pack(min(n, 0xFFFF), wb_flags, crypto_status, 0, result.handle, next_header, pad_length, 0,
+                             result.next_handle)
+            try:
+                dma.write(addr + _RX_WB_AT, wb)
+            except DmaError:
+                yield WRITE, addr + _RX_WB_AT, wb
             completed = True
             stats[RX_PACKETS] += 1
             stats[RX_BYTES] += n

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from device.contract import regs
 from device.contract.net import ETH_HLEN
 from device.contract.regs import TxFlags, TxStatus, TxWbFlags
+from device.nic.dma_pass import READ, WRITE, Pass
 from device.nic.rings import (
     BAD_DESCRIPTOR,
     MTU_AT,
@@ -26,7 +27,7 @@ from device.nic.rings import (
     RingRegs,
     fetch_block,
 )
-from device.vfio_user.device_api import DmaError
+from device.vfio_user.device_api import DeviceContext, DmaError
 from firmware_model.firmware import Firmware, TxOutcome
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class TxPath:
     firmware: Firmware
     wire: Wire
     extra: DatapathStats
+    ctx: DeviceContext | None
 
     def dma_fault(self, queue_id: int) -> None:
         raise NotImplementedError  # Datapath.dma_fault
@@ -71,8 +73,8 @@ class TxPath:
     def _cause(self, bit: int) -> None:
         raise NotImplementedError  # Datapath._cause
 
-    def _tx_pass(self, ring: RingRegs, dma: Any) -> bool:
-        """One bounded pass over a TX ring. True when ready descriptors remain."""
+    def _tx_pass(self, ring: RingRegs) -> Pass:
+        """One bounded pass over a TX ring (a DMA pass, device/nic/dma_pass.py). True when ready descriptors remain."""
         card = self.card
         mem = card.mem
         rb = ring.base >> 2
@@ -83,10 +85,11 @@ class TxPath:
             return False
         want = min(ready, TX_BUDGET)
         qid = ring.queue_id
+        dma = self.ctx.dma  # type: ignore[union-attr]
         try:
-            block, n = fetch_block(dma, base, size, head, want, _TXD_SIZE)
+            block, n = yield from fetch_block(base, size, head, want, _TXD_SIZE)
             if n < want:  # the work wraps past the end of the ring
-                rest, m = fetch_block(dma, base, size, 0, want - n, _TXD_SIZE)
+                rest, m = yield from fetch_block(base, size, 0, want - n, _TXD_SIZE)
                 block += rest
                 n += m
         except DmaError:
@@ -111,12 +114,16 @@ class TxPath:
                 status = TxStatus.BAD_DESCRIPTOR
                 rs = True
             else:
-                status, rs = self._tx_frame(block, k, j, dma, mtu_limit, qid, stats)
+                status, rs = yield from self._tx_frame(block, k, j, mtu_limit, qid, stats)
             # Write back every descriptor of the frame.
             wb = _TX_WB.pack(status, _TX_DONE)
             try:
                 for i in range(k, j + 1):
-                    dma.write(base + ((head + i) % size) * _TXD_SIZE + _TX_WB_AT, wb)
+                    at = base + ((head + i) % size) * _TXD_SIZE + _TX_WB_AT
+                    try:  # straight to shared guest RAM; else the pass runner sends a message (or throws)
+                        dma.write(at, wb)
+                    except DmaError:
+                        yield WRITE, at, wb
             except DmaError:
                 self.dma_fault(qid)
             if status in (TxStatus.BAD_DESCRIPTOR, TxStatus.BAD_LENGTH):
@@ -129,8 +136,8 @@ class TxPath:
             self._cause(regs.cause_tx(ring.index))
         return k > 0 and n < ready
 
-    def _tx_frame(self, block: bytes, k: int, j: int, dma: Any, mtu_limit: int, qid: int,
-                  stats: list[int]) -> tuple[int, bool]:
+    def _tx_frame(self, block: bytes, k: int, j: int, mtu_limit: int, qid: int,
+                  stats: list[int]) -> Pass:
         """Validate, read, offload and send the frame in descriptors k..j. Returns (TxStatus, REPORT_STATUS)."""
         (addr, length, flags, handle, _esp_off, _pad, _nh, tunnel_handle, _wbs, _wbf,
          seq_hi) = _TXD_UNPACK(block, k * _TXD_SIZE)
@@ -161,9 +168,15 @@ class TxPath:
             return TxStatus.BAD_LENGTH, rs
         try:
             if pieces is None:
-                frame = dma.read(addr, length)
+                try:  # straight from shared guest RAM; else the pass runner sends a message (or throws)
+                    frame = self.ctx.dma.read(addr, length)  # type: ignore[union-attr]
+                except DmaError:
+                    frame = yield READ, addr, length
             else:
-                frame = b"".join([dma.read(a, ln) for a, ln in pieces])
+                parts = []
+                for a, ln in pieces:
+                    parts.append((yield READ, a, ln))
+                frame = b"".join(parts)
         except DmaError:
             self.dma_fault(qid)
             return TxStatus.DMA_ERROR, rs

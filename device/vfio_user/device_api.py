@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # Standard vfio region and irq indices for a PCI device (linux/vfio.h).
 REGION_BAR0, REGION_BAR1, REGION_BAR2, REGION_BAR3, REGION_BAR4, REGION_BAR5 = range(6)
@@ -78,6 +78,16 @@ class IrqInfo:
     noresize: bool = False
 
 
+class MappingInfo(NamedTuple):
+    """One DMA_MAP'd range; ``fd_backed`` False means reachable only through DMA_READ/DMA_WRITE messages."""
+
+    iova: int
+    size: int
+    fd_backed: bool
+    readable: bool
+    writable: bool
+
+
 class DmaAccess(Protocol):
     """Guest memory as the client shared it (DMA_MAP). Every access is bounds-checked."""
 
@@ -91,6 +101,10 @@ class DmaAccess(Protocol):
 
     def view(self, iova: int, length: int) -> memoryview:
         """A zero-copy view of fd-backed guest memory; raises DmaError if not possible."""
+        ...
+
+    def mapped(self, iova: int, length: int) -> MappingInfo | None:
+        """The mapping wholly containing [iova, iova+length), or None (no DMA possible there)."""
         ...
 
 
@@ -122,7 +136,8 @@ class DeviceContext(Protocol):
     def remove_reader(self, fd: int) -> None: ...
 
     def dma_read_async(self, iova: int, length: int, done: Callable[[bytes | None], None]) -> None:
-        """Message-based DMA_READ for ranges without an fd; ``done(None)`` on failure."""
+        """Message-based DMA_READ for ranges without an fd; ``done(None)`` on failure. ``done`` runs later
+        from the loop, never inside this call (device/nic/dma_pass.py runs ring passes on it)."""
         ...
 
     def dma_write_async(self, iova: int, data: bytes, done: Callable[[bool], None]) -> None:

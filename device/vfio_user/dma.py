@@ -21,9 +21,8 @@ import mmap
 import os
 import stat
 from bisect import bisect_right
-from typing import NamedTuple
 
-from .device_api import DmaError
+from .device_api import DmaError, MappingInfo
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +35,6 @@ MAX_DMA_SEGMENTS = 65536
 # files we cannot seal, the client's fd as well. QEMU shares one memfd for guest RAM (a few more
 # for ROMs); a new one is needed only for another file, or when a file grew past what is mapped.
 MAX_FILE_MAPPINGS = 256
-
-
-class MappingInfo(NamedTuple):
-    iova: int
-    size: int
-    fd_backed: bool
-    readable: bool
-    writable: bool
 
 
 class _MappedFile:

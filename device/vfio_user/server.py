@@ -247,6 +247,7 @@ class VfioUserServer:
         self.dma_timeout = dma_timeout
         self.ready = threading.Event()
         self.clients_served = 0
+        self.dma_messages = 0  # DMA_READ/DMA_WRITE requests sent to the current client (guest RAM not shared)
         self._sel = _Poller()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel.register(self._wake_r, EVENT_READ, self._on_wake)
@@ -660,20 +661,23 @@ class VfioUserServer:
         sock, conn, ctx = self._sock, self._conn, self._ctx
         if sock is None:
             return
-        log.info("client disconnected: %s", reason)
+        log.info("client disconnected: %s (%d DMA_READ/DMA_WRITE messages sent to it)", reason, self.dma_messages)
+        self.dma_messages = 0
         self._sock = self._conn = self._ctx = None
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(sock)
         sock.close()
         if conn is not None:
             conn.close(reason)
+        # The device learns of the detach first, so it can drop work that waits for these replies
+        # instead of treating their failure as DMA faults.
+        if ctx is not None:
+            ctx.active = False
+            self._guarded(self.device.detached, "detached()")
         ops = {id(op): op for op, *_ in self._dma_ops.values()}
         self._dma_ops.clear()
         for op in ops.values():
             self._finish_op(op, False, "client disconnected")
-        if ctx is not None:
-            ctx.active = False
-            self._guarded(self.device.detached, "detached()")
         self._dma.unmap_all()
         self._irqs.close_all()
         self._batch = []
@@ -833,6 +837,7 @@ class VfioUserServer:
                 self.call_soon(lambda r=exc.reason: self._finish_op(op, False, r))
                 return
             self._dma_ops[msg_id] = (op, k, iova + off, n)
+            self.dma_messages += 1
             op.ids.append(msg_id)
             self._send(out)
         op.timer = self.call_later(self.dma_timeout, lambda: self._finish_op(op, False, "timed out"))

@@ -47,6 +47,24 @@ def last_cpu() -> int:
     return max(os.sched_getaffinity(0))
 
 
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix "Flags": the socket is listening (linux/net.h __SO_ACCEPTCON)
+
+
+def _listening(path: Path) -> bool:
+    """Whether a UNIX socket at ``path`` accepts connections. The file appears at bind(), before listen():
+    a connect in between is refused, so existence alone is not enough."""
+    try:
+        table = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return path.exists()
+    name = str(path)
+    for line in table:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == name and int(fields[3], 16) & _SO_ACCEPTCON:
+            return True
+    return False
+
+
 class Child:
     """A forked child running ``body(socket_path)``; stopped by SIGTERM then SIGKILL."""
 
@@ -70,7 +88,7 @@ class Child:
             os._exit(code)
         self.pid = pid
         deadline = time.monotonic() + 30
-        while not socket_path.exists():
+        while not _listening(socket_path):
             if os.waitpid(pid, os.WNOHANG) != (0, 0):
                 raise RuntimeError(f"benchmark server for {socket_path.name} exited before listening")
             if time.monotonic() > deadline:

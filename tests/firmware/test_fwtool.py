@@ -13,6 +13,7 @@ from scapy.packet import Raw
 from scapy.utils import rdpcap, wrpcap
 
 from firmware_model import fwtool
+from firmware_model.capture_file import LINKTYPE_RAW
 
 KEY = "00112233445566778899aabbccddeeff"
 SALT = "cafebabe"
@@ -80,7 +81,7 @@ def test_tunnel_udp_encap_and_raw_linktype(tmp_path, capsys):
     (tmp_path / "sas.yaml").write_text(TUNNEL_NATT)
     inner = [IP(src="10.1.0.1", dst="10.2.0.1") / UDP(sport=7, dport=9) / Raw(b"tunnelled %d" % i) for i in range(5)]
     inner.append(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP() / Raw(b"no SA"))
-    wrpcap(str(tmp_path / "plain.pcap"), inner, linktype=fwtool.LINKTYPE_RAW)
+    wrpcap(str(tmp_path / "plain.pcap"), inner, linktype=LINKTYPE_RAW)
     assert run(["encap", "--sa", str(tmp_path / "sas.yaml"), "--in", str(tmp_path / "plain.pcap"),
                 "--out", str(tmp_path / "esp.pcap")]) == 0
     assert "6 packets in, 5 out (no_sa=1, ok=5)" in capsys.readouterr().out
@@ -116,8 +117,9 @@ def test_tampered_packet_is_dropped_and_counted(tmp_path, capsys):
 
 @pytest.mark.parametrize("content, message", [
     (b"", "too short"),
-    (b"\x0a\x0d\x0d\x0a" + bytes(40), "pcapng is not supported"),
-    (b"GARBAGE!" * 4, "not a pcap file"),
+    (b"\x0a\x0d\x0d\x0a" + bytes(40), "malformed pcapng file header"),
+    (b"\xd4\xc3\xb2\xa1" + bytes(8), "malformed pcap file header"),
+    (b"GARBAGE!" * 4, "not a pcap or pcapng file (magic 47415242)"),
 ])
 def test_malformed_pcap_is_a_one_line_error(tmp_path, capsys, content, message):
     (tmp_path / "sas.yaml").write_text(TRANSPORT)
