@@ -336,6 +336,11 @@ def flush_and_count(topo: Any, dev: str) -> dict[str, Any]:
             "card_sas": parse_sa_table(parts.get("table", "")).get("count")}
 
 
+# ethtool -S counters of the card's driver that must stay still in a clean run (drops per reason, refusals).
+DROP_COUNTERS = ("tx_drop_", "ipsec_tx_drop_", "ipsec_rx_drop_", "rx_drop_", "card_tx_offload_error",
+                 "fw_tx_errors")
+
+
 def kernel_failures(spec: Spec, result: dict[str, Any], dev: str) -> list[str]:
     """Everything wrong with a kernel-path scenario; [] when every ping came back, both sides counted
     exactly ``count`` packets on each SA, the card's counters say the same, and nothing moved an error counter."""
@@ -410,6 +415,9 @@ def kernel_failures(spec: Spec, result: dict[str, Any], dev: str) -> list[str]:
             if card_side:
                 expect("card output position (oseq-hi, oseq)", (card_out.get("oseq_hi"), card_out.get("oseq")),
                        want)
+    # A frame the card refused (e.g. tx_drop_offload_failed) is a failure even when TCP retransmits it.
+    moved = {k: v for k, v in delta.items() if v and k.startswith(DROP_COUNTERS)}
+    expect("card drop/error counters that moved", moved, {})
     expect("card /proc/net/xfrm_stat counters that moved", result["card_xfrm_stat_delta"], {})
     expect("peer /proc/net/xfrm_stat counters that moved", result["peer_xfrm_stat_delta"], {})
     if not spec.keep_sas:

@@ -32,6 +32,8 @@ struct ipnc_tx_slot {
 	struct sk_buff *skb;
 	dma_addr_t dma;
 	u32 len;
+	u32 sa_handle;			/* IPsec frame: the SA it was sent with, else 0 */
+	u32 sa_bytes;			/* its plain IP packet bytes, as the card counts them */
 };
 
 struct ipnc_rx_slot {
@@ -41,7 +43,7 @@ struct ipnc_rx_slot {
 
 /* Software counters shown by ethtool -S next to the card's registers. */
 struct ipnc_sw_stats {
-	u64 ipsec_tx_pkts;		/* frames sent with an SA handle (mlx5's names) */
+	u64 ipsec_tx_pkts;		/* frames the card offloaded and sent (mlx5's names) */
 	u64 ipsec_rx_pkts;		/* frames the card decrypted and verified */
 	u64 ipsec_rx_auth_fail;		/* CRYPTO_DONE with an ICV failure */
 	u64 ipsec_rx_bad;		/* CRYPTO_DONE with another error status */
@@ -49,6 +51,7 @@ struct ipnc_sw_stats {
 	u64 ipsec_rx_decap;		/* packet offload: decapsulated by the card */
 	u64 ipsec_sa_delete_req;	/* SaDeleteReq events passed to the stack */
 	u64 ipsec_tx_no_handle;		/* sec_path state not offloaded to us: dropped */
+	u64 ipsec_tx_no_neigh;		/* packet tunnel: outer next hop unresolved, dropped */
 	u64 tx_status[IPNC_TX_STATUS_BAD_DESCRIPTOR + 1];	/* by TxStatus */
 	u64 rx_truncated;
 	u64 rx_alloc_fail;
@@ -176,6 +179,7 @@ void ipnc_ipsec_init(struct ipnc_adapter *a);
 void ipnc_ipsec_stop(struct ipnc_adapter *a);
 bool ipnc_ipsec_tx(struct ipnc_adapter *a, struct sk_buff *skb, struct ipnc_tx_desc *desc);
 bool ipnc_ipsec_tx_plain(struct ipnc_adapter *a, struct sk_buff *skb, struct ipnc_tx_desc *desc);
+void ipnc_ipsec_tx_done(struct ipnc_adapter *a, u32 handle, u32 bytes);
 void ipnc_ipsec_rx(struct ipnc_adapter *a, struct sk_buff *skb, const struct ipnc_rx_desc *desc);
 void ipnc_ipsec_sa_delete_req(struct ipnc_adapter *a);
 void ipnc_debugfs_init(struct ipnc_adapter *a, struct dentry *root);

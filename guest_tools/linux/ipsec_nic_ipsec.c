@@ -17,6 +17,7 @@
  * xdo_dev_state_update_stats <- GET_SA_STATS (cached by a work item).
  */
 #include <linux/debugfs.h>
+#include <linux/etherdevice.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
@@ -25,8 +26,10 @@
 #include <linux/tcp.h>
 #include <linux/udp.h>
 #include <crypto/aead.h>
+#include <net/arp.h>
 #include <net/esp.h>
 #include <net/ipv6.h>
+#include <net/ndisc.h>
 
 #include "ipsec_nic.h"
 
@@ -528,13 +531,13 @@ static void ipnc_update_stats(struct xfrm_state *x)
 	rcu_read_lock();
 	sa = ipnc_sa_lookup(a, x->xso.offload_handle);
 	if (sa && sa->xs == x) {
-		/* the driver's count is current; the card's (polled) may be
-		 * ahead after a refusal
+		/*
+		 * The driver's count, from the same completions as ethtool's
+		 * ipsec_tx_pkts / ipsec_rx_pkts. The card's (polled) count runs
+		 * ahead by frames in flight or dropped on a full RX ring.
 		 */
-		x->curlft.packets = max3(x->curlft.packets, READ_ONCE(sa->packets),
-					 (u64)atomic64_read(&sa->drv_packets));
-		x->curlft.bytes = max3(x->curlft.bytes, READ_ONCE(sa->bytes),
-				       (u64)atomic64_read(&sa->drv_bytes));
+		x->curlft.packets = max_t(u64, x->curlft.packets, atomic64_read(&sa->drv_packets));
+		x->curlft.bytes = max_t(u64, x->curlft.bytes, atomic64_read(&sa->drv_bytes));
 	}
 	rcu_read_unlock();
 }
@@ -729,26 +732,83 @@ bool ipnc_ipsec_tx(struct ipnc_adapter *a, struct sk_buff *skb, struct ipnc_tx_d
 		d->flags |= cpu_to_le16(IPNC_TX_FLAGS_SEQ_HI);
 		d->seq_hi = cpu_to_le32(xo->seq.hi);
 	}
-	a->sw.ipsec_tx_pkts++;
+	return true;
+}
+
+/*
+ * Packet offload, tunnel mode: write the frame's Ethernet header for the outer
+ * next hop. Linux sends some tunnel-mode frames (those without skb->sk) through
+ * xfrm_dev_direct_output() (net/xfrm/xfrm_output.c), which only pushes
+ * hard_header_len bytes and leaves the header to the hardware: "HW is
+ * responsible for hard header packet mangling". The card puts the outer IP
+ * header after this Ethernet header, so the outer destination's neighbour is
+ * the right one for every tunnel-mode frame, whichever path it took.
+ */
+static bool ipnc_tunnel_l2(struct ipnc_adapter *a, struct sk_buff *skb, const struct xfrm_state *x)
+{
+	struct net_device *nd = a->netdev;
+	struct neighbour *n = NULL;
+	struct ethhdr *eth;
+	u8 mac[ETH_ALEN];
+	__be16 proto;
+
+	if (skb_network_offset(skb) != ETH_HLEN || skb_cow_head(skb, 0))
+		return false;
+	proto = (skb_network_header(skb)[0] >> 4) == 6 ? htons(ETH_P_IPV6) : htons(ETH_P_IP);
+	if (x->props.family == AF_INET)
+		n = __ipv4_neigh_lookup_noref(nd, x->id.daddr.a4);
+	else if (IS_ENABLED(CONFIG_IPV6))
+		n = __ipv6_neigh_lookup_noref(nd, &x->id.daddr.in6);
+	eth = (struct ethhdr *)skb->data;
+	if (!n || !(READ_ONCE(n->nud_state) & NUD_VALID)) {
+		if (n)
+			neigh_event_send(n, NULL);
+		/* the stack's own neighbour path filled it: keep that */
+		return eth->h_proto == proto;
+	}
+	neigh_ha_snapshot(mac, n, nd);
+	ether_addr_copy(eth->h_dest, mac);
+	ether_addr_copy(eth->h_source, nd->dev_addr);
+	eth->h_proto = proto;
 	return true;
 }
 
 /* Packet offload, plain frame with no sec_path: the card encapsulates it. */
 bool ipnc_ipsec_tx_plain(struct ipnc_adapter *a, struct sk_buff *skb, struct ipnc_tx_desc *d)
 {
+	bool ok = true;
 	struct ipnc_sa *sa;
 
 	rcu_read_lock();
 	sa = ipnc_packet_sa(a, skb);
-	if (sa) {
+	if (sa && sa->xs->props.mode == XFRM_MODE_TUNNEL && !ipnc_tunnel_l2(a, skb, sa->xs)) {
+		a->sw.ipsec_tx_no_neigh++;
+		ok = false;
+	} else if (sa) {
 		d->flags = cpu_to_le16(IPNC_TX_FLAGS_IPSEC_PACKET);
 		d->offload_handle = cpu_to_le32(sa->handle);
-		atomic64_inc(&sa->drv_packets);
-		atomic64_add(skb->len - skb_network_offset(skb), &sa->drv_bytes);
-		a->sw.ipsec_tx_pkts++;
 	}
 	rcu_read_unlock();
-	return true;	/* no SA: not ours to protect, sent as is */
+	return ok;	/* no SA: not ours to protect, sent as is */
+}
+
+/*
+ * NAPI context, TX completion with status OK: the card protected and sent the
+ * frame. A refused one (OFFLOAD_FAILED, BAD_HANDLE, ...) is counted by its
+ * TxStatus only, so ipsec_tx_pkts and the SA's packets are what left the card.
+ */
+void ipnc_ipsec_tx_done(struct ipnc_adapter *a, u32 handle, u32 bytes)
+{
+	struct ipnc_sa *sa;
+
+	a->sw.ipsec_tx_pkts++;
+	rcu_read_lock();
+	sa = ipnc_sa_lookup(a, handle);
+	if (sa && sa->packet) {
+		atomic64_inc(&sa->drv_packets);
+		atomic64_add(bytes, &sa->drv_bytes);
+	}
+	rcu_read_unlock();
 }
 
 #define IPNC_XO_AUTH_FAILED	(CRYPTO_TRANSPORT_AH_AUTH_FAILED | \
@@ -814,13 +874,15 @@ void ipnc_ipsec_rx(struct ipnc_adapter *a, struct sk_buff *skb, const struct ipn
 	xo->flags = CRYPTO_DONE;
 	xo->status = ipnc_xo_status(status);
 	if (status == IPNC_CRYPTO_STATUS_SUCCESS) {
+		/* one event for the global and the per-SA count */
 		a->sw.ipsec_rx_pkts++;
-		if (flags & IPNC_RX_WB_FLAGS_DECAPSULATED) {
+		if (sa->packet) {
 			/* plain IP packet bytes, as the card counts them (datasheet 7.9) */
-			a->sw.ipsec_rx_decap++;
 			atomic64_inc(&sa->drv_packets);
 			atomic64_add(skb->len, &sa->drv_bytes);
 		}
+		if (flags & IPNC_RX_WB_FLAGS_DECAPSULATED)
+			a->sw.ipsec_rx_decap++;
 	} else if (xo->status & IPNC_XO_AUTH_FAILED) {
 		a->sw.ipsec_rx_auth_fail++;
 	} else {
@@ -959,8 +1021,10 @@ static void ipnc_stats_work(struct work_struct *work)
 		/* Hard and soft lifetimes become the stack's expire events. */
 		spin_lock_bh(&x->lock);
 		if (x->km.state == XFRM_STATE_VALID) {
-			x->curlft.packets = max(x->curlft.packets, sa->packets);
-			x->curlft.bytes = max(x->curlft.bytes, sa->bytes);
+			x->curlft.packets = max_t(u64, x->curlft.packets,
+						  atomic64_read(&sa->drv_packets));
+			x->curlft.bytes = max_t(u64, x->curlft.bytes,
+						atomic64_read(&sa->drv_bytes));
 			xfrm_state_check_expire(x);
 		}
 		spin_unlock_bh(&x->lock);

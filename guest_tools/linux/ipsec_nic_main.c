@@ -118,6 +118,9 @@ static void ipnc_clean_tx(struct ipnc_adapter *a, int budget)
 		if (status == IPNC_TX_STATUS_OK) {
 			pkts++;
 			bytes += s->len;
+			/* counted only once the card says it offloaded the frame */
+			if (s->sa_handle)
+				ipnc_ipsec_tx_done(a, s->sa_handle, s->sa_bytes);
 		} else {
 			nd->stats.tx_errors++;
 		}
@@ -155,9 +158,13 @@ static netdev_tx_t ipnc_xmit(struct sk_buff *skb, struct net_device *nd)
 		if (!ipnc_ipsec_tx(a, skb, d))
 			goto drop;
 	} else if (!list_empty(&a->policies)) {
+		bool ok;
+
 		rcu_read_lock();
-		ipnc_ipsec_tx_plain(a, skb, d);
+		ok = ipnc_ipsec_tx_plain(a, skb, d);
 		rcu_read_unlock();
+		if (!ok)
+			goto drop;
 	}
 	dma = dma_map_single(&a->pdev->dev, skb->data, skb->len, DMA_TO_DEVICE);
 	if (dma_mapping_error(&a->pdev->dev, dma))
@@ -165,6 +172,8 @@ static netdev_tx_t ipnc_xmit(struct sk_buff *skb, struct net_device *nd)
 	s->skb = skb;
 	s->dma = dma;
 	s->len = skb->len;
+	s->sa_handle = le32_to_cpu(d->offload_handle);
+	s->sa_bytes = skb->len - skb_network_offset(skb);
 	d->addr = cpu_to_le64(dma);
 	d->length = cpu_to_le16(skb->len);
 	d->flags |= cpu_to_le16(IPNC_TX_FLAGS_EOP | IPNC_TX_FLAGS_REPORT_STATUS);
@@ -471,6 +480,7 @@ static const char * const ipnc_fw_stat_names[] = IPNC_FW_STAT_NAMES;
 static const char * const ipnc_sw_stat_names[] = {
 	"ipsec_tx_pkts", "ipsec_rx_pkts", "ipsec_rx_drop_auth_fail", "ipsec_rx_drop_bad",
 	"ipsec_rx_no_state", "ipsec_rx_decap", "ipsec_sa_delete_req", "ipsec_tx_drop_no_handle",
+	"ipsec_tx_drop_no_neigh",
 	"tx_ok", "tx_drop_dma_error", "tx_drop_bad_length", "tx_drop_bad_handle",
 	"tx_drop_offload_failed", "tx_drop_bad_descriptor", "rx_drop_truncated",
 	"rx_drop_alloc_fail", "tx_busy",

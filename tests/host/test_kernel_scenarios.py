@@ -134,6 +134,16 @@ def test_kernel_failures_names_each_disagreement():
     assert ks.kernel_failures(spec, {"add_error": "Error: nope"}, "eth1") == ["adding the SAs failed: Error: nope"]
 
 
+def test_kernel_failures_names_drop_and_refusal_counters_that_moved():
+    """A frame the card refused fails the run even when the counts otherwise agree (TCP retransmits it)."""
+    spec = Spec(count=8, spi_base=0x10)
+    result = _passing_result(spec)
+    result["ethtool_delta"].update(tx_drop_offload_failed=3, card_tx_offload_error=3, fw_tx_errors=3, tx_ok=16)
+    failures = ks.kernel_failures(spec, result, "eth1")
+    assert failures == ["card drop/error counters that moved: got {'tx_drop_offload_failed': 3, "
+                        "'card_tx_offload_error': 3, 'fw_tx_errors': 3}, expected {}"]
+
+
 def test_kernel_failures_checks_the_esn_positions_on_both_ends():
     spec = Spec(count=32, esn=True, seq=0xFFFF_FFF0, keep_sas=True)
     result = _passing_result(spec)

@@ -125,10 +125,8 @@ def test_kci_ipsec_offload_sequence(kbed):
 
 # --- crypto and packet offload x transport and tunnel x IPv4 and IPv6: pings and a TCP bulk transfer -------------
 
-# Packet offload, IPv6 tunnel, is left out of the TCP runs for now: the card refuses a few of the larger
-# frames (tx_drop_offload_failed) which the driver still counts in ipsec_tx_pkts. Its ping run is below.
 MATRIX = [(offload, mode, family) for offload in ("crypto", "packet") for mode in ("transport", "tunnel")
-          for family in (4, 6) if (offload, mode, family) != ("packet", "tunnel", 6)]
+          for family in (4, 6)]
 
 
 def _check(spec: Spec, result: dict, dev: str) -> None:
@@ -249,6 +247,72 @@ def test_replayed_packets_from_the_peer_are_counted_by_the_stack(kbed):
     assert state["packets"] == spec.count  # only the first, fresh round
     delta = {k: v - stat_before.get(k, 0) for k, v in kbed.xfrm_stat().items() if v != stat_before.get(k, 0)}
     assert delta == {"XfrmInStateSeqError": spec.count}
+    _flush(kbed)
+
+
+SOFT_PACKETS, HARD_PACKETS = 10, 20
+
+
+def _expire_events(monitor: str, spi: int) -> list[int]:
+    """The `hard` flag of each `ip xfrm monitor expire` event for ``spi``, in order (0 = soft, 1 = hard)."""
+    events = []
+    for block in monitor.split("Expired ")[1:]:
+        flag = re.search(r"\bhard (\d)", block)
+        if re.search(rf"\bspi {spi:#010x}\b", block) and flag:
+            events.append(int(flag.group(1)))
+    return events
+
+
+def test_packet_offload_lifetimes_reach_the_stack_as_expire_events(kbed):
+    """Packet offload: the card numbers and counts, so it also keeps the SA's lifetime (RFC 4301 §4.4.2.1). An
+    outbound state with `limit packet-soft 10 limit packet-hard 20`: the stack sees a soft expire, then a
+    hard one (`ip xfrm monitor`), the hard one deletes the state, the card sends exactly 20 packets (the
+    peer's state counts them) and refuses the rest, and the driver counts the refused frames as drops, not
+    as ipsec_tx_pkts."""
+    from device.contract.enums import Direction
+    from device.contract.sa_file import parse_sa_document
+    from guest_tools import xfrm_peer
+    from guest_tools.scenario import fill_keys, sa_document
+
+    spec = Spec(name="lifetimes", offload="packet", count=HARD_PACKETS + 10, spi_base=next(_SPI_BASES))
+    sas = parse_sa_document(fill_keys(sa_document(spec)))
+    out = next(p for p in sas if p.direction == Direction.OUTBOUND)
+    commands = ks.card_commands(sas, kbed.dev, "packet")
+    state = next(argv for argv in commands if argv[:2] == ["xfrm", "state"] and f"{out.spi:#x}" in argv)
+    at = state.index("offload")
+    state[at:at] = ["limit", "packet-soft", str(SOFT_PACKETS), "limit", "packet-hard", str(HARD_PACKETS)]
+    _flush(kbed)
+    kbed.sh(ks.batch(commands) + ks.batch(xfrm_peer.peer_commands(sas), ks.NETNS))
+    assert len(re.findall(rf"offload parameters: dev {kbed.dev} dir (?:out|in) mode packet",
+                          kbed.sh("ip xfrm state list"))) == 2
+    before = kbed.ethtool()
+    # One guest command: the monitor runs while the pings go out and the driver's stats work (every 2 s)
+    # and the xfrm timer act on the counts.
+    output = kbed.sh(
+        "ip xfrm monitor expire > /tmp/lifetimes.mon 2>&1 & mon=$!; sleep 0.5; "
+        f"ping -c {spec.count} -i 0.05 -W 1 {out.dst} > /tmp/lifetimes.ping 2>&1; sleep 6; "
+        "kill $mon; wait $mon 2>/dev/null; cat /tmp/lifetimes.ping; echo @@monitor; cat /tmp/lifetimes.mon",
+        check=False)
+    ping, monitor = output.split("@@monitor", 1)
+    assert ks.parse_ping(ping)["received"] == HARD_PACKETS, ping
+    assert _expire_events(monitor, out.spi) == [0, 1], monitor
+    assert f"spi {out.spi:#010x}" not in kbed.sh("ip xfrm state list"), "the hard expire did not delete the state"
+    after = kbed.ethtool()
+    delta = {k: after[k] - before.get(k, 0) for k in ("ipsec_tx_pkts", "tx_drop_offload_failed",
+                                                     "card_tx_offload_error")}
+    # Pings past the 20th reach the card (and are refused by it) only until the driver's next stats poll
+    # hands the count to the stack, whose hard expire then stops them before the driver: 0..10 refusals.
+    refused = delta["tx_drop_offload_failed"]
+    assert delta["ipsec_tx_pkts"] == HARD_PACKETS and 0 <= refused <= spec.count - HARD_PACKETS, delta
+    assert delta["card_tx_offload_error"] == refused, delta
+    # The independent count: the peer's software state decrypted exactly what the card sent.
+    peer = next(st for st in xfrm_peer.parse_state_stats(kbed.sh(f"ip -n {ks.NETNS} -s xfrm state | {ks.KEY_FILTER}"))
+                if st.spi == out.spi)
+    assert peer.as_dict()["packets"] == HARD_PACKETS
+    # Past the hard expire the stack has no state for the flow: nothing leaves, nothing is answered.
+    again = kbed.sh(f"ping -c 3 -i 0.2 -W 1 {out.dst}", check=False)
+    assert ks.parse_ping(again)["received"] == 0, again
+    assert kbed.ethtool()["ipsec_tx_pkts"] == after["ipsec_tx_pkts"]
     _flush(kbed)
 
 
