@@ -118,6 +118,18 @@ def _combinable(sa: SadbEntry | None, outer: bool) -> bool:
             and len(sa.params) == 1 and sa.params[0].proto == IpProto.ESP)
 
 
+def _count_status(st: ndis.GlobalStats, status: int) -> None:
+    """The receive counter a CryptoStatus belongs to."""
+    if status == _CS_SUCCESS:
+        st.rx_crypto_ok += 1
+    elif status in _CS_SYNTAX:
+        st.rx_syntax_errors += 1
+    elif status == _CS_GENERIC:
+        st.rx_other_errors += 1
+    else:
+        st.rx_auth_failed += 1
+
+
 class TrafficPath:
     """Transmit and receive of Firmware (a part of it: they share its SADB, capabilities and counters)."""
 
@@ -290,19 +302,11 @@ class TrafficPath:
             l4_ok = verdict == _V_OK and self._transport_udp_esp(sa)
         if verdict == _V_OK:
             status = _CS_SUCCESS
-            st.rx_crypto_ok += 1
         else:
             # an ESP+AH bundle says which of its layers failed; a single SA is its own protocol
             failed = getattr(rt, "failed_proto", None) or sa.params[index].proto
             status = crypto_status_for(verdict, tunnel=sa.tunnel, ah=verdict == _V_AUTH_FAILED and failed == _AH)
-            if status == _CS_SUCCESS:
-                st.rx_crypto_ok += 1
-            elif status in _CS_SYNTAX:
-                st.rx_syntax_errors += 1
-            elif status == _CS_GENERIC:
-                st.rx_other_errors += 1
-            else:
-                st.rx_auth_failed += 1
+        _count_status(st, status)
         st.rx_crypto_done += 1
         delete_req = self._check_lifetime(sa, rt)
         if delete_req:
@@ -349,19 +353,8 @@ class TrafficPath:
             return self._policy_unprocessed(frame)
         st = self._stats
         st.rx_crypto_done += 1
-        if verdict == _V_OK:
-            status = _CS_SUCCESS
-            st.rx_crypto_ok += 1
-        else:
-            status = crypto_status_for(verdict, tunnel=False, ah=False)
-            if status == _CS_SUCCESS:
-                st.rx_crypto_ok += 1
-            elif status in _CS_SYNTAX:
-                st.rx_syntax_errors += 1
-            elif status == _CS_GENERIC:
-                st.rx_other_errors += 1
-            else:
-                st.rx_auth_failed += 1
+        status = _CS_SUCCESS if verdict == _V_OK else crypto_status_for(verdict, tunnel=False, ah=False)
+        _count_status(st, status)
         out = bytes(buf) if verdict in _AUTHENTIC else frame
         delete_req = self._check_lifetime(sa, rt) | self._check_lifetime(isa, irt)
         if delete_req:

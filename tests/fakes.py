@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Callable
 
 from device.vfio_user.device_api import DmaError, MappingInfo
+from device.vfio_user.server import TimerHandle
 
 GUEST_BASE = 0x1_0000_0000  # above 4 GiB, so BASE_HI matters
 GUEST_SIZE = 1 << 20
@@ -49,14 +50,7 @@ class FakeDma:
         return memoryview(self.mem)[o : o + length]
 
 
-class Timer:
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
-        self.when = when
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
+Timer = TimerHandle  # the server's own record: fake timers behave like real ones
 
 
 class FakeContext:
