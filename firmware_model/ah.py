@@ -1,7 +1,8 @@
 """AH wire format and ICV computation (RFC 4302).
 
 AH header (RFC 4302 §2): Next Header(1) | Payload Len(1) = AH length in 32-bit words - 2 | Reserved(2) |
-SPI(4) | Seq(4) | [IV(8), AES-GMAC only, RFC 4543 §3.2] | ICV | padding to 4 bytes (IPv4) / 8 bytes (IPv6).
+SPI(4) | Seq(4) | ICV | padding to 4 bytes (IPv4) / 8 bytes (IPv6). Integrity is HMAC only: AES-GMAC in AH
+(RFC 4543 §3.2, with an 8-byte IV) is refused when the SA is added (datasheet §12.1 decision 23).
 
 The ICV covers the whole IP packet with mutable fields zeroed (RFC 4302 §3.3.3.1) and the ICV field
 zeroed; with ESN the high 32 bits of the sequence number are appended after the end of the packet for
@@ -18,10 +19,6 @@ from __future__ import annotations
 import hmac as _hmac_cmp
 import struct
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-from device.contract.algorithms import GCM_SALT_LEN
 from device.contract.net import IPV6_DSTOPTS, IPV6_FRAGMENT, IPV6_HOPOPTS, IPV6_ROUTING
 from device.contract.sa import SaParams
 from firmware_model.algorithms import auth_info
@@ -125,39 +122,9 @@ class AhHmac:
         return _hmac_cmp.compare_digest(self.compute(data, seq_hi, iv), icv)
 
 
-class AhGmac:
-    """AES-GMAC in AH (RFC 4543 §3.2/§5): nonce = salt || IV (the 8-byte IV is carried in AH after the
-    sequence number), AAD = the packet as prepared for the ICV (+ ESN high bits appended as for every AH
-    integrity algorithm), empty plaintext, 16-byte ICV. No independent vectors were available: this one
-    is only tested by round trip."""
-
-    __slots__ = ("_aead", "_salt", "icv_len", "iv_len")
-
-    def __init__(self, key: bytes, salt: bytes) -> None:
-        self._aead = AESGCM(key)
-        self._salt = salt
-        self.icv_len = 16
-        self.iv_len = 8
-
-    def compute(self, data: bytes | bytearray, seq_hi: int | None, iv: bytes) -> bytes:
-        aad = bytes(data) if seq_hi is None else bytes(data) + U32.pack(seq_hi)
-        return self._aead.encrypt(self._salt + iv, b"", aad)
-
-    def verify(self, data: bytes | bytearray, seq_hi: int | None, iv: bytes, icv: bytes) -> bool:
-        aad = bytes(data) if seq_hi is None else bytes(data) + U32.pack(seq_hi)
-        try:
-            self._aead.decrypt(self._salt + iv, icv, aad)
-        except InvalidTag:
-            return False
-        return True
-
-
-AhTransform = AhHmac | AhGmac
+AhTransform = AhHmac
 
 
 def build_ah_transform(params: SaParams) -> AhTransform:
     auth = auth_info(params.auth_alg)
-    if auth.kind == "gmac":
-        key = params.auth_key
-        return AhGmac(key[:-GCM_SALT_LEN], key[-GCM_SALT_LEN:])
     return AhHmac(auth.hash_name, params.auth_key, auth.icv_len)

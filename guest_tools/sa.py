@@ -56,5 +56,5 @@ def ah_geometry(p: SaParams) -> AhGeometry:
     """IV/ICV facts the host needs to frame crypto-offload AH for ``p`` (RFC 4302 §2)."""
     if p.proto != IpProto.AH:
         raise ValueError("the host AH framing applies to AH SAs only")
-    iv = 8 if AUTH_INFO[p.auth_alg].kind == "gmac" else 0  # RFC 4543 §3.2: AH-GMAC carries an 8-byte IV
-    return AhGeometry(p.spi, iv, effective_icv_len(p), p.mode == Mode.TUNNEL, p.src, p.dst)
+    # No IV: AH integrity is HMAC only (validate_sa refuses AH-GMAC, whose RFC 4543 §3.2 IV would go here).
+    return AhGeometry(p.spi, 0, effective_icv_len(p), p.mode == Mode.TUNNEL, p.src, p.dst)

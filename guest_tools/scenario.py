@@ -43,6 +43,7 @@ from typing import Any
 from guest_tools.xfrm_peer import (
     FLUSH_COMMANDS,
     PeerNet,
+    SaOrBundle,
     batch_text,
     netns_setup,
     parse_state_stats,
@@ -85,6 +86,10 @@ def _algorithms() -> dict[str, dict[str, Any]]:
 
 
 ALGORITHMS = _algorithms()
+# AH integrity (RFC 4302 §3.2: HMAC only on this card, datasheet §12.1 decision 23). Spec.ah names one: with
+# alg "none" the scenario's SAs are AH only, otherwise ESP-then-AH bundles (RFC 4301 §4.5 transport adjacency).
+AH_ALGORITHMS = ("hmac-md5-96", "hmac-sha1-96", "hmac-sha256-128")
+AH_SPI_OFFSET = 0x800  # the AH half of a bundle: SPI = the ESP SA's SPI + this
 
 
 def _key_len(name: str) -> int:
@@ -109,7 +114,8 @@ class Spec:
     name: str = "scenario"
     family: int = 4
     mode: str = "transport"  # transport | tunnel
-    alg: str = "aes-gcm-128"
+    alg: str = "aes-gcm-128"  # ALGORITHMS, or "none" with ``ah`` (AH-only SAs)
+    ah: str = ""  # AH integrity (AH_ALGORITHMS): AH-only SAs (alg "none") or ESP-then-AH bundles
     encap: bool = False  # UDP-ESP, RFC 3948, ports 4500/4500
     esn: bool = False
     seq: int = 0  # both SAs: outbound last-sent number / inbound window start
@@ -142,8 +148,13 @@ class Spec:
             raise ValueError("family must be 4 or 6")
         if self.mode not in ("transport", "tunnel"):
             raise ValueError("mode must be transport or tunnel")
-        if self.alg not in ALGORITHMS:
-            raise ValueError(f"alg must be one of {', '.join(ALGORITHMS)}")
+        if self.alg not in ALGORITHMS and not (self.alg == "none" and self.ah):
+            raise ValueError(f"alg must be one of {', '.join(ALGORITHMS)} (or none, with ah)")
+        if self.ah and self.ah not in AH_ALGORITHMS:
+            raise ValueError(f"ah must be one of {', '.join(AH_ALGORITHMS)}")
+        if self.ah and (self.offload != "crypto" or self.encap):
+            raise ValueError("AH runs in crypto offload without UDP encapsulation (packet offload and RFC 3948 "
+                             "are ESP only)")
         if self.offload not in ("crypto", "packet"):
             raise ValueError("offload must be crypto or packet")
         if self.v1 and (self.offload != "crypto" or self.esn):
@@ -201,15 +212,20 @@ def sa_document(spec: Spec, net: PeerNet = NET) -> dict[str, Any]:
             sa.update(src=src, dst=dst)
         if spec.encap:
             sa["encap"] = {"type": "udp", "sport": NAT_T_PORT, "dport": NAT_T_PORT}
-        sa.update(json.loads(json.dumps(ALGORITHMS[spec.alg])))  # deep copy
+        if spec.alg == "none":
+            sa.update(proto="ah", integrity={"alg": spec.ah})
+        else:
+            sa.update(json.loads(json.dumps(ALGORITHMS[spec.alg])))  # deep copy
+            if spec.ah:
+                sa["ah"] = {"spi": spi + AH_SPI_OFFSET, "integrity": {"alg": spec.ah}}
         sa.update(esn=spec.esn, seq=spec.seq, replay_window=spec.replay_window)
         sas.append(sa)
     return {"sas": sas}
 
 
 def fill_keys(doc: dict[str, Any], random_bytes=os.urandom) -> dict[str, Any]:
-    """Fresh random keys (and GCM salts) for every algorithm section that has none."""
-    for sa in doc["sas"]:
+    """Fresh random keys (and GCM salts) for every algorithm section that has none (a bundle's AH too)."""
+    for sa in [*doc["sas"], *(entry["ah"] for entry in doc["sas"] if "ah" in entry)]:
         for section in ("aead", "cipher", "integrity"):
             spec = sa.get(section)
             if spec is None or "key" in spec:
@@ -437,6 +453,13 @@ def _card_to_peer(card, spec: Spec, handle: int, info: dict, addrs: tuple[str, s
     return d
 
 
+def card_sas(doc: dict[str, Any]) -> list[SaOrBundle]:
+    """The SA document's SAs: an SaParams each, or an (ESP, AH) tuple for a bundle (xfrm_peer's shape)."""
+    from device.contract.sa_file import parse_sa_entries
+
+    return [e.params if e.ah is None else (e.params, e.ah) for e in parse_sa_entries(doc)]
+
+
 def _peer_to_card(card, spec: Spec, handle: int, addrs: tuple[str, str], tx: socket.socket) -> Direction:
     d = Direction()
     t0 = time.monotonic()
@@ -475,15 +498,14 @@ def _peer_to_card(card, spec: Spec, handle: int, addrs: tuple[str, str], tx: soc
 
 def run(spec: Spec) -> dict[str, Any]:
     """Run one scenario; returns the result (JSON-able). Raises ScenarioError if it cannot be set up."""
-    from device.contract.sa_file import parse_sa_document
     from guest_tools.driver import open_card
 
     t0 = time.monotonic()
     info = setup()
     timings: dict[str, float] = {}
     doc = fill_keys(sa_document(spec))
-    sas = parse_sa_document(doc)
-    out_sa, in_sa = sas
+    sas = card_sas(doc)
+    (out_sa, out_ah), (in_sa, in_ah) = (sa if isinstance(sa, tuple) else (sa, None) for sa in sas)
     addrs = NET.addrs(spec.family, spec.tunnel)
     ip_batch(FLUSH_COMMANDS)
     stat_before = peer_xfrm_stat()
@@ -492,9 +514,9 @@ def run(spec: Spec) -> dict[str, Any]:
     result: dict[str, Any] = {"name": spec.name, "spec": asdict(spec)}
     try:
         timings["open"] = round(time.monotonic() - t0, 3)
-        handles = {"outbound": card.add_sa(out_sa, offload=spec.offload, v1=spec.v1),
-                   "inbound": card.add_sa(in_sa, offload=spec.offload, v1=spec.v1)}
-        peer_sas = sas if spec.peer_keys == "same" else parse_sa_document(fill_keys(sa_document(spec)))
+        handles = {"outbound": card.add_sa(out_sa, offload=spec.offload, v1=spec.v1, ah=out_ah),
+                   "inbound": card.add_sa(in_sa, offload=spec.offload, v1=spec.v1, ah=in_ah)}
+        peer_sas = sas if spec.peer_keys == "same" else card_sas(fill_keys(sa_document(spec)))
         ip_batch(peer_commands(peer_sas))
         timings["sas_added"] = round(time.monotonic() - t0, 3)
         result["handles"] = handles

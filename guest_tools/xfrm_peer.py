@@ -107,8 +107,12 @@ def state_add(p: SaParams, reqid: int, replay_window: int | None = None, mode: M
     window = replay_window if replay_window is not None else (p.replay_window or DEFAULT_REPLAY_WINDOW)
     argv = ["xfrm", "state", "add", "src", p.src, "dst", p.dst, "proto", _proto_name(p), "spi", f"{p.spi:#x}",
             "reqid", str(reqid), "mode", mode_name, "replay-window", str(window)]
-    if p.esn:
-        argv += ["flag", "esn"]
+    # RFC 4302 §3.3.3.2.1: IPv4 AH is padded to 32 bits (the card's framing). Linux's ah4 pads to 64 bits and
+    # refuses any other header length unless the state has XFRM_STATE_ALIGN4 (net/ipv4/ah4.c ah_input).
+    flags = (["esn"] if p.esn else []) + \
+        (["align4"] if p.proto == IpProto.AH and ipaddress.ip_address(p.dst).version == 4 else [])
+    if flags:
+        argv += ["flag", *flags]
     lo, hi = p.seq & 0xFFFF_FFFF, p.seq >> 32
     if p.direction == Direction.OUTBOUND:
         # The card sends; the peer receives. Put its window where the card's numbering starts, or ESN

@@ -190,6 +190,10 @@ def _check_algorithms(p: SaParams, enc_table: Mapping[EncAlg, EncInfo],
             raise UnsupportedAlgorithm("AH has no encryption (RFC 4302); enc_alg must be NONE")
         if auth.kind == "null":
             raise UnsupportedAlgorithm("AH needs an integrity algorithm")
+        if auth.kind != "hmac":
+            # Datasheet §12.1 decision 23: AH integrity is HMAC only. AES-GMAC in AH (RFC 4543 §3.2) has no
+            # independent implementation to prove it against (Linux XFRM and scapy offer none for AH).
+            raise UnsupportedAlgorithm(f"AH integrity must be an HMAC; {auth.name} is offered for ESP only")
     else:
         if enc.kind == "aead" and auth.kind != "null":
             raise UnsupportedAlgorithm(f"{enc.name} is a combined mode; auth_alg must be NONE (RFC 4106 §1)")

@@ -67,7 +67,7 @@ NDIS_STATUS_WHEN: dict[str, str] = {
 REJECT_WHEN: dict[str, str] = {
     "CAPACITY": "SA_CAPACITY bundles already in use",
     "UNSUPPORTED_ALGORITHM": "algorithm not in the profile, DES, 3DES/MD5 missing from the crypto library, "
-                             "CBC without integrity, GCM with an integrity algorithm, GMAC with encryption",
+                             "CBC without integrity, GCM with an integrity algorithm, GMAC with encryption, AH with GMAC",
     "BAD_KEY": "key length wrong for the algorithm, or a key outside the key buffer / key_mat",
     "BAD_ICV_LENGTH": "AES-GCM additional_info not 0, 8, 12 or 16",
     "BAD_SPI": "SPI below 256 (RFC 4303 §2.1)",
@@ -290,7 +290,7 @@ def algorithm_tables() -> str:
             continue
         key = info.key_len + info.salt_len
         key_text = f"{key} ({info.key_len} + {info.salt_len} salt)" if info.salt_len else str(key)
-        use = "ESP with NULL encryption (IV 8, pad to 4), or AH" if info.kind == "gmac" \
+        use = "ESP with NULL encryption (IV 8, pad to 4); not AH (§12.1 decision 23)" if info.kind == "gmac" \
             else "ESP with CBC or NULL encryption, or AH"
         rows.append((info.name, f"{int(alg):#04x}", key_text, info.icv_len, use))
     out += _table(("Name", "Identifier", "key_length (bytes)", "ICV (bytes)", "Used with"), rows)

@@ -273,17 +273,14 @@ def test_bundle_crypto_offload_round_trip() -> None:
     assert rx.decapsulate(wire) == (Verdict.OK, packet(64))
 
 
-def test_ah_gmac_round_trip_and_tamper() -> None:
-    base = dict(spi=0x800, proto=IpProto.AH, mode=Mode.TRANSPORT, src=SRC, dst=DST,
-                auth_alg=AuthAlg.AES_GMAC_128, auth_key=os.urandom(20), icv_len=16)
-    tx = SaEngine(SaParams(direction=Direction.OUTBOUND, **base))
-    rx = SaEngine(SaParams(direction=Direction.INBOUND, **base))
-    verdict, wire = tx.encapsulate(packet())
-    assert verdict == Verdict.OK and len(wire) == len(packet()) + 36
-    bad = bytearray(wire)
-    bad[-1] ^= 1
-    assert rx.decapsulate(bytes(bad))[0] == Verdict.AUTH_FAILED
-    assert rx.decapsulate(wire) == (Verdict.OK, packet())
+def test_ah_takes_hmac_only() -> None:
+    """AES-GMAC in AH is refused (datasheet §12.1 decision 23); the same SA with an HMAC runs."""
+    base = dict(spi=0x800, proto=IpProto.AH, direction=Direction.OUTBOUND, mode=Mode.TRANSPORT, src=SRC, dst=DST)
+    with pytest.raises(UnsupportedAlgorithm, match="AH integrity must be an HMAC; aes-gmac-128"):
+        SaEngine(SaParams(auth_alg=AuthAlg.AES_GMAC_128, auth_key=os.urandom(20), icv_len=16, **base))
+    verdict, wire = SaEngine(SaParams(auth_alg=AuthAlg.SHA1, auth_key=os.urandom(20), icv_len=12,
+                                      **base)).encapsulate(packet())
+    assert verdict == Verdict.OK and len(wire) == len(packet()) + 24
 
 
 def test_validation_messages_and_refusals() -> None:

@@ -140,10 +140,22 @@ def test_ah_states_are_proto_ah_with_auth_trunc_only(alg, name, key_len, icv):
     assert argv[argv.index("proto") + 1] == "ah" and argv[argv.index("spi") + 1] == "0x3003"
     assert argv[argv.index("auth-trunc"):] == ["auth-trunc", name, "0x" + key.hex(), str(icv * 8)]
     assert "enc" not in argv and "aead" not in argv
-    assert argv[argv.index("replay-seq") + 1] == "0x5" and argv[argv.index("flag") + 1] == "esn"
+    assert argv[argv.index("replay-seq") + 1] == "0x5" and argv[argv.index("flag") + 1:][:2] == ["esn", "align4"]
     policy = policy_add(ah_sa(), 4)
     assert policy[policy.index("tmpl"):] == ["tmpl", "src", "10.0.0.1", "dst", "10.0.0.2", "proto", "ah",
                                              "reqid", "4", "mode", "transport"]
+
+
+def test_ipv4_ah_states_take_align4_as_the_card_pads_ah_to_32_bits():
+    """RFC 4302 §3.3.3.2.1: IPv4 AH is a multiple of 32 bits; Linux's ah4 wants 64 unless XFRM_STATE_ALIGN4
+    (an HMAC-SHA256-128 AH header is 28 bytes here, 32 in Linux's default)."""
+    v4 = state_add(ah_sa(auth_alg=AuthAlg.SHA256, auth_key=HMAC_KEY[:32], icv_len=16), 1)
+    assert v4[v4.index("flag") + 1] == "align4"
+    v6 = state_add(ah_sa(src="fd00::1", dst="fd00::2"), 1)  # IPv6 AH is 64-bit aligned (RFC 4302 §2) as in Linux
+    esp = state_add(SaParams(spi=0x3004, proto=IpProto.ESP, direction=Direction.OUTBOUND, mode=Mode.TRANSPORT,
+                             src="10.0.0.1", dst="10.0.0.2", enc_alg=EncAlg.AES_GCM_128, enc_key=bytes(20),
+                             icv_len=16), 1)
+    assert "align4" not in v6 and "align4" not in esp
 
 
 # Every (cipher, integrity) pair the card's SA file can name maps to the Linux crypto API name the
@@ -318,6 +330,36 @@ def test_scenario_sa_documents_load_with_the_firmwares_sa_file_parser(family, mo
         assert (out_sa.inner_src, out_sa.inner_dst) == scenario.NET.addrs(family, tunnel=True)
     for argv in peer_commands([out_sa, in_sa]):
         assert all(word and not any(c.isspace() for c in word) for word in argv)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("ah", scenario.AH_ALGORITHMS)
+@pytest.mark.parametrize("alg", ["none", "aes-cbc-128+hmac-sha1-96", "aes-gcm-256"])
+def test_scenario_ah_specs_are_ah_only_sas_or_esp_then_ah_bundles(family, ah, alg):
+    spec = Spec(family=family, alg=alg, ah=ah, spi_base=48)
+    spec.check()
+    sas = scenario.card_sas(scenario.fill_keys(scenario.sa_document(spec)))
+    want_auth = {"hmac-md5-96": AuthAlg.MD5, "hmac-sha1-96": AuthAlg.SHA1, "hmac-sha256-128": AuthAlg.SHA256}[ah]
+    for sa, spi in zip(sas, (scenario.SPI_OUT + 48, scenario.SPI_IN + 48), strict=True):
+        if alg == "none":
+            assert isinstance(sa, SaParams) and sa.proto == IpProto.AH and sa.spi == spi
+            assert sa.auth_alg == want_auth and sa.enc_alg == EncAlg.NONE
+        else:
+            esp, ah_sa_ = sa
+            assert (esp.proto, ah_sa_.proto) == (IpProto.ESP, IpProto.AH) and ah_sa_.auth_alg == want_auth
+            assert (esp.spi, ah_sa_.spi) == (spi, spi + scenario.AH_SPI_OFFSET)
+            assert (ah_sa_.direction, ah_sa_.src, ah_sa_.dst) == (esp.direction, esp.src, esp.dst)
+            assert ah_sa_.auth_key and ah_sa_.auth_key != esp.auth_key
+    for argv in peer_commands(sas):
+        assert all(word and not any(c.isspace() for c in word) for word in argv)
+
+
+def test_ah_spec_validation():
+    for bad, why in (({"alg": "none"}, "or none, with ah"), ({"ah": "aes-gmac-128"}, "ah must be one of"),
+                     ({"ah": "hmac-sha1-96", "offload": "packet"}, "crypto offload"),
+                     ({"ah": "hmac-sha1-96", "encap": True}, "crypto offload")):
+        with pytest.raises(ValueError, match=why):
+            Spec.from_dict(bad)
 
 
 def test_payloads_are_deterministic_and_distinct():

@@ -1,4 +1,5 @@
-"""Every ESP algorithm the card advertises, proven against the guest kernel's XFRM in both directions.
+"""Every ESP algorithm and AH integrity algorithm the card advertises, proven against the guest kernel's XFRM
+in both directions (AH: AH-only SAs with each HMAC, and ESP-then-AH bundles; AH-GMAC is refused by the card).
 
 The card (served with device/profiles/legacy-algorithms.yaml: the default profile plus 3DES-CBC and
 HMAC-MD5-96, the v1 algorithms an NDIS v1 driver would use) runs each case as an outbound and an inbound
@@ -21,10 +22,11 @@ import time
 
 import pytest
 
+from device.contract.algorithms import AUTH_INFO
 from device.contract.enums import AuthAlg, EncAlg
 from device.profile import default_profile_path, load_profile
 from firmware_model.capabilities import Capabilities
-from guest_tools.scenario import ALGORITHMS, Spec
+from guest_tools.scenario import AH_SPI_OFFSET, ALGORITHMS, SPI_IN, SPI_OUT, Spec
 from ipsec_nic.topology import interop_failures
 
 from .fixtures_interop import LEGACY_PROFILE, check
@@ -32,9 +34,10 @@ from .fixtures_interop import LEGACY_PROFILE, check
 COUNT = 4  # datagrams each way per case
 
 
-def _case(alg: str, *, family: int = 4, mode: str = "transport", offload: str = "crypto", v1: bool = False) -> Spec:
-    name = f"{alg}-v{family}-{mode}-{offload}" + ("-v1" if v1 else "")
-    return Spec(name=name, alg=alg, family=family, mode=mode, offload=offload, v1=v1, count=COUNT, size=120)
+def _case(alg: str, *, family: int = 4, mode: str = "transport", offload: str = "crypto", v1: bool = False,
+          ah: str = "") -> Spec:
+    name = f"{alg}{'+ah-' + ah if ah else ''}-v{family}-{mode}-{offload}" + ("-v1" if v1 else "")
+    return Spec(name=name, alg=alg, family=family, mode=mode, offload=offload, v1=v1, count=COUNT, size=120, ah=ah)
 
 
 DEFAULT_CASES: list[Spec] = [
@@ -54,6 +57,11 @@ DEFAULT_CASES: list[Spec] = [
     _case("aes-gcm-256-icv12", offload="packet"), _case("aes-gmac-128", offload="packet"),
     _case("aes-cbc-256+hmac-sha1-96", offload="packet", family=6), _case("null+hmac-sha256-128", offload="packet"),
     _case("3des-cbc+hmac-md5-96", offload="packet", mode="tunnel"),
+    # AH (RFC 4302; integrity is HMAC only, datasheet §12.1 decision 23): AH-only SAs with each HMAC, and
+    # ESP-then-AH bundles (RFC 4301 §4.5), through V2_ADD_SA_EX and V1_ADD_SA.
+    _case("none", ah="hmac-sha1-96"), _case("none", ah="hmac-sha256-128", family=6),
+    _case("none", ah="hmac-md5-96", v1=True),
+    _case("aes-cbc-128+hmac-sha1-96", ah="hmac-sha256-128"), _case("aes-gcm-128", ah="hmac-sha1-96", family=6),
 ]
 
 FULL_CASES: list[Spec] = [
@@ -92,6 +100,12 @@ def _assert_case(spec: Spec, result: dict) -> None:
     assert result["spec"]["alg"] == spec.alg and result["spec"]["v1"] == spec.v1
     if spec.offload == "packet":
         assert all(sa["flags"] & 0x04 for sa in result["card_sas"])  # SaListFlags.PACKET_OFFLOAD
+    if spec.ah and spec.alg != "none":
+        # A bundle really was ESP then AH on both sides: two SAs per card handle, and the peer's AH states
+        # (the ESP SPI + AH_SPI_OFFSET) carried every datagram too.
+        assert [len(result["sa_stats"][d]) for d in ("outbound", "inbound")] == [2, 2]
+        for spi in (SPI_OUT + spec.spi_base + AH_SPI_OFFSET, SPI_IN + spec.spi_base + AH_SPI_OFFSET):
+            assert [s["packets"] for s in result["peer_states"] if s["spi"] == spi] == [spec.count], hex(spi)
 
 
 @pytest.mark.vm
@@ -114,7 +128,7 @@ def test_full_algorithm_grid_interoperates_with_linux(interop):
     assert not failures, "\n".join(failures)
 
 
-# --- no VM: the matrix covers everything the card advertises for ESP --------------------------------
+# --- no VM: the matrix covers everything the card advertises for ESP and AH -------------------------
 
 
 def _advertised(profile_path) -> tuple[set[EncAlg], set[AuthAlg]]:
@@ -123,23 +137,37 @@ def _advertised(profile_path) -> tuple[set[EncAlg], set[AuthAlg]]:
 
 
 @pytest.mark.parametrize("profile", ["default", "legacy"])
-def test_the_default_suite_proves_every_advertised_esp_algorithm(profile):
-    from device.contract.sa_file import parse_sa_document
-    from guest_tools.scenario import fill_keys, sa_document
+def test_the_default_suite_proves_every_advertised_esp_and_ah_algorithm(profile):
+    from device.contract.enums import IpProto
+    from guest_tools.scenario import card_sas, fill_keys, sa_document
 
     enc, auth = _advertised(default_profile_path() if profile == "default" else LEGACY_PROFILE)
     proven_enc: set[EncAlg] = set()
     proven_auth: set[AuthAlg] = set()
+    proven_ah: dict[AuthAlg, set[str]] = {}  # AH integrity -> "alone" / "bundle"
     gcm_icvs: set[int] = set()
     for spec in DEFAULT_CASES:
-        sa = parse_sa_document(fill_keys(sa_document(spec)))[0]
-        proven_enc.add(sa.enc_alg)
-        proven_auth.add(sa.auth_alg)
-        if sa.enc_alg in (EncAlg.AES_GCM_128, EncAlg.AES_GCM_192, EncAlg.AES_GCM_256):
-            gcm_icvs.add(sa.icv_len)
+        first = card_sas(fill_keys(sa_document(spec)))[0]
+        esp, ah = first if isinstance(first, tuple) else (first, None)
+        if esp.proto == IpProto.AH:
+            esp, ah = None, esp
+        if ah is not None:
+            proven_ah.setdefault(ah.auth_alg, set()).add("alone" if esp is None else "bundle")
+        if esp is None:
+            continue
+        proven_enc.add(esp.enc_alg)
+        proven_auth.add(esp.auth_alg)
+        if esp.enc_alg in (EncAlg.AES_GCM_128, EncAlg.AES_GCM_192, EncAlg.AES_GCM_256):
+            gcm_icvs.add(esp.icv_len)
     assert enc <= proven_enc, f"advertised but not proven: {sorted(a.name for a in enc - proven_enc)}"
     assert auth <= proven_auth | {AuthAlg.NONE}, \
         f"advertised but not proven: {sorted(a.name for a in auth - proven_auth)}"
+    # AH takes every advertised HMAC (the GMACs are ESP only): each proven as an AH-only SA, and bundles exist.
+    ah_auth = {a for a in auth if AUTH_INFO[a].kind == "hmac"}
+    alone = {a for a, how in proven_ah.items() if "alone" in how}
+    assert ah_auth and ah_auth <= alone, f"AH integrity advertised but not proven as an AH-only SA: " \
+        f"{sorted(a.name for a in ah_auth - alone)}"
+    assert any("bundle" in how for how in proven_ah.values()), "no ESP-then-AH bundle in the default suite"
     assert gcm_icvs == {8, 12, 16}  # RFC 4106 §6
     assert {s.offload for s in DEFAULT_CASES} == {"crypto", "packet"} and any(s.v1 for s in DEFAULT_CASES)
 
