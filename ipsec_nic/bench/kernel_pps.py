@@ -14,9 +14,10 @@ round by round so a neighbour's burst on the host hits all three alike; the medi
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shlex
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 from .core import Progress, Row, at_least
@@ -59,7 +60,7 @@ SINK = (
 )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Slice:
     """One mode's run: datagrams the sender handed to its socket, datagrams the peer's UDP received, and
     the sender's seconds."""
@@ -69,10 +70,33 @@ class Slice:
     received: int
     seconds: float
     card_offloaded: int  # the card's ipsec_tx_pkts moved by this much
+    card_cpu: float = 0.0  # CPU seconds of the card server (host) during the slice's guest command
+    qemu_cpu: float = 0.0  # CPU seconds of QEMU (the whole guest, TCG) during it
 
     @property
     def pps(self) -> float:
         return self.received / self.seconds if self.seconds > 0 else 0.0
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a process (proc(5) /proc/PID/stat fields 14 and 15), 0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_packet(slices: list[Slice], mode: str) -> tuple[float, float]:
+    """Median µs of card-server CPU and of QEMU CPU per received packet in ``mode``."""
+    mine = [s for s in slices if s.mode == mode and s.received]
+    if not mine:
+        return 0.0, 0.0
+    return (statistics.median(s.card_cpu / s.received * 1e6 for s in mine),
+            statistics.median(s.qemu_cpu / s.received * 1e6 for s in mine))
 
 
 def parse_udp_snmp(text: str) -> dict[str, int]:
@@ -124,13 +148,18 @@ def kernel_rows(slices: list[Slice]) -> list[Row]:
     got = {m: sum(s.received for s in slices if s.mode == m) for m in MODES}
     lost = "; ".join(f"{m} {1 - got[m] / sent[m]:.0%}" for m in MODES if sent[m]) or "-"
     note = f"{len(per['offload'])} interleaved rounds; sent but not received: {lost}"
+    cpu = {m: cpu_per_packet(slices, m) for m in MODES}
+
+    def cpu_note(m: str) -> str:
+        return f"CPU per packet: card server {cpu[m][0]:.0f} µs, QEMU {cpu[m][1]:.0f} µs"
     return [
         Row("VM packets/s, kernel driver, crypto offload, 1400 B UDP", med["offload"], "pkt/s", med["software"],
-            "pkt/s software XFRM, same SA, same card", OFFLOAD_VS_SOFTWARE, note=note),
+            "pkt/s software XFRM, same SA, same card", OFFLOAD_VS_SOFTWARE, note=f"{note}; {cpu_note('offload')}"),
         Row("VM packets/s, kernel driver, crypto offload vs no IPsec, 1400 B UDP", med["offload"], "pkt/s",
             med["plain"], "pkt/s no IPsec, same card", OFFLOAD_VS_PLAIN),
-        Row("VM packets/s, kernel driver, software XFRM, 1400 B UDP", med["software"], "pkt/s"),
-        Row("VM packets/s, kernel driver, no IPsec, 1400 B UDP", med["plain"], "pkt/s"),
+        Row("VM packets/s, kernel driver, software XFRM, 1400 B UDP", med["software"], "pkt/s",
+            note=cpu_note("software")),
+        Row("VM packets/s, kernel driver, no IPsec, 1400 B UDP", med["plain"], "pkt/s", note=cpu_note("plain")),
     ]
 
 
@@ -194,14 +223,18 @@ def kernel_pps(seconds_per_slice: float, rounds: int, say: Progress, logs: Path)
         r = topo.guest(sink, 60)
         if r.exit_code != 0:
             raise RuntimeError(f"the peer's UDP sink did not start:\n{r.output[-1000:]}")
+        card_pid = topo.card.process.pid if topo.card and topo.card.process else None
         try:
             for rnd in range(rounds):
                 for mode in MODES:
+                    cpu0 = (cpu_seconds(card_pid), cpu_seconds(topo.vm.qemu_pid if topo.vm else None))
                     r = topo.guest(slice_command(mode, dev, peer_addr, seconds_per_slice,
                                                  card_sa.get(mode, ""), peer_sa), seconds_per_slice * 4 + 60)
                     if r.timed_out or r.exit_code != 0:
                         raise RuntimeError(f"{mode} slice failed (exit {r.exit_code}):\n{r.output[-2000:]}")
-                    s = parse_slice(mode, r.output)
+                    s = dataclasses.replace(
+                        parse_slice(mode, r.output), card_cpu=cpu_seconds(card_pid) - cpu0[0],
+                        qemu_cpu=cpu_seconds(topo.vm.qemu_pid if topo.vm else None) - cpu0[1])
                     check_slice(s)
                     slices.append(s)
                     say(f"round {rnd + 1}/{rounds} {mode}: {s.pps:,.0f} pkt/s ({s.received}/{s.sent} received)")

@@ -102,6 +102,21 @@ def test_kernel_pps_rows_take_the_median_per_mode_and_compare_offload_with_both_
     assert "offload 17%" in vs_software.note
 
 
+def test_kernel_pps_cpu_per_packet_is_the_median_over_the_modes_slices():
+    from ipsec_nic.bench.kernel_pps import Slice, cpu_per_packet, cpu_seconds, kernel_rows
+
+    slices = [Slice("plain", 100, 100, 1.0, 0, card_cpu=0.01, qemu_cpu=0.02),
+              Slice("plain", 100, 200, 1.0, 0, card_cpu=0.01, qemu_cpu=0.08),
+              Slice("plain", 100, 100, 1.0, 0, card_cpu=0.03, qemu_cpu=0.05),
+              Slice("offload", 100, 100, 1.0, 100, card_cpu=0.04, qemu_cpu=0.01),
+              Slice("software", 100, 50, 1.0, 0, card_cpu=0.01, qemu_cpu=0.03)]
+    assert cpu_per_packet(slices, "plain") == (pytest.approx(100.0), pytest.approx(400.0))
+    assert cpu_per_packet(slices, "offload") == (pytest.approx(400.0), pytest.approx(100.0))
+    rows = kernel_rows(slices)
+    assert "card server 400 µs, QEMU 100 µs" in rows[0].note and "card server 200 µs, QEMU 600 µs" in rows[2].note
+    assert cpu_seconds(None) == 0.0 and cpu_seconds(os.getpid()) > 0.0
+
+
 def test_kernel_pps_counts_what_reached_the_peers_udp_and_refuses_a_mode_that_did_not_happen():
     from ipsec_nic.bench.kernel_pps import Slice, check_slice, kernel_rows, parse_slice, parse_udp_snmp
 
