@@ -219,7 +219,10 @@ def kernel_pps(seconds_per_slice: float, rounds: int, say: Progress, logs: Path)
         sink = (f"ip netns exec {ks.NETNS} python3 -c {shlex.quote(SINK)} {SINK_PORT} /run/kpps-sink.ready "
                 ">/run/kpps-sink.log 2>&1 </dev/null & echo $! >/run/kpps-sink.pid\n"
                 "for i in $(seq 100); do [ -e /run/kpps-sink.ready ] && break; sleep 0.1; done\n"
-                "[ -e /run/kpps-sink.ready ]")
+                "[ -e /run/kpps-sink.ready ] || exit 1\n"
+                # Resolve the peer's MAC first: until ARP answers, the neighbour queue holds only
+                # unres_qlen_bytes of datagrams and drops the rest (ip-sysctl.rst), which is not the card.
+                f"ping -c 1 -W 5 {peer_addr} >/dev/null")
         r = topo.guest(sink, 60)
         if r.exit_code != 0:
             raise RuntimeError(f"the peer's UDP sink did not start:\n{r.output[-1000:]}")
