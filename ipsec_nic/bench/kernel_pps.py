@@ -8,7 +8,8 @@ modes — ``offload`` (`ip xfrm state ... offload crypto dev DEV`), ``software``
 `offload`: the guest kernel encrypts) or ``plain`` (no SA) — and a sender in the guest sends 1400-byte
 IPv4/UDP datagrams to the peer for a fixed time. What counts is what reached a UDP socket on the peer
 (its Udp InDatagrams + RcvbufErrors in /proc/net/snmp: every datagram that arrived and, under IPsec,
-decrypted and authenticated): whatever the card or a queue dropped does not. Modes are interleaved
+decrypted and authenticated; the socket's buffer is kept full, so each arrival is a RcvbufErrors):
+whatever the card or a queue dropped does not. Modes are interleaved
 round by round so a neighbour's burst on the host hits all three alike; the median per mode is kept.
 """
 
@@ -54,6 +55,7 @@ SENDER = (
 SINK = (
     "import socket, sys, time\n"
     "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)\n"  # the kernel's minimum: a few datagrams
     "s.bind(('0.0.0.0', int(sys.argv[1])))\n"
     "open(sys.argv[2], 'w').close()\n"
     "time.sleep(3600)\n"
@@ -222,7 +224,11 @@ def kernel_pps(seconds_per_slice: float, rounds: int, say: Progress, logs: Path)
                 "[ -e /run/kpps-sink.ready ] || exit 1\n"
                 # Resolve the peer's MAC first: until ARP answers, the neighbour queue holds only
                 # unres_qlen_bytes of datagrams and drops the rest (ip-sysctl.rst), which is not the card.
-                f"ping -c 1 -W 5 {peer_addr} >/dev/null")
+                f"ping -c 1 -W 5 {peer_addr} >/dev/null || exit 1\n"
+                # Fill the sink's receive buffer before the first slice: Linux counts Udp InDatagrams when
+                # the application reads (net/ipv4/udp.c udp_recvmsg), so datagrams still queued in the
+                # buffer count nowhere. Once it is full, every arrival is a RcvbufErrors, in every slice.
+                f"python3 -c {shlex.quote(SENDER)} {peer_addr} {SINK_PORT} 0.5 {PACKET_BYTES} >/dev/null")
         r = topo.guest(sink, 60)
         if r.exit_code != 0:
             raise RuntimeError(f"the peer's UDP sink did not start:\n{r.output[-1000:]}")
