@@ -154,6 +154,7 @@ def kernel_rows(slices: list[Slice]) -> list[Row]:
 
     def cpu_note(m: str) -> str:
         return f"CPU per packet: card server {cpu[m][0]:.0f} µs, QEMU {cpu[m][1]:.0f} µs"
+
     return [
         Row("VM packets/s, kernel driver, crypto offload, 1400 B UDP", med["offload"], "pkt/s", med["software"],
             "pkt/s software XFRM, same SA, same card", OFFLOAD_VS_SOFTWARE, note=f"{note}; {cpu_note('offload')}"),
