@@ -100,6 +100,17 @@ def card_commands(sas: list[SaParams], dev: str, offload: str, first_reqid: int 
     return out
 
 
+def card_software_commands(sas: list[SaParams], first_reqid: int = 1) -> list[list[str]]:
+    """The card's states and policies with no `offload`: the guest kernel's own software XFRM on the same
+    card (the reference the offload is measured against, ipsec_nic/bench/kernel_pps.py)."""
+    out: list[list[str]] = []
+    for i, p in enumerate(sas):
+        outbound = p.direction == Direction.OUTBOUND
+        out.append(xfrm_peer.state_add(_flipped(p), first_reqid + i, replay_window=0 if outbound else None))
+        out.append(xfrm_peer.policy_add(_flipped(p), first_reqid + i))
+    return out
+
+
 def batch(commands: list[list[str]], netns: str | None = None) -> str:
     """Guest shell: `ip -batch` over a here-document (keys stay out of argv, ps and error messages:
     iproute2 reports the failing line's number)."""

@@ -30,14 +30,16 @@ class Settings:
     frames: int  # per mode through the host-side datapath
     sa_sizes: tuple[int, ...]
     vm_seconds: float
+    kernel_slice_seconds: float  # per mode and round, kernel driver packets/s (one boot, 3 modes interleaved)
+    kernel_rounds: int
     run_dir: Path
     logs: Path
 
     @classmethod
     def make(cls, quick: bool, run_dir: Path, logs: Path) -> Settings:
         if quick:
-            return cls(True, 0.25, 3, 2000, 2000, (1000, 100_000), 10, run_dir, logs)
-        return cls(False, 2.5, 9, 20000, 20000, (1000, 100_000, 1_000_000), 30, run_dir, logs)
+            return cls(True, 0.25, 3, 2000, 2000, (1000, 100_000), 10, 2.0, 2, run_dir, logs)
+        return cls(False, 2.5, 9, 20000, 20000, (1000, 100_000, 1_000_000), 30, 3.0, 3, run_dir, logs)
 
 
 def _esp(s: Settings, say: Progress) -> list[Row]:
@@ -78,9 +80,11 @@ def _sadb(s: Settings, say: Progress) -> list[Row]:
 
 
 def _vm(s: Settings, say: Progress) -> list[Row]:
+    from .kernel_pps import kernel_pps
     from .vm import vm_figures
 
-    return vm_figures(s.vm_seconds, say, s.logs)
+    rows = vm_figures(s.vm_seconds, say, s.logs)
+    return rows + kernel_pps(s.kernel_slice_seconds, s.kernel_rounds, say, s.logs)
 
 
 def _demo(s: Settings, say: Progress) -> list[Row]:

@@ -2,7 +2,9 @@
 itself (`edu`) in the same VM, packets/s through the Python guest tools, and the demo's wall time.
 
 One VM boot serves the register and packet figures: the card (default profile, its wire a datagram
-socket this process drains, so TX completes with the link up) plus `-device edu`.
+socket this process drains, so TX completes with the link up) plus `-device edu`. The kernel driver's
+packets/s (offload against software XFRM and no IPsec) need the Linux peer and take a second boot:
+ipsec_nic/bench/kernel_pps.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pathlib import Path
 from .core import Progress, Row, at_least
 
 MMIO_TARGET = at_least(0.5)
-KERNEL_DRIVER_NOTE = "n/a — needs the kernel driver"
 
 
 class _Drain:
@@ -115,11 +116,6 @@ def vm_figures(seconds: float, say: Progress, logs: Path) -> list[Row]:
     for mode in ("crypto", "packet"):
         rows.append(Row(f"VM packets/s, Python guest tools, 1400 B, {mode} offload", pp[mode], "pkt/s",
                         pp["plain"], "pkt/s same guest tools, no IPsec"))
-    # Once the kernel driver exists: a guest_loop.py mode sending 1400-byte UDP over an XFRM state with
-    # crypto offload, with software XFRM and with no IPsec, and this row gets its value and reference.
-    rows.append(Row("VM packets/s, kernel driver, crypto offload, 1400 B UDP", None, "pkt/s",
-                    reference_name="software XFRM / no IPsec, same card", target=at_least(3),
-                    note=KERNEL_DRIVER_NOTE))
     rows.append(Row("wire frames the host saw during the VM run", float(drain.frames), "frame",
                     note=f"card counted {pp['tx_packets']:,} TX packets"))
     return rows

@@ -80,3 +80,65 @@ def test_unknown_benchmark_name_is_refused_with_the_list(capsys):
     assert main(["bench", "--only", "esp,nonsense"]) == 2
     err = capsys.readouterr().err
     assert "nonsense" in err and "vfio-user" in err
+
+
+def test_kernel_pps_rows_take_the_median_per_mode_and_compare_offload_with_both_references():
+    from ipsec_nic.bench.kernel_pps import Slice, kernel_rows
+
+    # Three interleaved rounds; one disturbed round per mode, which the median drops.
+    slices = [Slice("offload", 1100, 1000, 2.0, 1000), Slice("software", 320, 300, 2.0, 0),
+              Slice("plain", 1300, 1200, 2.0, 0),
+              Slice("offload", 1000, 900, 2.0, 900), Slice("software", 500, 500, 2.0, 0),
+              Slice("plain", 1600, 1500, 2.0, 0),
+              Slice("offload", 300, 100, 2.0, 100), Slice("software", 100, 90, 2.0, 0),
+              Slice("plain", 1500, 1400, 2.0, 0)]
+    vs_software, vs_plain, software, plain = kernel_rows(slices)
+    assert vs_software.value == pytest.approx(450.0) and vs_software.reference == pytest.approx(150.0)
+    assert vs_software.ratio == pytest.approx(3.0) and vs_software.met is True
+    assert vs_plain.reference == pytest.approx(700.0) and vs_plain.ratio == pytest.approx(450 / 700)
+    assert vs_plain.met is False  # 0.64× < 0.7×
+    assert (software.value, plain.value) == (pytest.approx(150.0), pytest.approx(700.0))
+    # Sent but not received: offload 2400 sent, 2000 received.
+    assert "offload 17%" in vs_software.note
+
+
+def test_kernel_pps_cpu_per_packet_is_the_median_over_the_modes_slices():
+    from ipsec_nic.bench.kernel_pps import Slice, cpu_per_packet, cpu_seconds, kernel_rows
+
+    slices = [Slice("plain", 100, 100, 1.0, 0, card_cpu=0.01, qemu_cpu=0.02),
+              Slice("plain", 100, 200, 1.0, 0, card_cpu=0.01, qemu_cpu=0.08),
+              Slice("plain", 100, 100, 1.0, 0, card_cpu=0.03, qemu_cpu=0.05),
+              Slice("offload", 100, 100, 1.0, 100, card_cpu=0.04, qemu_cpu=0.01),
+              Slice("software", 100, 50, 1.0, 0, card_cpu=0.01, qemu_cpu=0.03)]
+    assert cpu_per_packet(slices, "plain") == (pytest.approx(100.0), pytest.approx(400.0))
+    assert cpu_per_packet(slices, "offload") == (pytest.approx(400.0), pytest.approx(100.0))
+    rows = kernel_rows(slices)
+    assert "card server 400 µs, QEMU 100 µs" in rows[0].note and "card server 200 µs, QEMU 600 µs" in rows[2].note
+    assert cpu_seconds(None) == 0.0 and cpu_seconds(os.getpid()) > 0.0
+
+
+def test_kernel_pps_counts_what_reached_the_peers_udp_and_refuses_a_mode_that_did_not_happen():
+    from ipsec_nic.bench.kernel_pps import Slice, check_slice, kernel_rows, parse_slice, parse_udp_snmp
+
+    snmp = ("Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
+            "Udp: {0} 3 {1} 0 {1} 0\n")
+    output = "\n".join([
+        "@@kpps card_before", "     ipsec_tx_pkts: 10", "@@kpps peer_before", snmp.format(100, 5),
+        "@@kpps send", "KPPS-SENT 700 0 2.5", "@@kpps card_after", "     ipsec_tx_pkts: 660",
+        "@@kpps peer_after", snmp.format(300, 455)])
+    assert parse_udp_snmp(snmp.format(1, 2))["RcvbufErrors"] == 2
+    s = parse_slice("offload", output)
+    # 200 queued + 450 refused by the full receive buffer (NoPorts did not move, so nothing else counts).
+    assert (s.sent, s.received, s.seconds, s.card_offloaded) == (700, 650, 2.5, 650)
+    assert s.pps == pytest.approx(260.0)
+    check_slice(s)
+    with pytest.raises(RuntimeError, match="card encrypted"):
+        check_slice(Slice("offload", 700, 650, 2.5, 10))
+    with pytest.raises(RuntimeError, match="offload counter moved"):
+        check_slice(Slice("software", 700, 650, 2.5, 650))
+    with pytest.raises(RuntimeError, match="received nothing"):
+        check_slice(Slice("plain", 700, 0, 2.5, 0))
+    with pytest.raises(RuntimeError, match="printed no result"):
+        parse_slice("plain", "@@kpps send\nTraceback")
+    with pytest.raises(ValueError, match="software"):
+        kernel_rows([Slice("offload", 1, 1, 1.0, 1), Slice("plain", 1, 1, 1.0, 0)])
