@@ -21,7 +21,8 @@ RUNS = 3000
 def test_short_fuzz_pass(name):
     res = subprocess.run([sys.executable, "-m", "tests.fuzz.run", "--target", name, "--runs", str(RUNS)],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-3000:]
+    # atheris prints the finding's traceback on stdout and libFuzzer's verdict on stderr: show both
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     summaries = [json.loads(line.split(" ", 1)[1]) for line in res.stderr.splitlines()
                  if line.startswith("fuzz-summary ")]
     assert summaries and summaries[-1]["inputs"] == RUNS, res.stderr[-3000:]
