@@ -118,13 +118,13 @@ def batch(commands: list[list[str]], netns: str | None = None) -> str:
     return f"ip {ns}-batch - <<'IPSEC_NIC_EOF'\n{xfrm_peer.batch_text(commands)}IPSEC_NIC_EOF\n"
 
 
-def sections(output: str) -> dict[str, str]:
-    """Split a guest command's output at `@@section NAME` lines."""
+def sections(output: str, marker: str = SECTION) -> dict[str, str]:
+    """Split a guest command's output at `<marker>NAME` lines (`@@section NAME` by default)."""
     out: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in output.splitlines():
-        if line.startswith(SECTION):
-            current = out.setdefault(line[len(SECTION):].strip(), [])
+        if line.startswith(marker):
+            current = out.setdefault(line[len(marker):].strip(), [])
         elif current is not None:
             current.append(line)
     return {name: "\n".join(lines) for name, lines in out.items()}

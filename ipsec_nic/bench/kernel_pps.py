@@ -114,21 +114,10 @@ def peer_received(before: dict[str, int], after: dict[str, int]) -> int:
     return sum(after.get(k, 0) - before.get(k, 0) for k in ("InDatagrams", "RcvbufErrors"))
 
 
-def _sections(output: str) -> dict[str, str]:
-    out: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in output.splitlines():
-        if line.startswith(SECTION):
-            current = out.setdefault(line[len(SECTION):].strip(), [])
-        elif current is not None:
-            current.append(line)
-    return {k: "\n".join(v) for k, v in out.items()}
-
-
 def parse_slice(mode: str, output: str) -> Slice:
-    from ipsec_nic.kernel_scenarios import ETHTOOL_TX, parse_ethtool_stats
+    from ipsec_nic.kernel_scenarios import ETHTOOL_TX, parse_ethtool_stats, sections
 
-    parts = _sections(output)
+    parts = sections(output, SECTION)
     sent_line = next((line.split() for line in parts.get("send", "").splitlines()
                       if line.startswith("KPPS-SENT ")), None)
     if sent_line is None:
