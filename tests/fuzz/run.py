@@ -77,8 +77,12 @@ def run_atheris(name: str, runs: int, work: str, extra: list[str]) -> int:
     with atheris.instrument_imports(include=["device", "firmware_model"]):
         target = targets.make(name)
     summary = _Summary(name, runs)
+    # libFuzzer writes a failing input to the current directory unless told otherwise: keep them out of the
+    # checkout, somewhere that outlives the run (atheris.Fuzz exits the process, so no cleanup runs anyway).
+    artifacts = Path(tempfile.gettempdir()) / "ipsec-nic-fuzz-artifacts" / name
+    artifacts.mkdir(parents=True, exist_ok=True)
     argv = [sys.argv[0], work, str(CORPUS / name), f"-runs={runs}", f"-max_len={MAX_LEN}", "-timeout=10",
-            "-rss_limit_mb=2048", "-print_final_stats=1", *extra]
+            "-rss_limit_mb=2048", "-print_final_stats=1", f"-artifact_prefix={artifacts}/", *extra]
     atheris.Setup(argv, _wrap(target, summary))
     atheris.Fuzz()  # exits the process when done
     return 0
