@@ -35,6 +35,8 @@ echo '--- lspci-v'
 lspci -vv -d ec5e:
 echo '--- probe'
 python3 -m guest_tools.probe --json --device 0x0002
+echo '--- mirror'
+python3 -m guest_tools.checks.mirror 0x0002
 """
 
 
@@ -84,3 +86,21 @@ def test_probe_reads_identity_and_capabilities_from_bar0(probe_run):
     assert report["integrity"] == ["SHA256"]
     assert "READY" in report["status"] and report["error"] == "NONE"
     assert {"CRYPTO_OFFLOAD", "ESP", "MSIX"} <= set(report["features"])
+
+
+def test_mirror_bar_follows_bar0(probe_run):
+    """The guest maps BAR4 and reads the same STATUS / ERR_CODE there as in BAR0, before and after the card
+    changes state (CTRL.ENABLE toggled). A write into the mapped mirror does not reach the card (BAR0 is
+    unchanged), and the card's next update of that mirror overwrites it (datasheet §2)."""
+    from device.contract import regs
+
+    result, _ = probe_run
+    report = json.loads(_section(result.output, "mirror"))
+    assert report["bar4_size"] == regs.MIRROR_BAR_SIZE
+    for name in ("before", "toggled", "restored"):
+        snap = report[name]
+        assert snap["m_status"] == snap["status"] and snap["m_err"] == snap["err"], (name, snap)
+    enabled = int(regs.Status.ENABLED)
+    assert report["before"]["status"] & enabled != report["toggled"]["status"] & enabled, report
+    assert report["after_write"]["status"] == report["toggled"]["status"], report
+    assert report["restored"]["status"] == report["before"]["status"], report
