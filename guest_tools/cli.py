@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sa", type=_int, metavar="HANDLE", help="outbound SA handle")
     g.add_argument("--plain", action="store_true", help="no IPsec")
     snd.add_argument("--mode", choices=("crypto", "packet"), help="offload kind (default crypto with --sa)")
+    snd.add_argument("--tunnel-sa", type=_int, metavar="HANDLE",
+                     help="transport over tunnel (crypto offload): --sa is the transport SA, this the tunnel SA "
+                          "(needs FEATURES.TRANSPORT_TUNNEL_COMBINED)")
 
     rcv = sub.add_parser("recv", help="print received frames (frames that arrived since the last receiver "
                                        "wait in the card's RX backlog, up to 64)")
@@ -545,6 +548,8 @@ class Session:
             raise UsageError("send needs --sa HANDLE, --plain, or --mode packet (selector lookup)")
         if a.plain and a.mode:
             raise UsageError("--plain takes no --mode")
+        if a.tunnel_sa is not None and (a.sa is None or a.mode == "packet"):
+            raise UsageError("--tunnel-sa needs --sa (the transport SA) and crypto offload")
         card = self.open(a)
         frames = build_frames(card.ident.mac, a)
         mode = "plain" if a.plain else (a.mode or "crypto")
@@ -556,7 +561,9 @@ class Session:
                 delay = start + n * gap - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            card.send(frame, a.sa or 0, mode)
+            # with --tunnel-sa the driver refuses the first frame (CardError, nothing queued) when the card
+            # does not advertise FEATURES.TRANSPORT_TUNNEL_COMBINED
+            card.send(frame, a.sa or 0, mode, tunnel_handle=a.tunnel_sa or 0)
             for c in card.poll_tx():
                 results[c.status_name] += 1
         for c in card.flush_tx():
@@ -584,9 +591,14 @@ class Session:
                         s["inner"] = pkt.inner.hex()
                     self.print(json.dumps(s))
                 else:
+                    # transport over tunnel: handle = tunnel SA, next_handle = transport SA (datasheet §7.6)
+                    nested = (f" next_crypto_done=1 next_handle={s['next_handle']:#x} "
+                              f"tunnel_status={s['tunnel_status']} transport_status={s['transport_status']}"
+                              if s["next_crypto_done"] else "")
                     self.print(f"len={s['length']} crypto_done={int(s['crypto_done'])} "
                                f"crypto_status={s['crypto_status']} sa_delete_req={int(s['sa_delete_req'])} "
-                               f"handle={s['handle']:#x}" + (f" inner={s['inner_length']}" if pkt.inner else "")
+                               f"handle={s['handle']:#x}" + nested
+                               + (f" inner={s['inner_length']}" if pkt.inner else "")
                                + (f" ({s['note']})" if s["note"] else ""))
         if got < a.count:
             print(f"received {got} of {a.count} frame(s) within {a.timeout:g} s", file=sys.stderr)

@@ -402,6 +402,10 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
         assert self.ident is not None
         return [name for name, m in Features.__members__.items() if self.ident.features & m]
 
+    def offers(self, feature: Features) -> bool:
+        """Does the card advertise ``feature`` in its FEATURES register (read at init)?"""
+        return self.ident is not None and bool(self.ident.features & feature)
+
 
 def default_state_path(bdf: str) -> Path:
     return Path(os.environ.get("IPSEC_NIC_STATE_DIR", "/run/ipsec-nic")) / f"{bdf}.json"

@@ -9,11 +9,20 @@ from dataclasses import dataclass
 from device.contract import regs
 from device.contract.enums import Direction
 from device.contract.net import ETH_P_IP, ETH_P_IPV6
-from device.contract.regs import RX_DESC, TX_DESC, CryptoStatus, RxWbFlags, TxFlags, TxStatus, TxWbFlags
+from device.contract.regs import (
+    RX_DESC,
+    TX_DESC,
+    CryptoStatus,
+    Features,
+    RxWbFlags,
+    TxFlags,
+    TxStatus,
+    TxWbFlags,
+)
 from guest_tools import packets
 from guest_tools.admin_queue import CardError, enum_name
 from guest_tools.mmio import Mmio
-from guest_tools.sa_api import HostSaTable
+from guest_tools.sa_api import HostSa, HostSaTable
 
 
 @dataclass(frozen=True)
@@ -37,10 +46,28 @@ class RxPacket:
     pad_length: int = 0
     inner: bytes | None = None  # crypto offload success: the frame with ESP stripped (None otherwise)
     note: str = ""
+    # transport over tunnel (NEXT_CRYPTO_DONE): the inner (transport) SA; ``handle`` is the tunnel SA
+    next_handle: int = 0
 
     @property
     def crypto_done(self) -> bool:
         return bool(self.flags & RxWbFlags.CRYPTO_DONE)
+
+    @property
+    def next_crypto_done(self) -> bool:
+        """Both layers of a transport-over-tunnel frame were checked (datasheet §7.6, §12.1 row 22)."""
+        return bool(self.flags & RxWbFlags.NEXT_CRYPTO_DONE)
+
+    @property
+    def tunnel_status_name(self) -> str:
+        """The tunnel (outer) layer's result: NEXT_CRYPTO_DONE is only set once the outer ESP verified
+        (§12.1 row 22: an outer failure is a one-layer indication), so with it the outer layer is SUCCESS."""
+        return CryptoStatus.SUCCESS.name if self.next_crypto_done else "-"
+
+    @property
+    def transport_status_name(self) -> str:
+        """The transport (inner) layer's result: ``crypto_status`` when NEXT_CRYPTO_DONE is set."""
+        return self.crypto_status_name if self.next_crypto_done else "-"
 
     @property
     def sa_delete_req(self) -> bool:
@@ -64,7 +91,8 @@ class RxPacket:
             "crypto_status": self.crypto_status_name if self.crypto_done else "-",
             "sa_delete_req": self.sa_delete_req, "decapsulated": self.decapsulated, "handle": self.handle,
             "truncated": self.truncated, "inner_length": len(self.inner) if self.inner is not None else None,
-            "note": self.note,
+            "note": self.note, "next_crypto_done": self.next_crypto_done, "next_handle": self.next_handle,
+            "tunnel_status": self.tunnel_status_name, "transport_status": self.transport_status_name,
         }
 
 
@@ -92,6 +120,9 @@ class TxRxOps:
     def update_sa(self, handle: int, seq_hi: int, spi: int | None = None, proto=None) -> None:
         raise NotImplementedError  # SaOps.update_sa
 
+    def offers(self, feature: Features) -> bool:
+        raise NotImplementedError  # Card.offers
+
     def _tx_reclaim_wait(self) -> None:
         def reclaimed() -> bool:
             self._tx_backlog.extend(self.poll_tx())  # kept for the caller's next poll_tx()
@@ -105,8 +136,9 @@ class TxRxOps:
         return r.entries - 1 - ((r.tail - r.clean) % r.entries)
 
     def send_raw(self, frame: bytes, flags: int = 0, handle: int = 0, esp_offset: int = 0, pad_length: int = 0,
-                 next_header: int = 0) -> int:
-        """Queue one frame on the TX ring (one descriptor, EOP | REPORT_STATUS). Returns the descriptor index."""
+                 next_header: int = 0, tunnel_handle: int = 0) -> int:
+        """Queue one frame on the TX ring (one descriptor, EOP | REPORT_STATUS). Returns the descriptor index.
+        ``tunnel_handle``: TxDesc.tunnel_handle (transport over tunnel, datasheet §7.3)."""
         if not self._open:
             raise CardError("card not initialised: call init() first")
         if not frame:
@@ -123,7 +155,8 @@ class TxRxOps:
         at = r.at(i)
         r.mem.view[at:at + TX_DESC.size] = TX_DESC.pack(
             addr=buf.iova, length=len(frame), flags=int(flags | TxFlags.EOP | TxFlags.REPORT_STATUS),
-            offload_handle=handle, esp_offset=esp_offset, pad_length=pad_length, next_header=next_header)
+            offload_handle=handle, esp_offset=esp_offset, pad_length=pad_length, next_header=next_header,
+            tunnel_handle=tunnel_handle)
         r.tail = (i + 1) % r.entries
         if self._tx_burst_depth:
             self._tx_doorbell_pending = True
@@ -149,13 +182,18 @@ class TxRxOps:
             if not self._tx_burst_depth:
                 self._tx_kick()
 
-    def send(self, frame: bytes, handle: int = 0, mode: str | None = None) -> int:
+    def send(self, frame: bytes, handle: int = 0, mode: str | None = None, tunnel_handle: int = 0) -> int:
         """Send an Ethernet frame carrying a plain IP packet.
 
         mode None/"plain": as is (handle must be 0). "crypto": the driver builds ESP for outbound SA
         ``handle`` (its own sequence counter) and the card encrypts. "packet": the card encapsulates
-        with SA ``handle`` (0 = the card picks the SA by selector)."""
+        with SA ``handle`` (0 = the card picks the SA by selector). ``tunnel_handle`` (crypto only):
+        transport over tunnel, ``handle`` the transport SA and ``tunnel_handle`` the tunnel SA."""
         mode = mode or ("crypto" if handle else "plain")
+        if tunnel_handle:
+            if mode != "crypto":
+                raise CardError("transport over tunnel (a tunnel SA) is crypto offload only (datasheet §7.3)")
+            return self._send_combined(frame, handle, tunnel_handle)
         if mode == "plain":
             if handle:
                 raise CardError("a plain frame takes no SA handle (use --mode crypto or packet)")
@@ -193,14 +231,61 @@ class TxRxOps:
                 esp_offset += len(packet) - before if esp_offset else 0
         except packets.FrameError as exc:
             raise CardError(f"cannot build {'ESP' if sa.has_esp else 'AH'}: {exc}") from None
-        out = bytearray(frame[:l3]) + packet
-        if out[l3] >> 4 == 6 and l3 >= 2:
-            out[l3 - 2:l3] = ETH_P_IPV6.to_bytes(2, "big")
-        elif l3 >= 2:
-            out[l3 - 2:l3] = ETH_P_IP.to_bytes(2, "big")
-        index = self.send_raw(bytes(out), TxFlags.IPSEC_CRYPTO, handle, l3 + esp_offset if esp_offset else 0,
-                              pad_length, next_header)
+        index = self.send_raw(_reframe(frame, l3, packet), TxFlags.IPSEC_CRYPTO, handle,
+                              l3 + esp_offset if esp_offset else 0, pad_length, next_header)
         sa.next_seq = seq + 1
+        return index
+
+    def _combined_sa(self, handle: int, tunnel: bool) -> HostSa:
+        """One layer of transport over tunnel: an outbound crypto-offload ESP SA this host added, without AH
+        or UDP encapsulation (the card implements plain ESP layers only, datasheet §12.2 row 1); the inner
+        one in transport mode, the outer one in tunnel mode."""
+        role = "tunnel" if tunnel else "transport"
+        sa = self.host.get(handle)
+        if sa is None or not sa.framable or sa.direction != Direction.OUTBOUND:
+            raise CardError(f"{role} SA handle {handle:#x} is not an outbound crypto-offload SA added through "
+                            "this tool ('sa list'; the host needs its framing state)")
+        if not sa.has_esp or sa.ah_icv_len or sa.encap is not None or sa.tunnel != tunnel:
+            raise CardError(f"SA {sa.spi:#x} cannot be the {role} layer of transport over tunnel: it must be a "
+                            f"plain ESP SA in {role} mode (no AH, no UDP encapsulation; datasheet §7.3)")
+        return sa
+
+    def _next_seq(self, handle: int, sa: HostSa) -> int:
+        seq = sa.next_seq
+        if not sa.esn and seq > 0xFFFF_FFFF:
+            raise CardError(f"SA {sa.spi:#x}: sequence numbers exhausted (RFC 4303 §3.3.3): add a new SA")
+        if sa.esn and seq >> 32 != sa.seq_hi_pushed:
+            self.update_sa(handle, seq >> 32, sa.spi)  # the card needs the ESN high half (RFC 4304)
+        return seq
+
+    def _send_combined(self, frame: bytes, handle: int, tunnel_handle: int) -> int:
+        """Transport over tunnel (NDIS TunnelHandle): the host builds the transport ESP around the packet,
+        then the tunnel ESP around that IP packet (RFC 4301 §4.5 iterated tunnelling, inner first); the
+        card seals both. Refused here, before any descriptor, when the card does not advertise it."""
+        if not self.offers(Features.TRANSPORT_TUNNEL_COMBINED):
+            raise CardError("this card does not offer transport over tunnel (FEATURES.TRANSPORT_TUNNEL_COMBINED "
+                            "is clear: its profile leaves firmware.transport_tunnel_combined off)")
+        if not handle:
+            raise CardError("transport over tunnel needs the transport SA as the handle (--sa) besides the "
+                            "tunnel SA")
+        inner, outer = self._combined_sa(handle, False), self._combined_sa(tunnel_handle, True)
+        l3 = packets.l3_offset(frame)
+        if l3 < 0:
+            raise CardError("crypto offload needs an Ethernet frame carrying IPv4 or IPv6")
+        # the tunnel SA carries the transport SA's packets: its selector must cover their endpoints
+        why = packets.outside_selector(frame[l3:], outer.inner_src, outer.inner_dst)
+        if why:
+            raise CardError(f"tunnel SA {outer.spi:#x} does not apply to this packet: {why} (RFC 4301 §5.2)")
+        seq_in, seq_out = self._next_seq(handle, inner), self._next_seq(tunnel_handle, outer)
+        try:
+            esp_in = packets.build_esp(inner.geometry(), frame[l3:], seq_in)
+            esp_out = packets.build_esp(outer.geometry(), esp_in.packet, seq_out)
+        except packets.FrameError as exc:
+            raise CardError(f"cannot build ESP: {exc}") from None
+        index = self.send_raw(_reframe(frame, l3, esp_out.packet), TxFlags.IPSEC_CRYPTO, handle,
+                              l3 + esp_out.esp_offset, esp_out.pad_length, esp_out.next_header,
+                              tunnel_handle=tunnel_handle)
+        inner.next_seq, outer.next_seq = seq_in + 1, seq_out + 1
         return index
 
     def poll_tx(self) -> list[TxCompletion]:
@@ -264,6 +349,9 @@ class TxRxOps:
         pkt = RxPacket(frame, d.length, d.wb_flags, d.crypto_status, d.offload_handle, d.next_header, d.pad_length)
         if pkt.sa_delete_req:
             self.sa_delete_requests += 1
+        if pkt.next_crypto_done:
+            pkt.next_handle = d.next_offload_handle  # valid only with NEXT_CRYPTO_DONE (datasheet §7.6)
+            return self._rx_combined(pkt)
         if not pkt.crypto_done or pkt.decapsulated or pkt.crypto_status != CryptoStatus.SUCCESS:
             return pkt
         sa = self.host.get(d.offload_handle)
@@ -295,3 +383,46 @@ class TxRxOps:
             head[l3 - 2:l3] = etype.to_bytes(2, "big")
             pkt.inner = bytes(head) + stripped.packet
         return pkt
+
+    def _rx_combined(self, pkt: RxPacket) -> RxPacket:
+        """Transport over tunnel: the card decrypted both layers in place (datasheet §7.6). Strip the tunnel
+        ESP with SA ``handle``, check its selector, then the transport ESP with SA ``next_handle``."""
+        if pkt.crypto_status != CryptoStatus.SUCCESS:
+            pkt.note = f"transport layer failed ({pkt.crypto_status_name}); frame as received"
+            return pkt
+        outer, inner = self.host.get(pkt.handle), self.host.get(pkt.next_handle)
+        if outer is None or inner is None or not outer.framable or not inner.framable:
+            pkt.note = "processed by the card; SA unknown to this host, ESP left in place"
+            return pkt
+        frame = pkt.frame
+        l3 = packets.l3_offset(frame)
+        if l3 < 0:
+            pkt.note = "not an IP frame"
+            return pkt
+        try:
+            tunnelled = packets.strip_esp(outer.geometry(), frame[l3:])
+            if tunnelled.packet is None:
+                pkt.note = "dummy packet (next header 59, RFC 4303 §2.6)"
+                return pkt
+            why = packets.outside_selector(tunnelled.packet, outer.inner_src, outer.inner_dst)
+            if why:
+                pkt.note = f"dropped by the host: {why} (RFC 4301 §5.2)"
+                return pkt
+            plain = packets.strip_esp(inner.geometry(), tunnelled.packet)
+        except packets.FrameError as exc:
+            pkt.note = f"cannot strip ESP: {exc}"
+            return pkt
+        if plain.packet is None:
+            pkt.note = "dummy packet (next header 59, RFC 4303 §2.6)"
+            return pkt
+        pkt.inner = _reframe(frame, l3, plain.packet)
+        return pkt
+
+
+def _reframe(frame: bytes, l3: int, packet: bytes) -> bytes:
+    """The frame's link header (EtherType set to the packet's IP version) followed by ``packet``."""
+    out = bytearray(frame[:l3]) + packet
+    if l3 >= 2:
+        etype = ETH_P_IPV6 if packet[0] >> 4 == 6 else ETH_P_IP
+        out[l3 - 2:l3] = etype.to_bytes(2, "big")
+    return bytes(out)

@@ -1,0 +1,234 @@
+"""Transport over tunnel through the guest tools: the driver (send with a tunnel SA, receive with
+NEXT_CRYPTO_DONE) and the CLI (`send --tunnel-sa`, `recv`), against the real device model
+(tests/guest/harness.py). scapy seals and opens both ESP layers on the wire side (the oracle)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.ipsec import ESP, SecurityAssociation
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.regs import CryptoStatus, Features, TxStatus
+from device.contract.sa import SaParams
+from guest_tools import cli, packets
+from guest_tools.driver import CardError
+
+from .harness import Harness, missing_device_piece
+
+pytestmark = pytest.mark.skipif(bool(missing_device_piece()), reason=missing_device_piece() or "ok")
+
+COMBINED = {"firmware": {"transport_tunnel_combined": True}}
+CARD_T, PEER_T = "10.0.0.1", "10.0.0.2"  # tunnel endpoints
+CARD_H, PEER_H = "192.168.1.1", "192.168.2.1"  # end hosts (the tunnel SAs' selector)
+GCM_KEY = bytes(range(16)) + b"OUT!"
+CBC_KEY, SHA_KEY = bytes(range(32, 48)), bytes(range(64, 96))
+PEER_MAC = bytes.fromhex("020000000002")
+
+
+def transport_sa(spi: int, direction: Direction, key: bytes = CBC_KEY) -> SaParams:
+    """AES-CBC + HMAC-SHA256 (16-byte alignment, unlike the outer GCM layer's 4)."""
+    src, dst = (CARD_H, PEER_H) if direction == Direction.OUTBOUND else (PEER_H, CARD_H)
+    return SaParams(spi=spi, proto=IpProto.ESP, direction=direction, mode=Mode.TRANSPORT, src=src, dst=dst,
+                    enc_alg=EncAlg.AES_CBC_128, enc_key=key, auth_alg=AuthAlg.SHA256, auth_key=SHA_KEY, icv_len=16)
+
+
+def tunnel_sa(spi: int, direction: Direction) -> SaParams:
+    out = direction == Direction.OUTBOUND
+    src, dst = (CARD_T, PEER_T) if out else (PEER_T, CARD_T)
+    isrc, idst = (CARD_H, PEER_H) if out else (PEER_H, CARD_H)
+    return SaParams(spi=spi, proto=IpProto.ESP, direction=direction, mode=Mode.TUNNEL, src=src, dst=dst,
+                    inner_src=isrc, inner_dst=idst, enc_alg=EncAlg.AES_GCM_128, enc_key=GCM_KEY, icv_len=16)
+
+
+def scapy_transport(spi: int, key: bytes = CBC_KEY, auth_key: bytes = SHA_KEY) -> SecurityAssociation:
+    return SecurityAssociation(ESP, spi=spi, crypt_algo="AES-CBC", crypt_key=key, auth_algo="SHA2-256-128",
+                               auth_key=auth_key)
+
+
+def scapy_tunnel(spi: int, src: str, dst: str) -> SecurityAssociation:
+    return SecurityAssociation(ESP, spi=spi, crypt_algo="AES-GCM", crypt_key=GCM_KEY,
+                               tunnel_header=IP(src=src, dst=dst))
+
+
+def udp_frame(card, n: int, src: str = CARD_H, dst: str = PEER_H) -> bytes:
+    ip = packets.udp_packet(src, dst, 4001, 5001, packets.pattern_payload(100 + n, n))
+    return packets.ethernet(PEER_MAC, card.ident.mac, ip)
+
+
+@pytest.fixture
+def combined():
+    h = Harness(COMBINED)
+    card = h.card(ring_size=16).init(reset=True)
+    yield h, card
+    card.close()
+
+
+def test_the_profile_flag_is_advertised_in_features_and_caps():
+    on, off = Harness(COMBINED), Harness()
+    card_on, card_off = on.card(ring_size=16).init(reset=True), off.card(ring_size=16).init(reset=True)
+    try:
+        assert card_on.offers(Features.TRANSPORT_TUNNEL_COMBINED)
+        assert "TRANSPORT_TUNNEL_COMBINED" in card_on.features()
+        assert card_on.caps().transport_tunnel_combined == 1
+        assert not card_off.offers(Features.TRANSPORT_TUNNEL_COMBINED)  # the default profile leaves it off
+        assert "TRANSPORT_TUNNEL_COMBINED" not in card_off.features()
+        assert card_off.caps().transport_tunnel_combined == 0
+    finally:
+        card_on.close()
+        card_off.close()
+
+
+def test_send_seals_transport_inside_tunnel_and_scapy_opens_both(combined):
+    h, card = combined
+    inner = card.add_sa(transport_sa(0x1111, Direction.OUTBOUND))
+    outer = card.add_sa(tunnel_sa(0x2222, Direction.OUTBOUND))
+    sent = [udp_frame(card, n) for n in range(3)]
+    for f in sent:
+        card.send(f, inner, "crypto", tunnel_handle=outer)
+    assert [c.status for c in card.flush_tx()] == [TxStatus.OK] * 3
+    assert len(h.wire.sent) == 3
+    for n, (wire, plain) in enumerate(zip(h.wire.sent, sent, strict=True)):
+        outer_ip = Ether(wire)[IP]
+        assert (outer_ip.src, outer_ip.dst, outer_ip[ESP].spi, outer_ip[ESP].seq) == (CARD_T, PEER_T, 0x2222, n + 1)
+        tunnelled = scapy_tunnel(0x2222, CARD_T, PEER_T).decrypt(outer_ip)
+        assert (tunnelled[IP].src, tunnelled[IP].dst, tunnelled[ESP].spi, tunnelled[ESP].seq) == \
+            (CARD_H, PEER_H, 0x1111, n + 1)
+        opened = scapy_transport(0x1111).decrypt(tunnelled)
+        assert bytes(opened) == plain[14:]
+    assert (card.host.get(inner).next_seq, card.host.get(outer).next_seq) == (4, 4)
+
+
+def test_send_refusals_name_the_layer_and_queue_nothing(combined):
+    h, card = combined
+    inner = card.add_sa(transport_sa(0x1111, Direction.OUTBOUND))
+    outer = card.add_sa(tunnel_sa(0x2222, Direction.OUTBOUND))
+    inbound = card.add_sa(tunnel_sa(0x3333, Direction.INBOUND))
+    with pytest.raises(CardError, match="0x2222 cannot be the transport layer"):
+        card.send(udp_frame(card, 0), outer, "crypto", tunnel_handle=inner)  # roles swapped
+    with pytest.raises(CardError, match="0x1111 cannot be the tunnel layer"):
+        card.send(udp_frame(card, 0), inner, "crypto", tunnel_handle=inner)
+    with pytest.raises(CardError, match="tunnel SA handle .* not an outbound"):
+        card.send(udp_frame(card, 0), inner, "crypto", tunnel_handle=inbound)
+    with pytest.raises(CardError, match="crypto offload only"):
+        card.send(udp_frame(card, 0), inner, "packet", tunnel_handle=outer)
+    with pytest.raises(CardError, match="does not apply to this packet"):
+        card.send(udp_frame(card, 0, dst="192.168.9.9"), inner, "crypto", tunnel_handle=outer)
+    assert card.flush_tx() == [] and h.wire.sent == []
+    assert card.host.get(inner).next_seq == 1  # a refused frame uses no sequence number
+
+
+def test_default_card_refuses_a_tunnel_sa_before_any_descriptor():
+    h = Harness()
+    card = h.card(ring_size=16).init(reset=True)
+    try:
+        inner = card.add_sa(transport_sa(0x1111, Direction.OUTBOUND))
+        outer = card.add_sa(tunnel_sa(0x2222, Direction.OUTBOUND))
+        with pytest.raises(CardError, match="does not offer transport over tunnel"):
+            card.send(udp_frame(card, 0), inner, "crypto", tunnel_handle=outer)
+        assert card.flush_tx() == [] and h.wire.sent == [] and card.stats()["tx_packets"] == 0
+    finally:
+        card.close()
+
+
+def nested_from_peer(card, n: int, inner_keys: tuple[bytes, bytes] = (CBC_KEY, SHA_KEY)) -> tuple[bytes, bytes]:
+    """(frame the peer sends, the plain IP packet inside): transport ESP 0x5555 in tunnel ESP 0x6666."""
+    plain = IP(src=PEER_H, dst=CARD_H) / UDP(sport=4002, dport=5002) / Raw(b"peer to card #%d " % n * 4)
+    plain = IP(bytes(plain))
+    inner = scapy_transport(0x5555, *inner_keys).encrypt(plain, seq_num=n + 1)
+    outer = scapy_tunnel(0x6666, PEER_T, CARD_T).encrypt(inner, seq_num=n + 1)
+    return bytes(Ether(src=PEER_MAC, dst=card.ident.mac) / outer), bytes(plain)
+
+
+def test_recv_reports_both_layers_and_strips_both(combined):
+    h, card = combined
+    outer = card.add_sa(tunnel_sa(0x6666, Direction.INBOUND))
+    inner = card.add_sa(transport_sa(0x5555, Direction.INBOUND))
+    expected = []
+    for n in range(2):
+        frame, plain = nested_from_peer(card, n)
+        expected.append(plain)
+        h.inject(frame)
+    got = card.recv(timeout=2.0)
+    assert len(got) == 2
+    for pkt, plain in zip(got, expected, strict=True):
+        assert (pkt.crypto_done, pkt.next_crypto_done) == (True, True)
+        assert (pkt.handle, pkt.next_handle) == (outer, inner)
+        assert pkt.crypto_status == CryptoStatus.SUCCESS
+        assert (pkt.tunnel_status_name, pkt.transport_status_name) == ("SUCCESS", "SUCCESS")
+        assert pkt.inner is not None and pkt.inner[14:] == plain, pkt.note
+    s = got[0].summary()
+    assert (s["next_crypto_done"], s["next_handle"], s["tunnel_status"], s["transport_status"]) == \
+        (True, inner, "SUCCESS", "SUCCESS")
+
+
+def test_recv_inner_failure_is_next_crypto_done_with_the_transport_status(combined):
+    h, card = combined
+    outer = card.add_sa(tunnel_sa(0x6666, Direction.INBOUND))
+    inner = card.add_sa(transport_sa(0x5555, Direction.INBOUND))
+    frame, _ = nested_from_peer(card, 0, inner_keys=(bytes(16), bytes(32)))  # the peer's inner keys are wrong
+    h.inject(frame)
+    [pkt] = card.recv(timeout=2.0)
+    assert (pkt.crypto_done, pkt.next_crypto_done, pkt.handle, pkt.next_handle) == (True, True, outer, inner)
+    assert pkt.crypto_status == CryptoStatus.TRANSPORT_ESP_AUTH_FAILED  # datasheet §12.1 row 22
+    assert (pkt.tunnel_status_name, pkt.transport_status_name) == ("SUCCESS", "TRANSPORT_ESP_AUTH_FAILED")
+    assert pkt.inner is None and pkt.frame == frame  # nothing delivered; indicated as received
+    assert "transport layer failed" in pkt.note
+
+
+def _session(h: Harness) -> tuple[cli.Session, io.StringIO]:
+    out = io.StringIO()
+    return cli.Session(opener=lambda a, reset: h.card(ring_size=16).init(reset=reset), out=out), out
+
+
+def test_cli_send_with_tunnel_sa_and_recv_output(combined, tmp_path):
+    h, card = combined
+    inner = card.add_sa(transport_sa(0x1111, Direction.OUTBOUND))
+    outer = card.add_sa(tunnel_sa(0x2222, Direction.OUTBOUND))
+    in_outer = card.add_sa(tunnel_sa(0x6666, Direction.INBOUND))
+    in_inner = card.add_sa(transport_sa(0x5555, Direction.INBOUND))
+    session, out = _session(h)
+    session.card = card  # the CLI session drives the same card handle (its host SA table included)
+    argv = ["send", "--src", CARD_H, "--dst", PEER_H, "--count", "2", "--sa", hex(inner), "--tunnel-sa", hex(outer)]
+    assert cli.run_one(session, argv) == cli.EXIT_OK
+    assert "OK=2" in out.getvalue() and len(h.wire.sent) == 2
+    assert Ether(h.wire.sent[0])[ESP].spi == 0x2222
+    for n in range(2):
+        h.inject(nested_from_peer(card, n)[0])
+    assert cli.run_one(session, ["recv", "--count", "1", "--timeout", "2"]) == cli.EXIT_OK
+    line = out.getvalue().splitlines()[-1]
+    assert f"handle={in_outer:#x} next_crypto_done=1 next_handle={in_inner:#x}" in line
+    assert "tunnel_status=SUCCESS transport_status=SUCCESS" in line
+    assert cli.run_one(session, ["recv", "--count", "1", "--timeout", "2", "--json"]) == cli.EXIT_OK
+    record = json.loads(out.getvalue().splitlines()[-1])
+    assert (record["next_crypto_done"], record["handle"], record["next_handle"]) == (True, in_outer, in_inner)
+    assert (record["tunnel_status"], record["transport_status"]) == ("SUCCESS", "SUCCESS")
+    assert bytes.fromhex(record["inner"])[14:] == nested_from_peer(card, 1)[1]
+    session.card = None
+
+
+def test_cli_refuses_tunnel_sa_on_the_default_card(capsys):
+    h = Harness()
+    card = h.card(ring_size=16).init(reset=True)
+    inner = card.add_sa(transport_sa(0x1111, Direction.OUTBOUND))
+    outer = card.add_sa(tunnel_sa(0x2222, Direction.OUTBOUND))
+    session, out = _session(h)
+    session.card = card
+    argv = ["send", "--src", CARD_H, "--dst", PEER_H, "--sa", hex(inner), "--tunnel-sa", hex(outer)]
+    assert cli.run_one(session, argv) == cli.EXIT_ERROR
+    assert "does not offer transport over tunnel" in capsys.readouterr().err
+    assert h.wire.sent == [] and "sent" not in out.getvalue()
+    card.close()
+
+
+@pytest.mark.parametrize("extra", [["--plain"], ["--mode", "packet", "--sa", "1"]])
+def test_cli_tunnel_sa_usage_errors(extra, capsys):
+    session, _ = _session(Harness())
+    argv = ["send", "--src", CARD_H, "--dst", PEER_H, "--tunnel-sa", "2", *extra]
+    assert cli.run_one(session, argv) == cli.EXIT_USAGE
+    assert "--tunnel-sa needs --sa" in capsys.readouterr().err
