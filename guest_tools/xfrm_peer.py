@@ -176,6 +176,27 @@ def bundle_commands(esp: SaParams, ah: SaParams, reqid: int) -> list[list[str]]:
             policy_add(esp, reqid, ah=ah, ah_reqid=reqid + 1)]
 
 
+def transport_over_tunnel_commands(transport: SaParams, tunnel: SaParams, reqid: int) -> list[list[str]]:
+    """The peer's two states and one two-template policy for transport over tunnel (the card's
+    TxDesc.tunnel_handle / NEXT_CRYPTO_DONE pair, datasheet §7.3, §7.6).
+
+    Templates innermost first, as for bundle_commands: ``tmpl`` transport (the end hosts) then ``tmpl``
+    tunnel (the gateways) gives outer IP | ESP(tunnel) | inner IP | ESP(transport) | payload outbound,
+    and inbound the secpath (tunnel state first, then transport) is checked against the same list.
+    The policy selector is the transport SA's endpoints, which the tunnel SA's selector must cover."""
+    where = f"transport {transport.spi:#x} over tunnel {tunnel.spi:#x}"
+    if transport.proto != IpProto.ESP or tunnel.proto != IpProto.ESP:
+        raise PeerConfigError(f"{where}: both layers must be ESP")
+    if transport.mode != Mode.TRANSPORT or tunnel.mode != Mode.TUNNEL:
+        raise PeerConfigError(f"{where}: needs a transport-mode SA inside a tunnel-mode SA")
+    if transport.direction != tunnel.direction:
+        raise PeerConfigError(f"{where}: the two SAs must share a direction")
+    if (transport.src, transport.dst) != selector(tunnel):
+        raise PeerConfigError(f"{where}: the tunnel's selector must be the transport SA's endpoints")
+    policy = policy_add(transport, reqid) + _tmpl(tunnel, reqid + 1, Mode.TUNNEL)
+    return [state_add(transport, reqid), state_add(tunnel, reqid + 1), policy]
+
+
 SaOrBundle = SaParams | tuple[SaParams, SaParams]
 
 

@@ -232,3 +232,26 @@ def test_cli_tunnel_sa_usage_errors(extra, capsys):
     argv = ["send", "--src", CARD_H, "--dst", PEER_H, "--tunnel-sa", "2", *extra]
     assert cli.run_one(session, argv) == cli.EXIT_USAGE
     assert "--tunnel-sa needs --sa" in capsys.readouterr().err
+
+
+def test_peer_commands_nest_transport_inside_tunnel_in_one_policy():
+    from guest_tools.checks.combined import sa_document
+    from guest_tools.scenario import card_sas, fill_keys
+    from guest_tools.xfrm_peer import PeerConfigError, transport_over_tunnel_commands
+
+    t_out, u_out, t_in, u_in = card_sas(fill_keys(sa_document({"spi_base": 0})))
+    assert (t_out.mode, u_out.mode, u_out.inner_src, u_out.inner_dst) == \
+        (Mode.TRANSPORT, Mode.TUNNEL, t_out.src, t_out.dst)
+    states_t, states_u, policy = transport_over_tunnel_commands(t_in, u_in, 3)
+    assert states_t[:9] == ["xfrm", "state", "add", "src", PEER_H, "dst", CARD_H, "proto", "esp"]
+    assert "tunnel" in states_u and states_u[3:7] == ["src", PEER_T, "dst", CARD_T]
+    line = " ".join(policy)
+    # the card's inbound pair is the peer's `dir out`; templates innermost first (Linux applies them in
+    # that order outbound and checks the secpath against them inbound)
+    assert line.startswith(f"xfrm policy add src {PEER_H}/32 dst {CARD_H}/32 dir out ")
+    assert line.endswith(f"tmpl src {PEER_H} dst {CARD_H} proto esp reqid 3 mode transport "
+                         f"tmpl src {PEER_T} dst {CARD_T} proto esp reqid 4 mode tunnel")
+    with pytest.raises(PeerConfigError, match="transport-mode SA inside a tunnel-mode SA"):
+        transport_over_tunnel_commands(u_in, t_in, 3)
+    with pytest.raises(PeerConfigError, match="share a direction"):
+        transport_over_tunnel_commands(t_out, u_in, 3)

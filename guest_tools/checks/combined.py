@@ -1,0 +1,200 @@
+"""Guest check: transport over tunnel between the card and the Linux XFRM peer (run by
+tests/vm/test_transport_over_tunnel.py, on a card whose profile offers transport_tunnel_combined).
+
+    python3 -m guest_tools.checks.combined roundtrip SPEC
+
+The topology is guest_tools/scenario.py's (netns ``peer`` around the virtio-net NIC, set up once per boot).
+The card gets four crypto-offload SAs: per direction a transport SA between the end hosts (NET's inner
+addresses) and a tunnel SA between the gateways (NET's outer addresses) whose selector is those end hosts.
+The peer gets the mirrored states and, per direction, ONE policy with two templates, transport then tunnel
+(guest_tools/xfrm_peer.py transport_over_tunnel_commands). Card -> peer: the driver sends with the transport
+SA as the handle and the tunnel SA as TxDesc.tunnel_handle; the peer's kernel opens both layers and its
+socket gets the datagrams. Peer -> card: the peer's kernel seals both layers; the card indicates each frame.
+
+SPEC: {"name": str, "count": int, "size": int, "spi_base": int, "peer_inner_keys": "same" | "different",
+"inner_alg": ALGORITHMS name, "outer_alg": ALGORITHMS name, "timeout": seconds}. With "different" the
+peer's two transport states get other keys than the card's (a negative: the tunnel layer still verifies).
+The result is what was observed (statuses, handles, digests, counters); the host test judges it.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+from collections import Counter
+from typing import Any
+
+from device.contract.regs import Features
+from guest_tools import packets
+from guest_tools.checks.common import main
+from guest_tools.driver import open_card
+from guest_tools.scenario import (
+    ALGORITHMS,
+    C2P_DPORT,
+    C2P_SPORT,
+    NET,
+    P2C_DPORT,
+    P2C_SPORT,
+    _ip,
+    card_sas,
+    fill_keys,
+    in_netns,
+    ip_batch,
+    parse_udp_frame,
+    payload,
+    payload_digest,
+    peer_xfrm_stat,
+    setup,
+)
+from guest_tools.xfrm_peer import FLUSH_COMMANDS, parse_state_stats, transport_over_tunnel_commands
+
+# SPIs (+ spec spi_base): the card's outbound transport / tunnel SA, then its inbound pair
+T_OUT, U_OUT, T_IN, U_IN = 0x3100, 0x3200, 0x3300, 0x3400
+
+
+def sa_document(spec: dict[str, Any]) -> dict[str, Any]:
+    """The card's four SAs in the SA-file shape (device.contract.sa_file), without keys, in the order
+    outbound transport, outbound tunnel, inbound transport, inbound tunnel."""
+    base = int(spec.get("spi_base", 0))
+    card_host, peer_host = NET.addrs(4, tunnel=True)
+    card_gw, peer_gw = NET.addrs(4, tunnel=False)
+    inner = ALGORITHMS[spec.get("inner_alg", "aes-cbc-128+hmac-sha256-128")]
+    outer = ALGORITHMS[spec.get("outer_alg", "aes-gcm-128")]
+    sas = []
+    for direction, t_spi, u_spi, src, dst, gw_src, gw_dst in (
+        ("outbound", T_OUT, U_OUT, card_host, peer_host, card_gw, peer_gw),
+        ("inbound", T_IN, U_IN, peer_host, card_host, peer_gw, card_gw),
+    ):
+        sas.append({"spi": t_spi + base, "direction": direction, "mode": "transport", "src": src, "dst": dst,
+                    **copy.deepcopy(inner)})
+        sas.append({"spi": u_spi + base, "direction": direction, "mode": "tunnel", "src": src, "dst": dst,
+                    "tunnel": {"src": gw_src, "dst": gw_dst}, **copy.deepcopy(outer)})
+    return {"sas": sas}
+
+
+def _peer_doc(doc: dict[str, Any], different_inner: bool) -> dict[str, Any]:
+    """The peer's copy: the card's keys, or fresh ones for the two transport SAs."""
+    if not different_inner:
+        return doc
+    peer = copy.deepcopy(doc)
+    for sa in peer["sas"]:
+        if sa["mode"] == "transport":
+            for section in ("aead", "cipher", "integrity"):
+                if section in sa:
+                    sa[section].pop("key", None)
+                    sa[section].pop("salt", None)
+    return fill_keys(peer)
+
+
+def _card_to_peer(card, spec: dict[str, Any], handles: dict[str, int], info: dict[str, Any],
+                  rx: socket.socket) -> dict[str, Any]:
+    name, count, size = spec["name"], int(spec["count"]), int(spec["size"])
+    card_host, peer_host = NET.addrs(4, tunnel=True)
+    dst_mac, src_mac = packets.parse_mac(info["peer_mac"]), packets.parse_mac(info["card_mac"])
+    statuses: Counter[str] = Counter()
+    error = ""
+    try:
+        for i in range(count):
+            data = payload(name, "card-to-peer", i, size)
+            frame = packets.ethernet(dst_mac, src_mac,
+                                     packets.udp_packet(card_host, peer_host, C2P_SPORT, C2P_DPORT, data))
+            card.send(frame, handles["t_out"], "crypto", tunnel_handle=handles["u_out"])
+        for c in card.flush_tx():
+            statuses[c.status_name] += 1
+    except Exception as exc:  # a refusal is an observation for the host
+        error = f"{type(exc).__name__}: {exc}"
+    got: list[bytes] = []
+    deadline = time.monotonic() + float(spec.get("timeout", 8.0))
+    while len(got) < count and time.monotonic() < deadline:
+        try:
+            data, sender = rx.recvfrom(65535)
+        except BlockingIOError:
+            time.sleep(0.005)
+            continue
+        if sender == (card_host, C2P_SPORT):
+            got.append(data)
+    return {"tx_status": dict(statuses), "error": error, "received": len(got), "digest": payload_digest(got),
+            "matched": sum(1 for i, g in enumerate(got) if g == payload(name, "card-to-peer", i, size))}
+
+
+def _peer_to_card(card, spec: dict[str, Any], tx: socket.socket) -> dict[str, Any]:
+    name, count, size = spec["name"], int(spec["count"]), int(spec["size"])
+    card_host, peer_host = NET.addrs(4, tunnel=True)
+    for i in range(count):
+        tx.sendto(payload(name, "peer-to-card", i, size), (card_host, P2C_DPORT))
+    frames: list[dict[str, Any]] = []
+    delivered: list[bytes] = []
+    other = 0
+    deadline = time.monotonic() + float(spec.get("timeout", 8.0))
+    while len(frames) < count and time.monotonic() < deadline:
+        for pkt in card.recv(timeout=min(0.5, max(0.0, deadline - time.monotonic())), limit=64):
+            if not pkt.crypto_done:
+                other += 1  # not IPsec (IPv6 MLD and the like)
+                continue
+            dgram = parse_udp_frame(pkt.inner) if pkt.inner is not None else None
+            valid = (dgram is not None and (dgram.src, dgram.dst, dgram.sport, dgram.dport)
+                     == (peer_host, card_host, P2C_SPORT, P2C_DPORT))
+            if valid:
+                delivered.append(dgram.data)
+            frames.append({"crypto_done": pkt.crypto_done, "next_crypto_done": pkt.next_crypto_done,
+                           "crypto_status": pkt.crypto_status_name, "tunnel_status": pkt.tunnel_status_name,
+                           "transport_status": pkt.transport_status_name, "handle": pkt.handle,
+                           "next_handle": pkt.next_handle, "inner": pkt.inner is not None, "valid": valid,
+                           "note": pkt.note})
+    return {"frames": frames, "other_frames": other, "delivered": len(delivered),
+            "digest": payload_digest(delivered),
+            "matched": sum(1 for i, g in enumerate(delivered) if g == payload(name, "peer-to-card", i, size))}
+
+
+def roundtrip(spec: dict[str, Any]) -> dict[str, Any]:
+    info = setup()
+    doc = fill_keys(sa_document(spec))
+    t_out, u_out, t_in, u_in = card_sas(doc)
+    pt_out, pu_out, pt_in, pu_in = card_sas(_peer_doc(doc, spec.get("peer_inner_keys") == "different"))
+    ip_batch(FLUSH_COMMANDS)
+    stat_before = peer_xfrm_stat()
+    card = open_card(reset=True)  # CTRL.RESET: no SAs, statistics at zero
+    socks: list[socket.socket] = []
+    out: dict[str, Any] = {"features": card.features(),
+                           "caps_transport_tunnel_combined": card.caps().transport_tunnel_combined,
+                           "offers": card.offers(Features.TRANSPORT_TUNNEL_COMBINED)}
+    try:
+        handles = {"t_out": card.add_sa(t_out), "u_out": card.add_sa(u_out), "t_in": card.add_sa(t_in),
+                   "u_in": card.add_sa(u_in)}
+        out["handles"] = handles
+        out["spis"] = {"t_out": t_out.spi, "u_out": u_out.spi, "t_in": t_in.spi, "u_in": u_in.spi}
+        peer = transport_over_tunnel_commands(pt_out, pu_out, 1) + transport_over_tunnel_commands(pt_in, pu_in, 3)
+        ip_batch(peer)
+        out["peer_policies"] = _ip(["xfrm", "policy"]).count("tmpl ")  # template lines, no keys in them
+        card_host, peer_host = NET.addrs(4, tunnel=True)
+        with in_netns(NET.netns):
+            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(rx)
+            rx.bind((peer_host, C2P_DPORT))
+            rx.setblocking(False)
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(tx)
+            tx.bind((peer_host, P2C_SPORT))
+        out["card_to_peer"] = _card_to_peer(card, spec, handles, info, rx)
+        out["peer_to_card"] = _peer_to_card(card, spec, tx)
+        out["peer_states"] = [s.as_dict() for s in parse_state_stats(_ip(["-s", "xfrm", "state"]))]
+        after = peer_xfrm_stat()
+        out["xfrm_stat_delta"] = {k: v - stat_before.get(k, 0) for k, v in after.items()
+                                  if v != stat_before.get(k, 0)}
+        out["card_stats"] = card.stats()
+        out["firmware_stats"] = dict(vars(card.firmware_stats()))
+        out["host_next_seq"] = {k: card.host.get(h).next_seq for k, h in handles.items() if k.endswith("_out")}
+        out["deleted"] = card.delete_all()
+    finally:
+        for s in socks:
+            s.close()
+        card.close()
+        ip_batch(FLUSH_COMMANDS)
+    return out
+
+
+CHECKS = {"roundtrip": roundtrip}
+
+if __name__ == "__main__":
+    raise SystemExit(main(CHECKS))
