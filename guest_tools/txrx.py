@@ -189,7 +189,7 @@ class TxRxOps:
         ``handle`` (its own sequence counter) and the card encrypts. "packet": the card encapsulates
         with SA ``handle`` (0 = the card picks the SA by selector). ``tunnel_handle`` (crypto only):
         transport over tunnel, ``handle`` the transport SA and ``tunnel_handle`` the tunnel SA."""
-        mode = mode or ("crypto" if handle else "plain")
+        mode = mode or ("crypto" if handle or tunnel_handle else "plain")
         if tunnel_handle:
             if mode != "crypto":
                 raise CardError("transport over tunnel (a tunnel SA) is crypto offload only (datasheet §7.3)")

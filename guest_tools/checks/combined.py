@@ -11,7 +11,8 @@ The peer gets the mirrored states and, per direction, ONE policy with two templa
 SA as the handle and the tunnel SA as TxDesc.tunnel_handle; the peer's kernel opens both layers and its
 socket gets the datagrams. Peer -> card: the peer's kernel seals both layers; the card indicates each frame.
 
-SPEC: {"name": str, "count": int, "size": int, "spi_base": int, "peer_inner_keys": "same" | "different",
+SPEC: {"name": str, "family": 4 | 6, "count": int, "size": int, "spi_base": int,
+"peer_inner_keys": "same" | "different",
 "inner_alg": ALGORITHMS name, "outer_alg": ALGORITHMS name, "timeout": seconds}. With "different" the
 peer's two transport states get other keys than the card's (a negative: the tunnel layer still verifies).
 The result is what was observed (statuses, handles, digests, counters); the host test judges it.
@@ -53,12 +54,16 @@ from guest_tools.xfrm_peer import FLUSH_COMMANDS, parse_state_stats, transport_o
 T_OUT, U_OUT, T_IN, U_IN = 0x3100, 0x3200, 0x3300, 0x3400
 
 
+def _family(spec: dict[str, Any]) -> int:
+    return int(spec.get("family", 4))
+
+
 def sa_document(spec: dict[str, Any]) -> dict[str, Any]:
     """The card's four SAs in the SA-file shape (device.contract.sa_file), without keys, in the order
     outbound transport, outbound tunnel, inbound transport, inbound tunnel."""
     base = int(spec.get("spi_base", 0))
-    card_host, peer_host = NET.addrs(4, tunnel=True)
-    card_gw, peer_gw = NET.addrs(4, tunnel=False)
+    card_host, peer_host = NET.addrs(_family(spec), tunnel=True)
+    card_gw, peer_gw = NET.addrs(_family(spec), tunnel=False)
     inner = ALGORITHMS[spec.get("inner_alg", "aes-cbc-128+hmac-sha256-128")]
     outer = ALGORITHMS[spec.get("outer_alg", "aes-gcm-128")]
     sas = []
@@ -90,7 +95,7 @@ def _peer_doc(doc: dict[str, Any], different_inner: bool) -> dict[str, Any]:
 def _card_to_peer(card, spec: dict[str, Any], handles: dict[str, int], info: dict[str, Any],
                   rx: socket.socket) -> dict[str, Any]:
     name, count, size = spec["name"], int(spec["count"]), int(spec["size"])
-    card_host, peer_host = NET.addrs(4, tunnel=True)
+    card_host, peer_host = NET.addrs(_family(spec), tunnel=True)
     dst_mac, src_mac = packets.parse_mac(info["peer_mac"]), packets.parse_mac(info["card_mac"])
     statuses: Counter[str] = Counter()
     error = ""
@@ -112,7 +117,7 @@ def _card_to_peer(card, spec: dict[str, Any], handles: dict[str, int], info: dic
         except BlockingIOError:
             time.sleep(0.005)
             continue
-        if sender == (card_host, C2P_SPORT):
+        if sender[:2] == (card_host, C2P_SPORT):
             got.append(data)
     return {"tx_status": dict(statuses), "error": error, "received": len(got), "digest": payload_digest(got),
             "matched": sum(1 for i, g in enumerate(got) if g == payload(name, "card-to-peer", i, size))}
@@ -120,7 +125,7 @@ def _card_to_peer(card, spec: dict[str, Any], handles: dict[str, int], info: dic
 
 def _peer_to_card(card, spec: dict[str, Any], tx: socket.socket) -> dict[str, Any]:
     name, count, size = spec["name"], int(spec["count"]), int(spec["size"])
-    card_host, peer_host = NET.addrs(4, tunnel=True)
+    card_host, peer_host = NET.addrs(_family(spec), tunnel=True)
     for i in range(count):
         tx.sendto(payload(name, "peer-to-card", i, size), (card_host, P2C_DPORT))
     frames: list[dict[str, Any]] = []
@@ -167,13 +172,14 @@ def roundtrip(spec: dict[str, Any]) -> dict[str, Any]:
         peer = transport_over_tunnel_commands(pt_out, pu_out, 1) + transport_over_tunnel_commands(pt_in, pu_in, 3)
         ip_batch(peer)
         out["peer_policies"] = _ip(["xfrm", "policy"]).count("tmpl ")  # template lines, no keys in them
-        card_host, peer_host = NET.addrs(4, tunnel=True)
+        _, peer_host = NET.addrs(_family(spec), tunnel=True)
+        fam = socket.AF_INET if _family(spec) == 4 else socket.AF_INET6
         with in_netns(NET.netns):
-            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            rx = socket.socket(fam, socket.SOCK_DGRAM)
             socks.append(rx)
             rx.bind((peer_host, C2P_DPORT))
             rx.setblocking(False)
-            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tx = socket.socket(fam, socket.SOCK_DGRAM)
             socks.append(tx)
             tx.bind((peer_host, P2C_SPORT))
         out["card_to_peer"] = _card_to_peer(card, spec, handles, info, rx)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from scapy.layers.inet import IP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.ipsec import ESP
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
@@ -34,7 +35,10 @@ pytestmark = pytest.mark.vm
 
 PROFILE = Path(__file__).resolve().parents[2] / "device" / "profiles" / "transport-over-tunnel.yaml"
 COUNT, SIZE = 6, 300
-GOOD = {"name": "tot-ok", "count": COUNT, "size": SIZE, "spi_base": 0, "timeout": 10.0}
+GOOD = {
+    4: {"name": "tot-ok", "family": 4, "count": COUNT, "size": SIZE, "spi_base": 0, "timeout": 10.0},
+    6: {"name": "tot6-ok", "family": 6, "count": COUNT, "size": SIZE, "spi_base": 0x20, "timeout": 10.0},
+}
 BAD = {"name": "tot-bad-inner", "count": 4, "size": 120, "spi_base": 0x10, "timeout": 4.0,
        "peer_inner_keys": "different"}
 
@@ -51,13 +55,18 @@ def topo(toolchain, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def good(topo):
-    return run_check(topo.vm, "combined", "roundtrip", GOOD, timeout=120)
+def runs(topo) -> dict:
+    """Each spec's guest result, run once (in the order the tests ask for them)."""
+    cache: dict = {}
 
+    def get(key) -> dict:
+        if key not in cache:
+            spec = BAD if key == "bad" else GOOD[key]
+            cache[key] = run_check(topo.vm, "combined", "roundtrip", spec, timeout=120)
+            print(f"guest check {spec['name']}: {cache[key]['_seconds']:.1f} s")
+        return cache[key]
 
-@pytest.fixture(scope="module")
-def bad(topo, good):  # after `good` (distinct SPIs and payload tags: the good run's checks stay exact)
-    return run_check(topo.vm, "combined", "roundtrip", BAD, timeout=120)
+    return get
 
 
 def _state(result: dict, spi: int) -> dict:
@@ -69,29 +78,33 @@ def _expected(spec: dict, direction: str) -> str:
     return payload_digest([payload(spec["name"], direction, i, spec["size"]) for i in range(spec["count"])])
 
 
-def test_the_card_advertises_it_and_the_peer_has_nested_policies(good):
-    print(f"guest check {good['_seconds']:.1f} s")
+def test_the_card_advertises_it_and_the_peer_has_nested_policies(runs):
+    good = runs(4)
     assert good["offers"] is True and "TRANSPORT_TUNNEL_COMBINED" in good["features"]
     assert good["caps_transport_tunnel_combined"] == 1
     assert good["peer_policies"] == 4  # two policies, two templates each
 
 
-def test_card_to_peer_the_linux_stack_opens_both_layers(good):
+@pytest.mark.parametrize("family", [4, 6])
+def test_card_to_peer_the_linux_stack_opens_both_layers(runs, family):
+    spec, good = GOOD[family], runs(family)
     c2p = good["card_to_peer"]
     assert c2p["error"] == "" and c2p["tx_status"] == {"OK": COUNT}
     assert (c2p["received"], c2p["matched"]) == (COUNT, COUNT)
-    assert c2p["digest"] == _expected(GOOD, "card-to-peer")
+    assert c2p["digest"] == _expected(spec, "card-to-peer")
     # Linux counted every datagram on BOTH states: the tunnel state opened the outer ESP, the transport
     # state the inner one, and nothing failed
     for spi in (U_OUT, T_OUT):
-        state = _state(good, spi)
+        state = _state(good, spi + spec["spi_base"])
         assert (state["packets"], state["integrity_failed"]) == (COUNT, 0), state
     assert good["xfrm_stat_delta"] == {}
     assert good["host_next_seq"] == {"t_out": COUNT + 1, "u_out": COUNT + 1}
     assert good["firmware_stats"]["tx_crypto"] == COUNT
 
 
-def test_peer_to_card_next_crypto_done_with_both_handles(good):
+@pytest.mark.parametrize("family", [4, 6])
+def test_peer_to_card_next_crypto_done_with_both_handles(runs, family):
+    spec, good = GOOD[family], runs(family)
     p2c = good["peer_to_card"]
     h = good["handles"]
     assert len(p2c["frames"]) == COUNT
@@ -101,27 +114,34 @@ def test_peer_to_card_next_crypto_done_with_both_handles(good):
         assert (f["crypto_status"], f["tunnel_status"], f["transport_status"]) == ("SUCCESS",) * 3, f
         assert f["valid"], f
     assert (p2c["delivered"], p2c["matched"]) == (COUNT, COUNT)
-    assert p2c["digest"] == _expected(GOOD, "peer-to-card")
+    assert p2c["digest"] == _expected(spec, "peer-to-card")
     for spi in (U_IN, T_IN):  # the peer sealed every datagram with both of its outbound states
-        assert _state(good, spi)["packets"] == COUNT
+        assert _state(good, spi + spec["spi_base"])["packets"] == COUNT
     assert good["firmware_stats"]["rx_crypto_ok"] == COUNT and good["firmware_stats"]["rx_auth_failed"] == 0
 
 
-def test_the_wire_carries_only_the_tunnel_spis_outside(topo, good):
+def test_the_wire_carries_only_the_tunnel_spis_outside(topo, runs):
     """On the wire (the card's pcap) every IPsec frame between the gateways is the tunnel SA's ESP; the
     transport SPIs never appear as the outer header, and no payload shows in clear."""
+    runs(4), runs(6)
     frames = [Ether(bytes(p)) for p in rdpcap(str(topo.pcap_path))]
-    esp = [f for f in frames if f.haslayer(ESP) and f.haslayer(IP)]
-    outer = [(f[IP].src, f[IP].dst, f[ESP].spi) for f in esp]
-    card_gw, peer_gw = NET.addrs(4, tunnel=False)
-    assert outer.count((card_gw, peer_gw, U_OUT)) == COUNT
-    assert outer.count((peer_gw, card_gw, U_IN)) == COUNT
-    assert not [o for o in outer if o[2] in (T_OUT, T_IN)]
+    outer = []
+    for f in frames:
+        ip = f.getlayer(IP) or f.getlayer(IPv6)
+        if ip is not None and f.haslayer(ESP):
+            outer.append((ip.src, ip.dst, f[ESP].spi))
+    for family in (4, 6):
+        base = GOOD[family]["spi_base"]
+        card_gw, peer_gw = NET.addrs(family, tunnel=False)
+        assert outer.count((card_gw, peer_gw, U_OUT + base)) == COUNT
+        assert outer.count((peer_gw, card_gw, U_IN + base)) == COUNT
+        assert not [o for o in outer if o[2] in (T_OUT + base, T_IN + base)]
     raw = b"".join(bytes(f) for f in frames)
-    assert b"ipsec-nic tot-ok" not in raw
+    assert b"ipsec-nic tot" not in raw
 
 
-def test_wrong_inner_key_is_an_inner_failure_and_nothing_is_delivered(bad):
+def test_wrong_inner_key_is_an_inner_failure_and_nothing_is_delivered(runs):
+    bad = runs("bad")
     count = BAD["count"]
     h = bad["handles"]
     # peer -> card: the outer layer verifies, the inner fails: NEXT_CRYPTO_DONE with the transport status
