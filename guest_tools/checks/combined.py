@@ -13,7 +13,8 @@ socket gets the datagrams. Peer -> card: the peer's kernel seals both layers; th
 
 SPEC: {"name": str, "family": 4 | 6, "count": int, "size": int, "spi_base": int,
 "peer_inner_keys": "same" | "different",
-"inner_alg": ALGORITHMS name, "outer_alg": ALGORITHMS name, "timeout": seconds}. With "different" the
+"inner_alg": ALGORITHMS name, "outer_alg": ALGORITHMS name, "timeout": seconds, "cli": bool}. With "cli"
+one datagram each way also goes through the command line (`send --tunnel-sa`, `recv --json`). With "different" the
 peer's two transport states get other keys than the card's (a negative: the tunnel layer still verifies).
 The result is what was observed (statuses, handles, digests, counters); the host test judges it.
 """
@@ -152,6 +153,50 @@ def _peer_to_card(card, spec: dict[str, Any], tx: socket.socket) -> dict[str, An
             "matched": sum(1 for i, g in enumerate(delivered) if g == payload(name, "peer-to-card", i, size))}
 
 
+def _cli(card, spec: dict[str, Any], handles: dict[str, int], info: dict[str, Any], rx: socket.socket,
+         tx: socket.socket) -> dict[str, Any]:
+    """The same path through the command line (guest_tools.cli on this process's card handle):
+    `send --sa T --tunnel-sa U` one datagram to the peer, then `recv --json` one datagram from it."""
+    import io
+    import json
+
+    from guest_tools import cli
+
+    card_host, peer_host = NET.addrs(_family(spec), tunnel=True)
+    out = io.StringIO()
+    session = cli.Session(opener=lambda a, reset: card, out=out)
+    argv = ["send", "--src", card_host, "--dst", peer_host, "--sport", str(C2P_SPORT), "--dport", str(C2P_DPORT),
+            "--size", "64", "--dst-mac", info["peer_mac"], "--sa", hex(handles["t_out"]),
+            "--tunnel-sa", hex(handles["u_out"])]
+    result: dict[str, Any] = {"send_status": cli.run_one(session, argv), "send_output": out.getvalue().strip()}
+    deadline = time.monotonic() + 5.0
+    got = None
+    while got is None and time.monotonic() < deadline:
+        try:
+            data, sender = rx.recvfrom(65535)
+        except BlockingIOError:
+            time.sleep(0.005)
+            continue
+        if sender[:2] == (card_host, C2P_SPORT):
+            got = data
+    result["peer_got"] = got.hex() if got is not None else None
+    tx.sendto(CLI_PAYLOAD, (card_host, P2C_DPORT))
+    result["recv"] = None
+    for _ in range(4):  # frames that are not IPsec (IPv6 MLD) may come first: one per `recv`
+        before = len(out.getvalue())
+        status = cli.run_one(session, ["recv", "--count", "1", "--timeout", "3", "--json"])
+        line = out.getvalue()[before:].strip()
+        record = json.loads(line) if status == cli.EXIT_OK and line else None
+        if record is not None and record["crypto_done"]:
+            result["recv"] = record
+            break
+    session.card = None  # the card stays this check's to close
+    return result
+
+
+CLI_PAYLOAD = b"through the command line " * 3
+
+
 def roundtrip(spec: dict[str, Any]) -> dict[str, Any]:
     info = setup()
     doc = fill_keys(sa_document(spec))
@@ -191,6 +236,8 @@ def roundtrip(spec: dict[str, Any]) -> dict[str, Any]:
         out["card_stats"] = card.stats()
         out["firmware_stats"] = dict(vars(card.firmware_stats()))
         out["host_next_seq"] = {k: card.host.get(h).next_seq for k, h in handles.items() if k.endswith("_out")}
+        if spec.get("cli"):  # after the counters above, which count the driver's datagrams only
+            out["cli"] = _cli(card, spec, handles, info, rx, tx)
         out["deleted"] = card.delete_all()
     finally:
         for s in socks:

@@ -26,9 +26,10 @@ from scapy.layers.ipsec import ESP
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
-from guest_tools.checks.combined import T_IN, T_OUT, U_IN, U_OUT
+from guest_tools.checks.combined import CLI_PAYLOAD, T_IN, T_OUT, U_IN, U_OUT
 from guest_tools.checks.common import run_check
-from guest_tools.scenario import NET, payload, payload_digest
+from guest_tools.packets import pattern_payload
+from guest_tools.scenario import NET, parse_udp_frame, payload, payload_digest
 from ipsec_nic.topology import Topology
 
 pytestmark = pytest.mark.vm
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.vm
 PROFILE = Path(__file__).resolve().parents[2] / "device" / "profiles" / "transport-over-tunnel.yaml"
 COUNT, SIZE = 6, 300
 GOOD = {
-    4: {"name": "tot-ok", "family": 4, "count": COUNT, "size": SIZE, "spi_base": 0, "timeout": 10.0},
+    4: {"name": "tot-ok", "family": 4, "count": COUNT, "size": SIZE, "spi_base": 0, "timeout": 10.0, "cli": True},
     6: {"name": "tot6-ok", "family": 6, "count": COUNT, "size": SIZE, "spi_base": 0x20, "timeout": 10.0},
 }
 BAD = {"name": "tot-bad-inner", "count": 4, "size": 120, "spi_base": 0x10, "timeout": 4.0,
@@ -120,6 +121,20 @@ def test_peer_to_card_next_crypto_done_with_both_handles(runs, family):
     assert good["firmware_stats"]["rx_crypto_ok"] == COUNT and good["firmware_stats"]["rx_auth_failed"] == 0
 
 
+def test_the_command_line_sends_and_receives_through_both_layers(runs):
+    """`send --sa T --tunnel-sa U` and `recv --json` (guest_tools/cli.py) against the same Linux peer."""
+    good = runs(4)
+    cli, h = good["cli"], good["handles"]
+    assert cli["send_status"] == 0 and "OK=1" in cli["send_output"], cli
+    assert cli["peer_got"] == pattern_payload(64, 0).hex()  # what `send` puts in datagram 0
+    r = cli["recv"]
+    assert r is not None, cli
+    assert (r["next_crypto_done"], r["handle"], r["next_handle"]) == (True, h["u_in"], h["t_in"])
+    assert (r["crypto_status"], r["tunnel_status"], r["transport_status"]) == ("SUCCESS",) * 3
+    dgram = parse_udp_frame(bytes.fromhex(r["inner"]))
+    assert dgram is not None and dgram.data == CLI_PAYLOAD
+
+
 def test_the_wire_carries_only_the_tunnel_spis_outside(topo, runs):
     """On the wire (the card's pcap) every IPsec frame between the gateways is the tunnel SA's ESP; the
     transport SPIs never appear as the outer header, and no payload shows in clear."""
@@ -133,11 +148,12 @@ def test_the_wire_carries_only_the_tunnel_spis_outside(topo, runs):
     for family in (4, 6):
         base = GOOD[family]["spi_base"]
         card_gw, peer_gw = NET.addrs(family, tunnel=False)
-        assert outer.count((card_gw, peer_gw, U_OUT + base)) == COUNT
-        assert outer.count((peer_gw, card_gw, U_IN + base)) == COUNT
+        sent = COUNT + (1 if GOOD[family].get("cli") else 0)  # the command line's datagram each way too
+        assert outer.count((card_gw, peer_gw, U_OUT + base)) == sent
+        assert outer.count((peer_gw, card_gw, U_IN + base)) == sent
         assert not [o for o in outer if o[2] in (T_OUT + base, T_IN + base)]
     raw = b"".join(bytes(f) for f in frames)
-    assert b"ipsec-nic tot" not in raw
+    assert b"ipsec-nic tot" not in raw and CLI_PAYLOAD[:24] not in raw
 
 
 def test_wrong_inner_key_is_an_inner_failure_and_nothing_is_delivered(runs):
