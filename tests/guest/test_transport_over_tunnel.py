@@ -186,7 +186,7 @@ def _session(h: Harness) -> tuple[cli.Session, io.StringIO]:
     return cli.Session(opener=lambda a, reset: h.card(ring_size=16).init(reset=reset), out=out), out
 
 
-def test_cli_send_with_tunnel_sa_and_recv_output(combined, tmp_path):
+def test_cli_send_with_tunnel_sa_and_recv_output(combined):
     h, card = combined
     inner = card.add_sa(transport_sa(0x1111, Direction.OUTBOUND))
     outer = card.add_sa(tunnel_sa(0x2222, Direction.OUTBOUND))
