@@ -5,7 +5,9 @@
 Runs in the interop topology (guest_tools/scenario.py setup: the virtio-net NIC in netns ``peer`` is the
 other end of the card's wire). The card is driven from this process with the polling driver; the peer's
 kernel (esp4, its crypto) builds every ESP packet, so what the card is given is authentic by construction.
-SAs come from SA-file documents (device/contract/sa_file.py, the loader `sa add --sa` uses, with its
+The two v1 SAs are added through the guest CLI in processes of their own (`sa add --v1` with
+--sel-proto/--sel-dport and the key on stdin; `sa add --sa FILE --v1`) before this process opens the card;
+the others come from SA-file documents through the same loader (device/contract/sa_file.py, with its
 offload-mode check). Keys are drawn here and never leave the guest.
 
 Cases (each reports what it observed; the host test decides):
@@ -33,11 +35,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import re
 import socket
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -87,6 +91,55 @@ def _sa(entry: dict[str, Any], offload: Offload) -> SaParams:
     entries = parse_sa_entries({"sas": [entry]})
     check_honoured(entries, offload)
     return entries[0].params
+
+
+def _cli(args: list[str], stdin: str | None = None) -> str:
+    """The guest CLI in its own process, as a user runs it (polling driver: the card keeps its SAs between
+    processes and the host's SA state is in /run/ipsec-nic/<bdf>.json)."""
+    proc = subprocess.run([sys.executable, "-m", "guest_tools.cli", "--irq", "poll", *args], input=stdin,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"guest CLI {' '.join(args[:2])} exited {proc.returncode}: {proc.stderr.strip()[:400]}")
+    return proc.stdout
+
+
+def _handle_of(cli_output: str) -> int:
+    """`sa add` prints one line per SA: the handle first."""
+    return int(cli_output.split()[0], 16)
+
+
+def _v1_entry(spi: int, key: bytes, **fields: Any) -> dict[str, Any]:
+    """An inbound v1 SA (NULL + HMAC-SHA1-96: what V1_ADD_SA takes on the default card) in SA-file shape."""
+    return {"spi": spi, "direction": "inbound", "cipher": {"alg": "null"},
+            "integrity": {"alg": "hmac-sha1-96", "key": key.hex()}, **fields}
+
+
+def cli_add_v1_transport(spec: dict[str, Any]) -> dict[str, Any]:
+    """`sa add --v1` from flags: the filter's protocol and port from --sel-proto/--sel-dport, the key on stdin."""
+    key = os.urandom(20)
+    spi = int(spec["spi"])
+    out = _cli(["sa", "add", "--v1", "--spi", hex(spi), "--dir", "in", "--src", NET.peer_v4, "--dst", NET.card_v4,
+                "--sel-proto", "udp", "--sel-dport", str(spec["dport"]), "--key-file", "-"],
+               stdin=f"cipher null:\nintegrity hmac-sha1-96:{key.hex()}\n")
+    p = _sa(_v1_entry(spi, key, mode="transport", src=NET.peer_v4, dst=NET.card_v4,
+                      selector={"proto": "udp", "dport": int(spec["dport"])}), Offload.CRYPTO_V1)
+    return {"handle": _handle_of(out), "params": p, "key": key, "cli": out.strip()}
+
+
+def cli_add_v1_tunnel(spec: dict[str, Any]) -> dict[str, Any]:
+    """`sa add --sa FILE --v1`: a tunnel SA whose src/dst (the filter) are the inner connection."""
+    key = os.urandom(20)
+    entry = _v1_entry(int(spec["spi"]), key, mode="tunnel", src=NET.peer_inner_v4, dst=NET.card_inner_v4,
+                      tunnel={"src": NET.peer_v4, "dst": NET.card_v4})
+    path = Path("/run/ipsec-nic-policy-sas.yaml")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # key material: owner only
+    with os.fdopen(fd, "w") as f:
+        json.dump({"sas": [entry]}, f)  # JSON is YAML
+    try:
+        out = _cli(["sa", "add", "--sa", str(path), "--v1"])
+    finally:
+        path.unlink()
+    return {"handle": _handle_of(out), "params": _sa(entry, Offload.CRYPTO_V1), "key": key, "cli": out.strip()}
 
 
 def _policy(src: str, dst: str, p: SaParams, reqid: int, tunnel: bool, upper: list[str] | None = None) -> list[str]:
@@ -198,9 +251,8 @@ class Run:
         self.info = info
         self.iface = info["iface"]
 
-    def _reset_peer(self) -> None:
+    def _fresh_case(self) -> None:
         ip_batch(FLUSH_COMMANDS)
-        self.card.delete_all()
         self.card.recv(timeout=0.0, limit=256)  # nothing left over from the case before
 
     def _measure(self, fn) -> dict[str, Any]:
@@ -211,18 +263,17 @@ class Run:
         result["fw_stats"] = {k: v - fw_before.get(k, 0) for k, v in vars(self.card.firmware_stats()).items()
                               if v != fw_before.get(k, 0)}
         result["seconds"] = round(time.monotonic() - t0, 2)
+        handles = [h for h in (result.get("handle"), *result.get("handles", [])) if h]
+        self.card.delete_sa(handles)
+        result["card_sas_after"] = len(self.card.list_sas())
         return result
 
     # --- v1 transport filter with ports ------------------------------------------------------------
 
     def v1_transport(self, spec: dict[str, Any]) -> dict[str, Any]:
-        self._reset_peer()
-        key = os.urandom(20)
-        spi = int(spec["spi"])
-        p = _sa({"spi": spi, "direction": "inbound", "mode": "transport", "src": NET.peer_v4, "dst": NET.card_v4,
-                 "cipher": {"alg": "null"}, "integrity": {"alg": "hmac-sha1-96", "key": key.hex()},
-                 "selector": {"proto": "udp", "dport": int(spec["dport"])}}, Offload.CRYPTO_V1)
-        handle = self.card.add_sa(p, offload="crypto", v1=True)
+        self._fresh_case()
+        added = spec["_added"]
+        p, key, handle, spi = added["params"], added["key"], added["handle"], added["params"].spi
         # The peer: one state for any source (src 0.0.0.0), one policy for its /24.
         ip_batch([state_add(replace(p, src="0.0.0.0"), 1),
                   _policy(_net24(NET.peer_v4), f"{NET.card_v4}/32", replace(p, src="0.0.0.0"), 1, False)])
@@ -238,23 +289,23 @@ class Run:
             if f.get("spi") == spi and "esp_at" in f:
                 f["icv_ok_here"] = _icv_ok(bytes.fromhex(f["frame"]), f["esp_at"], key)
                 f["plain_udp"] = _udp_of_ip(_esp_null_payload(bytes.fromhex(f["frame"]), f["esp_at"]))
-        return {"handle": handle, "spi": spi, "sent": sent, "frames": frames, "peer_states": _peer_states()}
+        return {"handle": handle, "spi": spi, "cli": added["cli"], "sent": sent, "frames": frames,
+                "peer_states": _peer_states()}
 
     # --- tunnel inner selectors: v1 crypto, packet offload, v2 crypto (host check) ------------------------
 
     def tunnel(self, spec: dict[str, Any]) -> dict[str, Any]:
-        self._reset_peer()
+        self._fresh_case()
         kind = spec["kind"]  # v1 | packet | v2
         spi = int(spec["spi"])
         entry: dict[str, Any] = {"spi": spi, "direction": "inbound", "mode": "tunnel", "src": NET.peer_inner_v4,
                                  "dst": NET.card_inner_v4, "tunnel": {"src": NET.peer_v4, "dst": NET.card_v4}}
-        if kind == "v1":
-            entry.update(cipher={"alg": "null"}, integrity={"alg": "hmac-sha1-96", "key": _rand(20)})
+        if kind == "v1":  # added through the guest CLI before this process opened the card
+            p, handle = spec["_added"]["params"], spec["_added"]["handle"]
         else:
             entry.update(aead={"alg": "aes-gcm-128", "key": _rand(16), "salt": _rand(4), "icv": 16})
-        offload = {"v1": Offload.CRYPTO_V1, "packet": Offload.PACKET, "v2": Offload.CRYPTO}[kind]
-        p = _sa(entry, offload)
-        handle = self.card.add_sa(p, offload="packet" if kind == "packet" else "crypto", v1=kind == "v1")
+            p = _sa(entry, Offload.PACKET if kind == "packet" else Offload.CRYPTO)
+            handle = self.card.add_sa(p, offload="packet" if kind == "packet" else "crypto")
         # A Linux tunnel state without `sel` takes any inner packet its policy gives it (the selector is the
         # policy's): the /24 policy sends the spoofed inner source through the same SA.
         ip_batch([state_add(p, 1), _policy(_net24(NET.peer_inner_v4), f"{NET.card_inner_v4}/32", p, 1, True)])
@@ -263,7 +314,10 @@ class Run:
             sent[name] = {"src": src, "count": _send(NET.netns, src, NET.card_inner_v4, spec["dport"],
                                                      _payloads(f"{kind}-{name}", n))}
         frames = _receive(self.card, sent["inside"]["count"] + (0 if kind == "packet" else sent["spoofed"]["count"]))
-        return {"handle": handle, "spi": spi, "sent": sent, "frames": frames, "peer_states": _peer_states()}
+        out = {"handle": handle, "spi": spi, "sent": sent, "frames": frames, "peer_states": _peer_states()}
+        if kind == "v1":
+            out["cli"] = spec["_added"]["cli"]
+        return out
 
     # --- NAT-T transport checksum through a real NAT ------------------------------------------------------
 
@@ -288,7 +342,7 @@ class Run:
                            "egress"])}
 
     def natt(self, spec: dict[str, Any]) -> dict[str, Any]:
-        self._reset_peer()
+        self._fresh_case()
         nat = self._nat_setup()
         ip_batch(FLUSH_COMMANDS, NAT_NS)
         out: dict[str, Any] = {"tc_before": nat["tc"], "rounds": {}}
@@ -319,11 +373,11 @@ class Run:
         out["tc_after"] = _sh(["ip", "netns", "exec", NET.netns, "tc", "-s", "filter", "show", "dev", self.iface,
                                "egress"])
         ip_batch(FLUSH_COMMANDS, NAT_NS)
+        out["handles"] = list(handles.values())
         return out
 
     def cleanup(self) -> None:
         ip_batch(FLUSH_COMMANDS)
-        self.card.delete_all()
 
 
 def _esp_null_payload(frame: bytes, esp_at: int) -> bytes:
@@ -349,17 +403,26 @@ def _with_addresses(run: Run) -> None:
 
 
 def check_all(spec: dict[str, Any]) -> dict[str, Any]:
-    """Every case in one process and one card handle (reset once)."""
+    """Every case in one process and one card handle. The v1 SAs go on first, through the guest CLI in
+    processes of their own (flags, and an SA file); this process then opens the card without a reset and
+    finds them (their host state is in /run/ipsec-nic/<bdf>.json)."""
     from guest_tools.driver import open_card
 
     info = setup()
-    card = open_card(reset=True)
+    open_card(reset=True).close()  # no SAs, statistics at zero
+    cases = {name: dict(case) for name, case in spec["cases"].items()}
+    for case in cases.values():
+        if case["check"] == "v1_transport":
+            case["_added"] = cli_add_v1_transport(case)
+        elif case["check"] == "tunnel" and case["kind"] == "v1":
+            case["_added"] = cli_add_v1_tunnel(case)
+    card = open_card(reset=False)
     run = Run(card, info)
-    out: dict[str, Any] = {"setup": info}
+    out: dict[str, Any] = {"setup": info, "card_sas_at_open": len(card.list_sas())}
     try:
         _with_addresses(run)
         out["peer_addrs"] = re.findall(r"inet (\S+)", _ip(["-4", "addr", "show"]))
-        for name, case in spec["cases"].items():
+        for name, case in cases.items():
             method = {"v1_transport": run.v1_transport, "tunnel": run.tunnel, "natt": run.natt}[case["check"]]
             out[name] = run._measure(lambda m=method, c=case: m(c))
         run.cleanup()

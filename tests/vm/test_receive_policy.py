@@ -110,6 +110,10 @@ def _ours(frames: list[dict], spi: int, handle: int = -1) -> list[dict]:
 def test_v1_transport_filter_delivers_only_its_source_protocol_and_port(result, wire):
     c, r = CASES["v1_transport"], result["v1_transport"]
     spi, handle = c["spi"], r["handle"]
+    # Added by `sa add --v1 ... --sel-proto udp --sel-dport 5001` in its own process; found by the check's
+    # process (which opened the card afterwards without a reset) with the v1 tunnel SA.
+    assert r["cli"] == f"{handle:#010x} spi {spi:#x} inbound transport crypto"
+    assert result["card_sas_at_open"] == 2
     # The packets really left the peer: its one state sealed all of them, the wire carried each from its source.
     assert _state(r["peer_states"], spi)["packets"] == c["inside"] + c["other_port"] + c["other_source"]
     assert _on_wire(wire, spi) == {PEER: c["inside"] + c["other_port"], PEER2: c["other_source"]}
@@ -139,6 +143,7 @@ def test_v1_transport_filter_delivers_only_its_source_protocol_and_port(result, 
 def test_v1_tunnel_filter_is_the_inner_connection(result, wire):
     c, r = CASES["v1_tunnel"], result["v1_tunnel"]
     spi = c["spi"]
+    assert r["cli"] == f"{r['handle']:#010x} spi {spi:#x} inbound tunnel crypto"  # `sa add --sa FILE --v1`
     assert _state(r["peer_states"], spi)["packets"] == c["inside"] + c["spoofed"]
     assert _on_wire(wire, spi) == {PEER: c["inside"] + c["spoofed"]}  # same outer header for both
     frames = _ours(r["frames"], spi)
@@ -244,6 +249,7 @@ def test_natt_transport_checksum_through_a_real_nat(result, wire):
         assert not _udp_checksum_ok(NAT_PRIVATE, CARD, udp)
     assert r["card_stats"]["rx_crypto_ok"] == 2 * c["count"]
     assert r["fw_stats"]["rx_l4_csum_ok"] == 2 * c["count"]
+    assert r["card_sas_after"] == 0  # each case deleted its SAs: none left on the card
 
 
 def test_the_pcap_is_the_cards_wire(wire):
