@@ -665,8 +665,19 @@ def _proto_text(p, ah) -> str:
     from device.contract.enums import IpProto
 
     if ah is not None:
-        return f" esp+ah ah-spi {ah.spi:#x}"
-    return " ah" if p.proto == IpProto.AH else ""
+        return f" esp+ah ah-spi {ah.spi:#x}" + _selector_text(p)
+    return (" ah" if p.proto == IpProto.AH else "") + _selector_text(p)
+
+
+def _selector_text(p) -> str:
+    """" selector udp sport any dport 5001" when the SA has one (nothing otherwise, as before)."""
+    from device.contract.sa_file import SELECTOR_PROTOS
+
+    if not (p.sel_proto or p.sel_sport or p.sel_dport):
+        return ""
+    names = {v: k for k, v in SELECTOR_PROTOS.items()}
+    proto = names.get(p.sel_proto, str(p.sel_proto))
+    return f" selector {proto} sport {p.sel_sport or 'any'} dport {p.sel_dport or 'any'}"
 
 
 def _globals(a: argparse.Namespace) -> list[str]:

@@ -260,7 +260,7 @@ def test_selector_flags_reach_the_v1_filter_and_decide_what_is_delivered(capsys)
 
     c = Cli()
     status, out, err = c.run(*_v1_inbound("--v1", "--sel-proto", "udp", "--sel-dport", "5001"), capsys=capsys)
-    assert status == 0, err
+    assert status == 0 and out.endswith(" spi 0x1101 inbound transport crypto selector udp sport any dport 5001\n"), out
     handle = int(out.split()[0], 16)
     flt = c.h.firmware.sadb.get(handle).rx_filter
     assert (flt.proto, flt.sport, flt.dport) == (17, 0, 5001)

@@ -112,7 +112,7 @@ def test_v1_transport_filter_delivers_only_its_source_protocol_and_port(result, 
     spi, handle = c["spi"], r["handle"]
     # Added by `sa add --v1 ... --sel-proto udp --sel-dport 5001` in its own process; found by the check's
     # process (which opened the card afterwards without a reset) with the v1 tunnel SA.
-    assert r["cli"] == f"{handle:#010x} spi {spi:#x} inbound transport crypto"
+    assert r["cli"] == f"{handle:#010x} spi {spi:#x} inbound transport crypto selector udp sport any dport {c['dport']}"
     assert result["card_sas_at_open"] == 2
     # The packets really left the peer: its one state sealed all of them, the wire carried each from its source.
     assert _state(r["peer_states"], spi)["packets"] == c["inside"] + c["other_port"] + c["other_source"]
