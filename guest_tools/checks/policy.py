@@ -211,20 +211,24 @@ def _classify(rec: dict[str, Any], pkt) -> dict[str, Any]:
     return out
 
 
-def _receive(card, want: int, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
-    """Every frame the card indicates until ``want`` of them carried an SPI or a UDP datagram of ours, or
-    the timeout; then a short grace period, so that a frame that should not be there is seen too."""
+def _receive(card, want: int, on_wire: int, fw_rx_before: int, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+    """Every frame the card indicates until ``want`` of them carried an SPI or a UDP datagram of ours and
+    the firmware has taken in at least the ``on_wire`` frames the peer sent (GET_STATS rx_packets: dropped
+    ones too, so their counters are final), or the timeout; then a short grace period, so that a frame
+    that should not be there is seen too."""
     got: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     ours = 0
+    settled = False
     while time.monotonic() < deadline:
         for pkt in card.recv(timeout=0.2, limit=64):
             rec = _classify(rx_record(pkt), pkt)
             got.append(rec)
             if "spi" in rec or rec.get("udp"):
                 ours += 1
-        if ours >= want and deadline - time.monotonic() > 1.0:
-            deadline = time.monotonic() + 1.0
+        if not settled and ours >= want and card.firmware_stats().rx_packets - fw_rx_before >= on_wire:
+            settled = True
+            deadline = min(deadline, time.monotonic() + 0.5)
     return got
 
 
@@ -274,6 +278,7 @@ class Run:
         self._fresh_case()
         added = spec["_added"]
         p, key, handle, spi = added["params"], added["key"], added["handle"], added["params"].spi
+        fw_rx = self.card.firmware_stats().rx_packets
         # The peer: one state for any source (src 0.0.0.0), one policy for its /24.
         ip_batch([state_add(replace(p, src="0.0.0.0"), 1),
                   _policy(_net24(NET.peer_v4), f"{NET.card_v4}/32", replace(p, src="0.0.0.0"), 1, False)])
@@ -284,7 +289,7 @@ class Run:
             sent[name] = {"src": src, "dport": dport,
                           "count": _send(NET.netns, src, NET.card_v4, dport, _payloads(name, n))}
         total = sum(v["count"] for v in sent.values())
-        frames = _receive(self.card, total)
+        frames = _receive(self.card, total, total, fw_rx)
         for f in frames:
             if f.get("spi") == spi and "esp_at" in f:
                 f["icv_ok_here"] = _icv_ok(bytes.fromhex(f["frame"]), f["esp_at"], key)
@@ -297,6 +302,7 @@ class Run:
     def tunnel(self, spec: dict[str, Any]) -> dict[str, Any]:
         self._fresh_case()
         kind = spec["kind"]  # v1 | packet | v2
+        fw_rx = self.card.firmware_stats().rx_packets
         spi = int(spec["spi"])
         entry: dict[str, Any] = {"spi": spi, "direction": "inbound", "mode": "tunnel", "src": NET.peer_inner_v4,
                                  "dst": NET.card_inner_v4, "tunnel": {"src": NET.peer_v4, "dst": NET.card_v4}}
@@ -313,7 +319,8 @@ class Run:
         for name, src, n in (("inside", NET.peer_inner_v4, spec["inside"]), ("spoofed", SPOOF, spec["spoofed"])):
             sent[name] = {"src": src, "count": _send(NET.netns, src, NET.card_inner_v4, spec["dport"],
                                                      _payloads(f"{kind}-{name}", n))}
-        frames = _receive(self.card, sent["inside"]["count"] + (0 if kind == "packet" else sent["spoofed"]["count"]))
+        on_wire = sent["inside"]["count"] + sent["spoofed"]["count"]
+        frames = _receive(self.card, on_wire - (sent["spoofed"]["count"] if kind == "packet" else 0), on_wire, fw_rx)
         out = {"handle": handle, "spi": spi, "sent": sent, "frames": frames, "peer_states": _peer_states()}
         if kind == "v1":
             out["cli"] = spec["_added"]["cli"]
@@ -364,11 +371,12 @@ class Run:
                                  ["proto", "udp", "dport", str(dport)])]
             out["rounds"][kind] = {"handle": handles[kind], "spi": spi, "dport": dport}
         ip_batch(commands, NAT_NS)
+        fw_rx = self.card.firmware_stats().rx_packets
         total = 0
         for kind, r in out["rounds"].items():
             r["sent"] = _send(NAT_NS, NAT_PRIVATE, NET.card_v4, r["dport"], _payloads(f"natt-{kind}", spec["count"]))
             total += r["sent"]
-        out["frames"] = _receive(self.card, total)
+        out["frames"] = _receive(self.card, total, total, fw_rx)
         out["natin_states"] = _peer_states(NAT_NS)
         out["tc_after"] = _sh(["ip", "netns", "exec", NET.netns, "tc", "-s", "filter", "show", "dev", self.iface,
                                "egress"])
