@@ -26,8 +26,8 @@ Cases (each reports what it observed; the host test decides):
 * ``natt``: RFC 3948 transport UDP-ESP through a real NAT (row 20). Netns ``natin`` (172.16.0.2) sits
   behind netns ``peer`` on a veth; it has the XFRM states (encap espinudp 4500 4500) and sends from its
   private address; netns ``peer`` forwards and rewrites the outer source to 10.0.0.2 with the kernel's
-  stateless NAT (tc act_nat on egress of its NIC). One crypto-offload SA (port 5003) and one
-  packet-offload SA (port 5004) on the card, for the public address.
+  stateless NAT (tc act_nat on egress of its NIC). One crypto-offload SA (the spec's port) and one
+  packet-offload SA (the next port) on the card, for the public address.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from device.contract.sa import SaParams
 from device.contract.sa_fields import Offload
 from device.contract.sa_file import check_honoured, parse_sa_entries
 from guest_tools.checks.common import main, rx_record, stats_delta
-from guest_tools.scenario import NET, in_netns, ip_batch, parse_state_stats, setup
+from guest_tools.scenario import NET, _ip, in_netns, ip_batch, parse_state_stats, setup
 from guest_tools.xfrm_peer import FLUSH_COMMANDS, state_add
 
 PEER2 = "10.0.0.3"  # a second address on the peer's NIC: outside a filter naming 10.0.0.2
@@ -64,19 +64,8 @@ ESP_HDR = 8
 SHA1_ICV = 12
 TIMEOUT = 8.0
 
-_SA_ID = 0
-
-
 def _rand(n: int) -> str:
     return os.urandom(n).hex()
-
-
-def _ip(args: list[str], netns: str | None = NET.netns, check: bool = True) -> str:
-    argv = ["ip", *(["-n", netns] if netns else []), *args]
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if check and proc.returncode:
-        raise RuntimeError(f"`{' '.join(argv[:6])}` failed ({proc.returncode}): {proc.stderr.strip()[:300]}")
-    return proc.stdout
 
 
 def _sh(argv: list[str], check: bool = True) -> str:
@@ -242,7 +231,7 @@ def _icv_ok(frame: bytes, esp_at: int, key: bytes) -> bool:
 
 
 def _peer_states(netns: str = NET.netns) -> list[dict[str, Any]]:
-    return [s.as_dict() for s in parse_state_stats(_ip(["-s", "xfrm", "state"], netns))]
+    return [s.as_dict() for s in parse_state_stats(_ip(["-s", "xfrm", "state"], netns=netns))]
 
 
 def _payloads(tag: str, n: int) -> list[bytes]:
