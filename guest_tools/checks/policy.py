@@ -17,10 +17,10 @@ Cases (each reports what it observed; the host test decides):
   any source (net/xfrm/xfrm_state.c xfrm_state_find: the wildcard-source pass, xfrm_state_addr_check), so
   the same SPI and key go out from 10.0.0.2 and from a second address 10.0.0.3, to port 5001 and 5002.
 * ``v1_tunnel``: V1_ADD_SA inbound tunnel SA, filter = the inner connection 192.168.2.1 -> 192.168.1.1
-  (row 18). The peer's tunnel state has no ``sel``; one policy for 192.168.2.0/24 sends both the right
-  inner source and a spoofed one (192.168.2.9) through it.
-* ``packet_tunnel``: the same with an ADD_SA_PACKET SA (row 19, RFC 4301 §5.2): spoofed inner packets are
-  dropped and counted in RX_POLICY_DROP.
+  (row 18), with ``other_port`` also UDP to one port. The peer's tunnel state has no ``sel``; one policy
+  for 192.168.2.0/24 sends both the right inner source and a spoofed one (192.168.2.9) through it.
+* ``packet_tunnel``: the same with an ADD_SA_PACKET SA (row 19, RFC 4301 §5.2): spoofed inner packets (and
+  ones to another port) are dropped and counted in RX_POLICY_DROP.
 * ``v2_tunnel``: the same with a V2 crypto-offload SA: the card has no selector (row 8) and indicates
   SUCCESS; the guest driver strips ESP and drops what is outside the inner selector (guest_tools/txrx.py).
 * ``natt``: RFC 3948 transport UDP-ESP through a real NAT (row 20). Netns ``natin`` (172.16.0.2) sits
@@ -119,7 +119,7 @@ def cli_add_v1_tunnel(spec: dict[str, Any]) -> dict[str, Any]:
     """`sa add --sa FILE --v1`: a tunnel SA whose src/dst (the filter) are the inner connection."""
     key = os.urandom(20)
     entry = _v1_entry(int(spec["spi"]), key, mode="tunnel", src=NET.peer_inner_v4, dst=NET.card_inner_v4,
-                      tunnel={"src": NET.peer_v4, "dst": NET.card_v4})
+                      tunnel={"src": NET.peer_v4, "dst": NET.card_v4}, **_port_selector(spec))
     path = Path("/run/ipsec-nic-policy-sas.yaml")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # key material: owner only
     with os.fdopen(fd, "w") as f:
@@ -129,6 +129,11 @@ def cli_add_v1_tunnel(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         path.unlink()
     return {"handle": _handle_of(out), "params": _sa(entry, Offload.CRYPTO_V1), "key": key, "cli": out.strip()}
+
+
+def _port_selector(spec: dict[str, Any]) -> dict[str, Any]:
+    """``selector: {proto: udp, dport: N}`` for a case that also sends to another port (``other_port``)."""
+    return {"selector": {"proto": "udp", "dport": int(spec["dport"])}} if spec.get("other_port") else {}
 
 
 def _policy(src: str, dst: str, p: SaParams, reqid: int, tunnel: bool, upper: list[str] | None = None) -> list[str]:
@@ -298,18 +303,22 @@ class Run:
         if kind == "v1":  # added through the guest CLI before this process opened the card
             p, handle = spec["_added"]["params"], spec["_added"]["handle"]
         else:
-            entry.update(aead={"alg": "aes-gcm-128", "key": _rand(16), "salt": _rand(4), "icv": 16})
+            entry.update(aead={"alg": "aes-gcm-128", "key": _rand(16), "salt": _rand(4), "icv": 16},
+                         **_port_selector(spec))
             p = _sa(entry, Offload.PACKET if kind == "packet" else Offload.CRYPTO)
             handle = self.card.add_sa(p, offload="packet" if kind == "packet" else "crypto")
         # A Linux tunnel state without `sel` takes any inner packet its policy gives it (the selector is the
         # policy's): the /24 policy sends the spoofed inner source through the same SA.
         ip_batch([state_add(p, 1), _policy(_net24(NET.peer_inner_v4), f"{NET.card_inner_v4}/32", p, 1, True)])
         sent = {}
-        for name, src, n in (("inside", NET.peer_inner_v4, spec["inside"]), ("spoofed", SPOOF, spec["spoofed"])):
-            sent[name] = {"src": src, "count": _send(NET.netns, src, NET.card_inner_v4, spec["dport"],
-                                                     _payloads(f"{kind}-{name}", n))}
-        on_wire = sent["inside"]["count"] + sent["spoofed"]["count"]
-        frames = _receive(self.card, on_wire - (sent["spoofed"]["count"] if kind == "packet" else 0), on_wire, fw_rx)
+        dport = int(spec["dport"])
+        for name, src, port, n in (("inside", NET.peer_inner_v4, dport, spec["inside"]),
+                                   ("spoofed", SPOOF, dport, spec["spoofed"]),
+                                   ("other_port", NET.peer_inner_v4, dport + 1, spec.get("other_port", 0))):
+            sent[name] = {"src": src, "dport": port,
+                          "count": _send(NET.netns, src, NET.card_inner_v4, port, _payloads(f"{kind}-{name}", n))}
+        on_wire = sum(v["count"] for v in sent.values())
+        frames = _receive(self.card, sent["inside"]["count"] if kind == "packet" else on_wire, on_wire, fw_rx)
         out = {"handle": handle, "spi": spi, "sent": sent, "frames": frames, "peer_states": _peer_states()}
         if kind == "v1":
             out["cli"] = spec["_added"]["cli"]

@@ -10,9 +10,11 @@ states sent, what crossed the wire, what the card indicated, dropped and counted
   peer sends on that SPI from inside the filter, to another port, and from a second address. Inside ->
   CryptoDone SUCCESS; outside -> indicated unprocessed (CRYPTO_DONE clear, handle 0, POLICY_MISMATCH),
   counted in GET_STATS rx_policy_unprocessed; the bytes are exactly the peer's authentic ESP (the ICV is
-  checked in the guest without the card). A v1 tunnel SA's filter is the inner connection.
-* Tunnel inner selectors (row 19, RFC 4301 §5.2): packet offload drops a spoofed inner source and counts
-  it in RX_POLICY_DROP; v2 crypto offload has no selector on the card, and the guest driver drops it.
+  checked in the guest without the card). A v1 tunnel SA's filter is the inner connection (address and,
+  from the SA file's ``selector``, UDP port).
+* Tunnel inner selectors (row 19, RFC 4301 §5.2): packet offload drops a spoofed inner source (and UDP to
+  a port outside its selector) and counts it in RX_POLICY_DROP; v2 crypto offload has no selector on the
+  card, and the guest driver drops it.
 * NAT-T transport checksum (row 20, RFC 3948 §3.1.2) through a real NAT: the sender sits in netns
   ``natin`` behind netns ``peer``, whose tc act_nat rewrites the outer source. The inner UDP checksum the
   sender computed is wrong for the post-NAT addresses; packet offload rewrites it (right for the post-NAT
@@ -48,8 +50,10 @@ SUCCESS = int(CryptoStatus.SUCCESS)
 CASES: dict[str, dict[str, Any]] = {
     "v1_transport": {"check": "v1_transport", "spi": 0x7101, "dport": 5001, "inside": 4, "other_port": 3,
                      "other_source": 2},
-    "v1_tunnel": {"check": "tunnel", "kind": "v1", "spi": 0x7201, "dport": 5011, "inside": 4, "spoofed": 3},
-    "packet_tunnel": {"check": "tunnel", "kind": "packet", "spi": 0x7301, "dport": 5021, "inside": 4, "spoofed": 3},
+    "v1_tunnel": {"check": "tunnel", "kind": "v1", "spi": 0x7201, "dport": 5011, "inside": 4, "spoofed": 3,
+                  "other_port": 2},
+    "packet_tunnel": {"check": "tunnel", "kind": "packet", "spi": 0x7301, "dport": 5021, "inside": 4, "spoofed": 3,
+                      "other_port": 2},
     "v2_tunnel": {"check": "tunnel", "kind": "v2", "spi": 0x7401, "dport": 5031, "inside": 4, "spoofed": 3},
     "natt": {"check": "natt", "spi": 0x7501, "dport": 5041, "count": 3},
 }
@@ -140,23 +144,31 @@ def test_v1_transport_filter_delivers_only_its_source_protocol_and_port(result, 
     assert r["card_stats"]["rx_crypto_ok"] == c["inside"]
 
 
+def _inner_of_null_esp(frame_hex: str) -> IP:
+    """The inner packet of a tunnel-mode ESP-NULL frame indicated as received (no IV: it follows the
+    8-byte ESP header)."""
+    return IP(bytes(IP(bytes.fromhex(frame_hex)[14:])[ESP])[8:])
+
+
 def test_v1_tunnel_filter_is_the_inner_connection(result, wire):
     c, r = CASES["v1_tunnel"], result["v1_tunnel"]
     spi = c["spi"]
-    assert r["cli"] == f"{r['handle']:#010x} spi {spi:#x} inbound tunnel crypto"  # `sa add --sa FILE --v1`
-    assert _state(r["peer_states"], spi)["packets"] == c["inside"] + c["spoofed"]
-    assert _on_wire(wire, spi) == {PEER: c["inside"] + c["spoofed"]}  # same outer header for both
+    outside = c["spoofed"] + c["other_port"]
+    # `sa add --sa FILE --v1`, the file's selector: {proto: udp, dport: N}
+    assert r["cli"] == f"{r['handle']:#010x} spi {spi:#x} inbound tunnel crypto selector udp sport any dport {c['dport']}"
+    assert _state(r["peer_states"], spi)["packets"] == c["inside"] + outside
+    assert _on_wire(wire, spi) == {PEER: c["inside"] + outside}  # one outer header for all of them
     frames = _ours(r["frames"], spi)
     ok = [f for f in frames if f["crypto_done"]]
     unprocessed = [f for f in frames if not f["crypto_done"]]
-    assert len(ok) == c["inside"] and len(unprocessed) == c["spoofed"]
+    assert len(ok) == c["inside"] and len(unprocessed) == outside
     assert all(f["crypto_status"] == SUCCESS and f["handle"] == r["handle"] for f in ok)
-    assert {f["udp"]["src"] for f in ok} == {INNER_PEER}
+    assert {(f["udp"]["src"], f["udp"]["dport"]) for f in ok} == {(INNER_PEER, c["dport"])}
     assert all((f["policy_mismatch"], f["handle"], f["crypto_status"]) == (True, 0, 0) for f in unprocessed)
-    # ESP-NULL: the unprocessed frame still shows what it carried - the spoofed inner source
-    spoofed = [IP(bytes.fromhex(f["frame"])[14:]) for f in unprocessed]
-    assert {str(IP(bytes(p[ESP])[8:]).src) for p in spoofed} == {INNER_SPOOF}
-    assert r["fw_stats"]["rx_policy_unprocessed"] == c["spoofed"]
+    # ESP-NULL: an unprocessed frame still shows what it carried - the spoofed source, or the other port
+    inner = Counter((str(p.src), p[UDP].dport) for p in (_inner_of_null_esp(f["frame"]) for f in unprocessed))
+    assert inner == {(INNER_SPOOF, c["dport"]): c["spoofed"], (INNER_PEER, c["dport"] + 1): c["other_port"]}
+    assert r["fw_stats"]["rx_policy_unprocessed"] == outside
 
 
 # --- tunnel inner selectors ---------------------------------------------------------------------------------
@@ -165,16 +177,17 @@ def test_v1_tunnel_filter_is_the_inner_connection(result, wire):
 def test_packet_offload_drops_a_spoofed_inner_source_and_counts_it(result, wire):
     c, r = CASES["packet_tunnel"], result["packet_tunnel"]
     spi = c["spi"]
-    assert _state(r["peer_states"], spi)["packets"] == c["inside"] + c["spoofed"]
-    assert _on_wire(wire, spi) == {PEER: c["inside"] + c["spoofed"]}
+    outside = c["spoofed"] + c["other_port"]  # the SA's selector also names UDP to one port
+    assert _state(r["peer_states"], spi)["packets"] == c["inside"] + outside
+    assert _on_wire(wire, spi) == {PEER: c["inside"] + outside}
     delivered = _ours(r["frames"], spi, r["handle"])
-    assert len(delivered) == c["inside"]  # nothing else: the spoofed packets were not indicated at all
+    assert len(delivered) == c["inside"]  # nothing else: the others were not indicated at all
     for f in delivered:
         assert (f["decapsulated"], f["crypto_status"], f["handle"]) == (True, SUCCESS, r["handle"])
         assert (f["udp"]["src"], f["udp"]["dst"], f["udp"]["dport"]) == (INNER_PEER, INNER_CARD, c["dport"])
     assert not [f for f in r["frames"] if (f.get("udp") or {}).get("src") == INNER_SPOOF]
-    assert r["card_stats"]["rx_policy_drop"] == c["spoofed"]  # the RX_POLICY_DROP register
-    assert r["fw_stats"]["rx_policy_drops"] == c["spoofed"]
+    assert r["card_stats"]["rx_policy_drop"] == outside  # the RX_POLICY_DROP register
+    assert r["fw_stats"]["rx_policy_drops"] == outside
     assert r["card_stats"]["rx_crypto_ok"] == c["inside"]
 
 
