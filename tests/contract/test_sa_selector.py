@@ -134,3 +134,20 @@ def test_packet_offload_selector_from_the_file_reaches_the_card_and_filters(tmp_
                                                  seq_num=3)))
     assert ok.decapsulated and not ok.policy_drop
     assert port.policy_drop and spoof.policy_drop and fw.stats().rx_policy_drops == 2
+
+
+def test_outbound_transport_port_selector_stays_between_the_sa_endpoints(tmp_path):
+    """A transport SA's port selector narrows its endpoints' traffic (datasheet §5.2): frames sent without a
+    handle to another destination, or to another port, find no SA."""
+    from firmware_model.traffic import TxOutcome
+
+    _, (e,) = _load(tmp_path, _doc({"proto": "udp", "dport": 5001}, "outbound", GCM, src=ME, dst=PEER),
+                    Offload.PACKET)
+    fw = _fw(Opcode.ADD_SA_PACKET, sa_codec.add_sa_packet(e.params))
+
+    def send(dst: str, dport: int):
+        return fw.transmit(bytes(Ether() / IP(src=ME, dst=dst) / UDP(sport=4000, dport=dport) / (b"x" * 20)), 0,
+                           True).status
+
+    assert [send(PEER, 5001), send("10.0.0.9", 5001), send(PEER, 5002)] == [TxOutcome.OK, TxOutcome.NO_SA,
+                                                                            TxOutcome.NO_SA]
