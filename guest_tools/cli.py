@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--dst", help="SA destination (tunnel: outer endpoint)")
     add.add_argument("--inner-src", help="tunnel: inner selector source")
     add.add_argument("--inner-dst", help="tunnel: inner selector destination")
+    add.add_argument("--sel-proto", metavar="tcp|udp|N", help="selector protocol (the SA file's selector.proto): "
+                     "an inbound v1 or packet-offload SA delivers only this protocol")
+    add.add_argument("--sel-sport", type=_int, metavar="PORT", help="selector source port (needs --sel-proto "
+                     "tcp or udp)")
+    add.add_argument("--sel-dport", type=_int, metavar="PORT", help="selector destination port (needs "
+                     "--sel-proto tcp or udp)")
     add.add_argument("--aead", metavar="ALG:KEY:SALT[:ICV]", help="e.g. aes-gcm-128:<hex>:<hex>:16, "
                      "aes-gmac-128:<hex>:<hex> (keys on the command line are visible in ps and shell "
                      "history: prefer --key-file or --sa)")
@@ -188,7 +194,16 @@ def given_from_args(a: argparse.Namespace, params) -> frozenset[str]:
         given.add("encap")
     if a.ah_spi is not None:
         given.add("ah")
+    if params.sel_proto or params.sel_sport or params.sel_dport:
+        given.add("selector")
     return frozenset(given)
+
+
+def _flag_of(key: str, a: argparse.Namespace) -> str:
+    """The flag(s) that set SA-file key ``key``: the file's ``selector`` is three flags."""
+    if key == "selector":
+        return "/".join(f"--sel-{n}" for n in ("proto", "sport", "dport") if getattr(a, f"sel_{n}", None))
+    return "--" + key.replace("_", "-")
 
 
 def check_flags_honoured(a: argparse.Namespace, params) -> None:
@@ -196,7 +211,28 @@ def check_flags_honoured(a: argparse.Namespace, params) -> None:
     from device.contract.sa_fields import Offload, refusals
 
     for r in refusals(params, given_from_args(a, params), Offload.of(a.offload, a.v1)):
-        raise UsageError(f"SA {params.spi:#x}: --{r.key.replace('_', '-')}: {r.message}")
+        raise UsageError(f"SA {params.spi:#x}: {_flag_of(r.key, a)}: {r.message}")
+
+
+def selector_from_args(a: argparse.Namespace) -> dict[str, int]:
+    """--sel-proto/--sel-sport/--sel-dport -> SaParams sel_* (the SA file's selector rules)."""
+    from device.contract.sa_file import SaFileError, selector_proto
+
+    out = {"sel_proto": 0, "sel_sport": 0, "sel_dport": 0}
+    try:
+        if getattr(a, "sel_proto", None) is not None:
+            out["sel_proto"] = selector_proto(a.sel_proto, "--sel-proto")
+    except SaFileError as exc:
+        raise UsageError(str(exc)) from None
+    for name in ("sport", "dport"):
+        port = getattr(a, f"sel_{name}", None)
+        if port is not None:
+            if not 0 <= port <= 0xFFFF:
+                raise UsageError(f"--sel-{name}: {port} is not a port")
+            out[f"sel_{name}"] = port
+    if (out["sel_sport"] or out["sel_dport"]) and out["sel_proto"] not in (6, 17):
+        raise UsageError("--sel-sport/--sel-dport need --sel-proto tcp or udp")
+    return out
 
 
 def parse_aead(text: str) -> tuple[str, bytes, bytes, int]:
@@ -314,6 +350,7 @@ def params_from_args(a: argparse.Namespace):
         enc_alg=enc_alg, enc_key=enc_key, auth_alg=auth_alg, auth_key=auth_key, icv_len=icv, esn=a.esn,
         seq=a.seq or 0, replay_window=64 if a.replay_window is None else a.replay_window, encap=encap,
         inner_src=a.inner_src, inner_dst=a.inner_dst, **(parse_lifetime(a.lifetime) if a.lifetime else {}),
+        **selector_from_args(a),
     )
     try:
         validate_sa(params)
@@ -640,8 +677,19 @@ def _proto_text(p, ah) -> str:
     from device.contract.enums import IpProto
 
     if ah is not None:
-        return f" esp+ah ah-spi {ah.spi:#x}"
-    return " ah" if p.proto == IpProto.AH else ""
+        return f" esp+ah ah-spi {ah.spi:#x}" + _selector_text(p)
+    return (" ah" if p.proto == IpProto.AH else "") + _selector_text(p)
+
+
+def _selector_text(p) -> str:
+    """" selector udp sport any dport 5001" when the SA has one (nothing otherwise, as before)."""
+    from device.contract.sa_file import SELECTOR_PROTOS
+
+    if not (p.sel_proto or p.sel_sport or p.sel_dport):
+        return ""
+    names = {v: k for k, v in SELECTOR_PROTOS.items()}
+    proto = names.get(p.sel_proto, str(p.sel_proto))
+    return f" selector {proto} sport {p.sel_sport or 'any'} dport {p.sel_dport or 'any'}"
 
 
 def _globals(a: argparse.Namespace) -> list[str]:

@@ -331,13 +331,18 @@ def add_sa_packet(p: SaParams) -> bytes:
     encap = p.encap or UdpEncap(0, 0)
     sel: dict = {}
     ports = dict(sel_proto=p.sel_proto, sel_sport=p.sel_sport, sel_dport=p.sel_dport)
-    if p.inner_src or p.inner_dst or p.sel_proto:
-        inner = [ipaddress.ip_address(a) for a in (p.inner_src, p.inner_dst) if a]
+    sel_src, sel_dst = p.inner_src, p.inner_dst
+    if p.mode == Mode.TRANSPORT and p.sel_proto:
+        # A transport SA's traffic is between its endpoints: a protocol/port selector narrows that, it does
+        # not widen it to every address (datasheet §5.2: without a selector it matches its endpoints).
+        sel_src, sel_dst = sel_src or p.src, sel_dst or p.dst
+    if sel_src or sel_dst or p.sel_proto:
+        inner = [ipaddress.ip_address(a) for a in (sel_src, sel_dst) if a]
         v6 = (inner[0].version if inner else p.family) == 6
         bits = 128 if v6 else 32
         sel = dict(
-            sel_src=ndis.addr16(p.inner_src), sel_dst=ndis.addr16(p.inner_dst),
-            sel_src_prefix=bits if p.inner_src else 0, sel_dst_prefix=bits if p.inner_dst else 0,
+            sel_src=ndis.addr16(sel_src), sel_dst=ndis.addr16(sel_dst),
+            sel_src_prefix=bits if sel_src else 0, sel_dst_prefix=bits if sel_dst else 0,
             sel_flags=ndis.SEL_PRESENT | (ndis.SEL_IPV6 if v6 else 0), **ports,
         )
     else:

@@ -9,7 +9,8 @@ Each SA field (the SA-file key; the CLI flag of the same name) is, per offload m
 
 Crypto offload follows NDIS: V2_ADD_SA(_EX) and V1_ADD_SA carry no anti-replay window, no lifetime and no
 low sequence half (the V2 SA has only SequenceNumberHighOrder), and v2 carries no mode and no selector.
-Packet offload (ADD_SA_PACKET, beyond NDIS) carries everything.
+The v1 filter (Protocol, SrcPort, DestPort: the SA file's ``selector``) is enforced by the card on inbound
+SAs only. Packet offload (ADD_SA_PACKET, beyond NDIS) carries everything.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from device.contract.enums import Direction, IpProto, Mode
+from device.contract.net import IPPROTO_UDP
 from device.contract.sa import NAT_T_PORT, SaParams
 
 
@@ -71,6 +73,10 @@ def _outbound(p: SaParams) -> bool:
     return p.direction == Direction.OUTBOUND
 
 
+def _udp_on_udp_esp(p: SaParams) -> bool:
+    return p.encap is not None and p.sel_proto == IPPROTO_UDP
+
+
 _NO_CARD_FIELD = "NDIS crypto offload has no field for it on the card"
 
 # The table. A row concerns an SA when its key was given and ``applies`` holds; the first refusing row
@@ -105,6 +111,16 @@ FIELD_RULES: tuple[FieldRule, ...] = (
               "an anti-replay window applies to inbound SAs only (RFC 4303 §3.4.3)"),
     FieldRule("lifetime", "packets and bytes, soft and hard", _always, REFUSED, REFUSED, CARD,
               f"{_NO_CARD_FIELD} (NDIS has no lifetime fields; the host stack counts)"),
+    # The v1 filter's Protocol/SrcPort/DestPort, ADD_SA_PACKET's sel_proto/sel_sport/sel_dport.
+    FieldRule("selector", "inbound: proto, sport, dport", _inbound, REFUSED, CARD, CARD,
+              "V2_ADD_SA has no filter fields (datasheet §12.1 row 8) and the host driver checks only a tunnel's "
+              "inner addresses"),
+    FieldRule("selector", "outbound: proto, sport, dport", _outbound, REFUSED, REFUSED, CARD,
+              "the card applies a crypto-offload filter to received packets only; outbound, the host picks the "
+              "SA for each packet"),
+    FieldRule("selector", "proto udp on a UDP-ESP SA", _udp_on_udp_esp, REFUSED, REFUSED, CARD,
+              "V1_ADD_UDPESP_SA's Protocol 17 names the encapsulation, not the inner protocol (datasheet §12.1 "
+              "row 16)"),
 )
 
 
@@ -125,6 +141,9 @@ def refusals(p: SaParams, given: Iterable[str], offload: Offload) -> list[Refusa
                 hint = "; remove it or drop --v1"
             if rule.key == "replay_window" and _outbound(p):
                 hint = "; remove it"
+            if rule.key == "selector":
+                hint = ("; remove it or use --offload packet" if offload == Offload.CRYPTO_V1 or _outbound(p)
+                        else "; remove it, or use --v1 or --offload packet")
             out[rule.key] = Refusal(rule.key, f"{offload.value}: {rule.why}{hint}")
     return list(out.values())
 

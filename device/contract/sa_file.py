@@ -19,6 +19,7 @@ Shape (keys beyond these are refused, so typos do not pass silently)::
         replay_window: 128
         lifetime: {soft_packets: 0, hard_packets: 0, soft_bytes: 0, hard_bytes: 0}
         ah: {spi: 0x1002, integrity: {alg: hmac-sha256-128, key: ...}}  # ESP-then-AH bundle (guest CLI)
+        selector: {proto: udp, sport: 0, dport: 5001}          # inbound: deliver only this traffic
 
 Which of these keys each offload mode honours is device/contract/sa_fields.py; ``load_sa_entries`` with an
 offload mode refuses the others, naming file, entry and key.
@@ -37,12 +38,17 @@ from typing import Any
 
 from device.contract.algorithms import AUTH_BY_NAME, AUTH_INFO, ENC_BY_NAME, ENC_INFO
 from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
+from device.contract.net import IPPROTO_TCP, IPPROTO_UDP
 from device.contract.sa import MIN_SPI, SaInvalid, SaParams, UdpEncap, validate_sa
 from device.contract.sa_fields import Offload, refusals
 from device.contract.yaml_file import read_yaml
 
 _SA_KEYS = {"spi", "direction", "mode", "proto", "src", "dst", "tunnel", "encap", "aead", "cipher", "integrity",
-            "esn", "seq", "replay_window", "lifetime", "ah"}
+            "esn", "seq", "replay_window", "lifetime", "ah", "selector"}
+_SELECTOR_KEYS = ("proto", "sport", "dport")
+# Upper-layer protocols a selector may name by name (RFC 4301 §4.4.1.1 "Next Layer Protocol"); any other
+# protocol is given by number.
+SELECTOR_PROTOS = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP}
 _LIFETIME_KEYS = ("soft_packets", "hard_packets", "soft_bytes", "hard_bytes")
 
 
@@ -117,8 +123,11 @@ def parse_sa_entries(doc: Any) -> list[SaEntry]:
 
 
 def given_keys(entry: Mapping, params: SaParams) -> frozenset[str]:
-    """Keys the entry sets to something other than "none": a zero lifetime or replay window asks for nothing."""
+    """Keys the entry sets to something other than "none": a zero lifetime, replay window or selector asks for
+    nothing."""
     given = set(entry)
+    if not (params.sel_proto or params.sel_sport or params.sel_dport):
+        given.discard("selector")
     if not params.replay_window:
         given.discard("replay_window")
     if not any((params.soft_packets, params.hard_packets, params.soft_bytes, params.hard_bytes)):
@@ -195,10 +204,11 @@ def parse_sa(entry: Any, where: str) -> SaParams:
     if not isinstance(life, Mapping) or set(life) - set(_LIFETIME_KEYS):
         raise SaFileError(f"{where}.lifetime: expected a mapping with {', '.join(_LIFETIME_KEYS)}")
     limits = {k: _int(life.get(k, 0), f"{where}.lifetime.{k}") for k in _LIFETIME_KEYS}
+    sel = _selector(entry["selector"], f"{where}.selector") if "selector" in entry else {}
     params = SaParams(
         spi=spi, proto=proto, direction=direction, mode=mode, src=src, dst=dst, enc_alg=enc_alg, enc_key=enc_key,
         auth_alg=auth_alg, auth_key=auth_key, icv_len=icv, esn=esn, seq=seq, replay_window=replay, encap=encap,
-        inner_src=inner_src, inner_dst=inner_dst, **limits,
+        inner_src=inner_src, inner_dst=inner_dst, **limits, **sel,
     )
     try:
         validate_sa(params)
@@ -317,6 +327,38 @@ def _addr(value: Any, where: str) -> str:
         return str(ipaddress.ip_address(str(value)))
     except ValueError:
         raise SaFileError(f"{where}: {value!r} is not an IP address") from None
+
+
+def selector_proto(value: Any, where: str) -> int:
+    """A selector protocol: tcp, udp or a number 1..255 (0, "any", is what leaving it out means)."""
+    if isinstance(value, str) and value.lower() in SELECTOR_PROTOS:
+        return SELECTOR_PROTOS[value.lower()]
+    proto = _int(value, where) if not isinstance(value, str) or value[:1].isdigit() else -1
+    if not 1 <= proto <= 0xFF:
+        raise SaFileError(f"{where}: expected tcp, udp or a protocol number 1..255, got {value!r}")
+    return proto
+
+
+def _selector(value: Any, where: str) -> dict[str, int]:
+    """``selector: {proto: udp, sport: N, dport: N}`` -> SaParams sel_proto/sel_sport/sel_dport (0 = any).
+
+    The rest of the traffic selector next to the addresses (RFC 4301 §4.4.1.1): the v1 filter's Protocol,
+    SrcPort and DestPort, ADD_SA_PACKET's sel_proto/sel_sport/sel_dport. Ports are TCP/UDP ports, so they
+    need proto tcp or udp (NDIS OFFLOAD_IPSEC_ADD_SA: "TCP or UDP port")."""
+    if not isinstance(value, Mapping) or not value:
+        raise SaFileError(f"{where}: expected {{proto: udp, sport: N, dport: N}}")
+    extra = set(value) - set(_SELECTOR_KEYS)
+    if extra:
+        raise SaFileError(f"{where}: unknown key {sorted(extra)[0]!r}")
+    out = {"sel_proto": selector_proto(value["proto"], f"{where}.proto") if "proto" in value else 0}
+    for key in ("sport", "dport"):
+        port = _int(value.get(key, 0), f"{where}.{key}")
+        if port > 0xFFFF:
+            raise SaFileError(f"{where}.{key}: {port} is not a port")
+        out[f"sel_{key}"] = port
+    if (out["sel_sport"] or out["sel_dport"]) and out["sel_proto"] not in (IPPROTO_TCP, IPPROTO_UDP):
+        raise SaFileError(f"{where}: ports need proto tcp or udp")
+    return out
 
 
 def _encap(value: Any, where: str) -> UdpEncap:

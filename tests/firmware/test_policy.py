@@ -303,7 +303,9 @@ def test_sa_params_selector_ports_reach_the_card_filters():
     packet = SaParams(spi=0x801, proto=IpProto.ESP, direction=Direction.INBOUND, mode=Mode.TRANSPORT, src=PEER,
                       dst=ME, enc_alg=EncAlg.AES_GCM_128, enc_key=GCM, icv_len=16, sel_proto=6, sel_dport=443)
     req = ndis.AddSaPacket.unpack(add_sa_packet(packet))
-    assert req.sel_flags & ndis.SEL_PRESENT and (req.sel_proto, req.sel_dport, req.sel_src_prefix) == (6, 443, 0)
+    # a transport SA's protocol/port selector stays between its endpoints (/32), it does not widen to any address
+    assert req.sel_flags & ndis.SEL_PRESENT and (req.sel_proto, req.sel_dport, req.sel_src_prefix) == (6, 443, 32)
+    assert (req.sel_src[:4], req.sel_dst[:4], req.sel_dst_prefix) == (ndis.addr4(PEER), ndis.addr4(ME), 32)
     fw = _fw((Opcode.ADD_SA_PACKET, add_sa_packet(packet)))
     gcm = SecurityAssociation(ESP, spi=0x801, crypt_algo="AES-GCM", crypt_key=GCM)
     assert fw.receive(_frame(gcm, IP(src=PEER, dst=ME) / TCP(dport=443), 1)).decapsulated

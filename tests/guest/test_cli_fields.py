@@ -243,3 +243,50 @@ def test_add_result_names_the_reject_reason_when_the_card_gives_one():
         "UNSUPPORTED_ALGORITHM"
     assert AddResult(entry.params, 0, 0xC0000001).reason_name == ""  # today's 8-byte result has no reason
     assert AddResult(entry.params, 0, 0xC0000001, 999).reason_name == "reason 999"
+
+
+def _v1_inbound(*extra: str) -> list[str]:
+    """An inbound v1 SA (NULL + HMAC-SHA1-96, what V1_ADD_SA carries) from 10.0.0.2 to the card."""
+    return ["sa", "add", "--spi", "0x1101", "--dir", "in", "--src", "10.0.0.2", "--dst", "10.0.0.1",
+            "--cipher", "null:", "--integrity", "hmac-sha1-96:" + "22" * 20, *extra]
+
+
+def test_selector_flags_reach_the_v1_filter_and_decide_what_is_delivered(capsys):
+    import json
+
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.ipsec import ESP, SecurityAssociation
+    from scapy.layers.l2 import Ether
+
+    c = Cli()
+    status, out, err = c.run(*_v1_inbound("--v1", "--sel-proto", "udp", "--sel-dport", "5001"), capsys=capsys)
+    assert status == 0 and out.endswith(" spi 0x1101 inbound transport crypto selector udp sport any dport 5001\n"), out
+    handle = int(out.split()[0], 16)
+    flt = c.h.firmware.sadb.get(handle).rx_filter
+    assert (flt.proto, flt.sport, flt.dport) == (17, 0, 5001)
+    peer = SecurityAssociation(ESP, spi=0x1101, crypt_algo="NULL", auth_algo="HMAC-SHA1-96",
+                               auth_key=bytes.fromhex("22" * 20))
+    for seq, dport in ((1, 5001), (2, 5002)):
+        c.h.inject(bytes(Ether(dst=CARD_MAC) / peer.encrypt(IP(src="10.0.0.2", dst="10.0.0.1") /
+                                                            UDP(sport=4002, dport=dport), seq_num=seq)))
+    status, out, _ = c.run("recv", "--count", "2", "--json", capsys=capsys)
+    inside, outside = (json.loads(line) for line in out.splitlines())
+    assert status == 0 and (inside["crypto_done"], inside["crypto_status"], inside["handle"]) == (True, "SUCCESS",
+                                                                                                 handle)
+    assert (outside["crypto_done"], outside["handle"]) == (False, 0)
+    assert c.h.firmware.stats().rx_policy_unprocessed == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sel-proto", "udp", "--sel-dport", "5001"],
+     "SA 0x1101: --sel-proto/--sel-dport: crypto offload: V2_ADD_SA has no filter fields"),
+    (["--v1", "--dir", "out", "--sel-proto", "tcp"], "SA 0x1101: --sel-proto: crypto offload (--v1): "),
+    (["--v1", "--sel-dport", "5001"], "--sel-sport/--sel-dport need --sel-proto tcp or udp"),
+    (["--v1", "--sel-proto", "sctp"], "--sel-proto: expected tcp, udp or a protocol number 1..255"),
+    (["--v1", "--sel-proto", "udp", "--sel-sport", "65536"], "--sel-sport: 65536 is not a port"),
+])
+def test_selector_flags_are_refused_by_name(capsys, extra, message):
+    c = Cli()
+    status, _, err = c.run(*_v1_inbound(*extra), capsys=capsys)
+    assert status == cli.EXIT_USAGE and message in err, err
+    assert c.card is None or c.sas(capsys) == 0
