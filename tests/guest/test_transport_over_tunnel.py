@@ -375,3 +375,30 @@ def test_default_and_plain_combined_cards_advertise_no_udp_kind():
             assert card.ident.udp_esp == 0x3 and card.caps().udp_esp == 0x3
         finally:
             card.close()
+
+
+@pytest.mark.parametrize("udp", ["tunnel", "transport"])
+def test_peer_commands_for_a_udp_encapsulated_layer(udp):
+    """The UDP layer's peer states carry `encap espinudp 4500 4500`; for a UDP-encapsulated transport layer
+    the peer's inbound side also gets a tunnel-only policy for the encapsulated flow, preferred over the
+    two-template one (Linux checks policy at the encap socket before opening the ESP-in-UDP)."""
+    from guest_tools.checks.combined import sa_document
+    from guest_tools.scenario import card_sas, fill_keys
+    from guest_tools.xfrm_peer import transport_over_tunnel_commands
+
+    t_out, u_out, t_in, u_in = card_sas(fill_keys(sa_document({"spi_base": 0, "udp": udp})))
+    inbound = transport_over_tunnel_commands(t_out, u_out, 1)  # the card's outbound pair: the peer's `dir in`
+    outbound = transport_over_tunnel_commands(t_in, u_in, 3)
+    encapsulated = (inbound[1], outbound[1]) if udp == "tunnel" else (inbound[0], outbound[0])
+    plain = (inbound[0], outbound[0]) if udp == "tunnel" else (inbound[1], outbound[1])
+    for state in encapsulated:
+        assert state[-5:] == ["encap", "espinudp", "4500", "4500", "0.0.0.0"]
+    assert not [s for s in plain if "encap" in s]
+    assert len(outbound) == 3
+    if udp == "tunnel":
+        assert len(inbound) == 3 and "priority" not in inbound[2]
+        return
+    general, flow = " ".join(inbound[2]), " ".join(inbound[3])
+    assert f"dst {PEER_H}/32 dir in priority 100 tmpl src {CARD_H} " in general
+    assert flow == (f"xfrm policy add src {CARD_H}/32 dst {PEER_H}/32 proto udp sport 4500 dport 4500 dir in "
+                    f"priority 10 tmpl src {CARD_T} dst {PEER_T} proto esp reqid 2 mode tunnel")
