@@ -415,3 +415,24 @@ def test_v1_sas_are_the_two_layers_both_directions(kind):
         (True, False, CryptoStatus.TUNNEL_ESP_AUTH_FAILED)
     st = fw.stats()
     assert (st.tx_crypto, st.rx_crypto_ok, st.rx_auth_failed, st.rx_crypto_done) == (1, 1, 2, 3)
+
+
+@pytest.mark.parametrize("kind", ["a", "b"])
+def test_v1_tunnel_filter_sees_the_transport_layer(kind):
+    """A v1 tunnel SA's filter is matched against the packet the tunnel carries, which in transport over
+    tunnel is the transport layer's ESP (in UDP 4500 for kind b): its end hosts pass, a port of the end-to-end
+    flow does not (the frame is indicated as if no SA applied; datasheet §7.3)."""
+    results = {}
+    for dport in (0, 2000):
+        fw = Firmware(_caps(KA if kind == "a" else KB))
+        for tunnel in (False, True):
+            p = _v1_params(kind, outbound=False, tunnel=tunnel)
+            if tunnel:
+                p = replace(p, sel_proto=17, sel_dport=dport)
+            opcode, req = (Opcode.V1_ADD_UDPESP_SA, v1_add_udpesp_sa(p)) if p.encap else (Opcode.V1_ADD_SA,
+                                                                                          v1_add_sa(p))
+            assert fw.execute(opcode, req)[0] == NdisStatus.SUCCESS, fw.last_error
+        inner_sa, outer_sa = _v1_scapy(kind, False)
+        rx = fw.receive(bytes(Ether() / outer_sa.encrypt(inner_sa.encrypt(_plain(False), seq_num=1), seq_num=1)))
+        results[dport] = (rx.crypto_done, rx.next_crypto_done, rx.policy_mismatch)
+    assert results == {0: (True, True, False), 2000: (False, False, True)}
