@@ -49,6 +49,9 @@ UDP_KINDS = {
           "udp": "tunnel"},
     "b": {"name": "tot-udp-transport", "family": 4, "count": COUNT, "size": SIZE, "spi_base": 0x60,
           "timeout": 10.0, "udp": "transport"},
+    # kind b without the peer's tunnel-only policy for the encapsulated flow (evidence for why it is there)
+    "b-no-flow-policy": {"name": "tot-udp-noflow", "family": 4, "count": 3, "size": 120, "spi_base": 0x80,
+                         "timeout": 3.0, "udp": "transport", "peer_flow_policy": False},
 }
 
 
@@ -284,3 +287,19 @@ def test_udp_kind_on_the_wire(topo, runs, kind):
                 assert int.from_bytes(inner[hl + 8:hl + 12], "big") == t_spi
             else:
                 assert (inner[9], int.from_bytes(inner[hl:hl + 4], "big")) == (50, t_spi)
+
+
+def test_linux_needs_a_policy_for_the_encapsulated_flow(runs):
+    """Without the tunnel-only policy for UDP 4500 between the end hosts, Linux drops the card's kind-b
+    datagrams at its encap socket's policy check, which runs before it opens ESP-in-UDP
+    (net/ipv4/udp.c udp_queue_rcv_one_skb): the tunnel state opened every frame, the transport state none,
+    and XfrmInTmplMismatch counts them. So the peer configuration, not the card, needs that policy."""
+    spec = UDP_KINDS["b-no-flow-policy"]
+    r = runs("b-no-flow-policy")
+    count, base = spec["count"], spec["spi_base"]
+    assert r["peer_policies"] == 4
+    c2p = r["card_to_peer"]
+    assert c2p["tx_status"] == {"OK": count} and c2p["received"] == 0
+    assert _state(r, U_OUT + base)["packets"] == count and _state(r, T_OUT + base)["packets"] == 0
+    assert r["xfrm_stat_delta"].get("XfrmInTmplMismatch") == count
+    assert r["peer_to_card"]["delivered"] == count  # the other direction does not need it
