@@ -19,9 +19,11 @@ The ``firmware:`` section of the YAML card profile, e.g.::
       max_replay_window: 4096
       packet_offload: true
 
-Every key is optional. lso and the transport-over-tunnel UDP-ESP kinds exist in NDIS but not in this
-card: a profile asking for them is refused. transport_tunnel_combined (crypto offload, plain ESP layers)
-is off unless the profile asks for it. Algorithms the engine cannot run honestly (single DES; 3DES or MD5 when the
+Every key is optional. lso exists in NDIS but not in this card: a profile asking for it is refused.
+transport_tunnel_combined (crypto offload) is off unless the profile asks for it; the UDP-ESP kinds
+transport-over-tunnel (transport ESP inside a UDP-encapsulated tunnel) and udp-transport-over-tunnel
+(UDP-encapsulated transport ESP inside a plain tunnel) are layers of it, so udp_esp may list them only
+together with transport_tunnel_combined: true (else the profile is refused). Algorithms the engine cannot run honestly (single DES; 3DES or MD5 when the
 installed ``cryptography``/OpenSSL lacks them) are refused with an error naming the key.
 """
 
@@ -62,11 +64,12 @@ _BOOL_KEYS = (
 _NOT_IMPLEMENTED = {
     "lso": "the card never segments (no large send offload)",
 }
-_UDP_ESP_COMBINED_REASON = "transport over tunnel is implemented without UDP encapsulation only"
-_UDP_ESP_NOT_IMPLEMENTED = {
-    "transport-over-tunnel": UdpEspEncapsulation.TRANSPORT_OVER_TUNNEL,
-    "udp-transport-over-tunnel": UdpEspEncapsulation.UDP_ESP_TRANSPORT_OVER_TUNNEL,
-}
+# The UDP-ESP kinds that only exist as one layer of transport over tunnel (NDIS: "transport over
+# UDP-encapsulated tunnel", "UDP-encapsulated transport over tunnel"; the card implements both in crypto
+# offload, firmware_model/traffic.py _tx_combined / _rx_nested): advertising one without
+# transport_tunnel_combined would promise a path the card never takes.
+UDP_ESP_COMBINED = UdpEspEncapsulation.TRANSPORT_OVER_TUNNEL | UdpEspEncapsulation.UDP_ESP_TRANSPORT_OVER_TUNNEL
+_UDP_ESP_COMBINED_REASON = "a layer of transport over tunnel: needs transport_tunnel_combined: true"
 
 
 class ProfileError(ValueError):
@@ -94,8 +97,10 @@ class Capabilities:
 
     def __post_init__(self) -> None:
         # never advertise what is not implemented (the profile loader names the key; this guards code)
-        if self.lso or self.udp_esp & ~(UdpEspEncapsulation.TRANSPORT | UdpEspEncapsulation.TUNNEL):
-            raise ProfileError("the UDP-ESP transport-over-tunnel kinds and LSO are not implemented")
+        if self.lso:
+            raise ProfileError("LSO is not implemented")
+        if self.udp_esp & UDP_ESP_COMBINED and not self.transport_tunnel_combined:
+            raise ProfileError(f"UDP-ESP transport-over-tunnel kinds: {_UDP_ESP_COMBINED_REASON}")
 
     @classmethod
     def from_profile(cls, section: Mapping[str, Any] | None, where: str = "firmware") -> Capabilities:
@@ -128,6 +133,10 @@ class Capabilities:
             )
         if "udp_esp" in section:
             kwargs["udp_esp"] = _udp_esp(section["udp_esp"], f"{where}.udp_esp")
+            combined = [n for n, f in UDP_ESP_NAMES.items() if f & kwargs["udp_esp"] & UDP_ESP_COMBINED]
+            if combined and not kwargs.get("transport_tunnel_combined", cls.transport_tunnel_combined):
+                raise ProfileError(f"{where}.udp_esp: {', '.join(combined)} refused: {_UDP_ESP_COMBINED_REASON} "
+                                   f"({where}.transport_tunnel_combined)")
         return cls(**kwargs)
 
     @property
@@ -218,7 +227,5 @@ def _udp_esp(value: Any, where: str) -> UdpEspEncapsulation:
     for name in value:
         if name not in UDP_ESP_NAMES:
             raise ProfileError(f"{where}: unknown UDP-ESP encapsulation {name!r} (known: {', '.join(UDP_ESP_NAMES)})")
-        if name in _UDP_ESP_NOT_IMPLEMENTED:
-            raise ProfileError(f"{where}: {name} refused: {_UDP_ESP_COMBINED_REASON}")
         flags |= UDP_ESP_NAMES[name]
     return flags

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from device.contract import ndis
-from device.contract.enums import Direction, IpProto
+from device.contract.enums import Direction, IpProto, UdpEspEncapsulation
 from device.contract.net import IPV6_FRAGMENT
 from device.contract.sa import NAT_T_PORT
 from device.contract.status import CryptoStatus, NdisStatus
@@ -118,6 +118,25 @@ def _combinable(sa: SadbEntry | None, outer: bool) -> bool:
             and len(sa.params) == 1 and sa.params[0].proto == IpProto.ESP)
 
 
+def _udp_layers_offered(caps: Capabilities, inner: SadbEntry, outer: SadbEntry) -> bool:
+    """May these two SAs be the layers of one transport-over-tunnel packet, as far as UDP encapsulation
+    goes? Plain ESP both: yes. A UDP-encapsulated tunnel around a plain transport ESP is NDIS "transport
+    over UDP-encapsulated tunnel" (UdpEsp TRANSPORT_OVER_TUNNEL), a UDP-encapsulated transport ESP inside
+    a plain tunnel "UDP-encapsulated transport over tunnel" (UDP_ESP_TRANSPORT_OVER_TUNNEL): each only when
+    the card advertises it. Both UDP-encapsulated is none of the NDIS kinds (the v1 UDP-ESP encapsulation
+    types rule it out), so never. The SA's own add-time kind (UdpEsp TUNNEL or TRANSPORT_OVER_TUNNEL for a
+    UDP-ESP tunnel, TRANSPORT or UDP_ESP_TRANSPORT_OVER_TUNNEL for a UDP-ESP transport SA, or a v1
+    V1_ADD_UDPESP_SA) is not kept: the pair in the descriptor / on the wire decides."""
+    inner_udp, outer_udp = inner.params[0].encap is not None, outer.params[0].encap is not None
+    if inner_udp and outer_udp:
+        return False
+    if outer_udp:
+        return bool(caps.udp_esp & UdpEspEncapsulation.TRANSPORT_OVER_TUNNEL)
+    if inner_udp:
+        return bool(caps.udp_esp & UdpEspEncapsulation.UDP_ESP_TRANSPORT_OVER_TUNNEL)
+    return True
+
+
 def _count_status(st: ndis.GlobalStats, status: int) -> None:
     """The receive counter a CryptoStatus belongs to."""
     if status == _CS_SUCCESS:
@@ -177,14 +196,17 @@ class TrafficPath:
         """Transport over tunnel, crypto offload (NDIS TunnelHandle / v1 NextOffloadHandle): the host built
         both layers; the card seals the inner (transport) ESP first, then the outer (tunnel) ESP around it
         (iterated tunnelling, RFC 4301 §4.5). Either SA unusable -> BAD_HANDLE; an outer trailer that does
-        not carry an IP packet (RFC 4303 §2.6: next header 4 or 41) -> WRONG_PROTOCOL."""
+        not carry an IP packet (RFC 4303 §2.6: next header 4 or 41) -> WRONG_PROTOCOL. Either layer may be
+        UDP-encapsulated (RFC 3948) when the card advertises that kind (_udp_layers_offered): the host built
+        the UDP header in front of that layer's ESP, as for a single UDP-ESP SA; each engine finds its ESP
+        behind it (and fills an IPv6 UDP checksum after sealing, the inner one before the outer seals it)."""
         st = self._stats
         st.tx_packets += 1
         st.tx_bytes += len(frame)
         inner = self.sadb.get(handle)
         outer = self.sadb.get(tunnel_handle)
         if (packet_offload or not self.caps.transport_tunnel_combined or not _combinable(inner, False)
-                or not _combinable(outer, True)):
+                or not _combinable(outer, True) or not _udp_layers_offered(self.caps, inner, outer)):
             st.tx_bad_handle += 1
             return TxResult(TxOutcome.BAD_HANDLE, None)
         l3, _ = l3_offset(frame)
@@ -333,7 +355,11 @@ class TrafficPath:
         """Transport over tunnel, crypto offload: the outer (tunnel) ESP verified and carries an IP packet
         (next header 4/41) whose ESP matches an inbound transport SA -> check that one too. NDIS sets
         NextCryptoDone only when both payloads were checked (CryptoDone then set too); crypto_status is the
-        inner result, the frame as received if it failed. None = no second layer (one-layer rules apply)."""
+        inner result, the frame as received if it failed. None = no second layer (one-layer rules apply).
+        UDP-encapsulated layers (either one, not both) take part only when the card advertises that kind
+        (_udp_layers_offered); otherwise the outer layer is indicated alone. RFC 3948 §3.1.2 (datasheet
+        §12.1 row 20): an authentic UDP-encapsulated transport layer carrying TCP/UDP gets L4_CSUM_OK, as
+        a single transport UDP-ESP SA does."""
         span = rt.payload_span(buf, l3)
         if span is None or span[0] not in (4, 41):
             return None
@@ -343,6 +369,8 @@ class TrafficPath:
             return None
         isa = found[0]
         if isa.packet_offload or isa.tunnel or len(isa.params) != 1 or isa.params[0].proto != IpProto.ESP:
+            return None
+        if not _udp_layers_offered(self.caps, isa, sa):
             return None
         irt = isa.runtime()
         verdict = irt.crypto_decrypt(buf, start)
@@ -364,6 +392,11 @@ class TrafficPath:
             trailer = esp_trailer(out, sa.esp_icv_len)  # HEADER_INFO describes the outer ESP
             if trailer is not None:
                 result.next_header, result.pad_length = trailer
+            if self._transport_udp_esp(isa):
+                inner_span = irt.payload_span(buf, start)  # the transport layer's own trailer
+                if inner_span is not None and inner_span[0] in _L4_PROTOS:
+                    result.l4_csum_ok = True
+                    st.rx_l4_csum_ok += 1
         return result
 
     def _policy_unprocessed(self, frame: bytes) -> RxResult:

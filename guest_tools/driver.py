@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device.contract import regs
+from device.contract.enums import UdpEspEncapsulation
 from device.contract.regs import (
     ADMIN_DESC,
     RX_DESC,
@@ -66,6 +67,7 @@ class Identity:
     max_mtu: int
     aq_max_len: int
     aq_max_buf: int
+    udp_esp: int = 0  # UDP_ESP register: the UdpEspEncapsulation kinds the card offers
 
     @property
     def mac_text(self) -> str:
@@ -229,6 +231,7 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
             num_txq=r(regs.reg("NUM_TXQ")), num_rxq=r(regs.reg("NUM_RXQ")), max_ring=r(regs.reg("MAX_RING_SIZE")),
             num_msix=r(regs.reg("NUM_MSIX")), mac=mac, max_mtu=r(regs.reg("MAX_MTU")),
             aq_max_len=r(regs.reg("AQ_MAX_LEN")), aq_max_buf=r(regs.reg("AQ_MAX_BUF")),
+            udp_esp=r(regs.reg("UDP_ESP")),
         )
 
     def _quiesce(self) -> None:
@@ -405,6 +408,10 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
     def offers(self, feature: Features) -> bool:
         """Does the card advertise ``feature`` in its FEATURES register (read at init)?"""
         return self.ident is not None and bool(self.ident.features & feature)
+
+    def offers_udp_esp(self, kind: UdpEspEncapsulation) -> bool:
+        """Does the card advertise UDP-ESP ``kind`` in its UDP_ESP register (read at init)?"""
+        return self.ident is not None and bool(self.ident.udp_esp & kind)
 
 
 def default_state_path(bdf: str) -> Path:

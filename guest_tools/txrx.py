@@ -7,7 +7,7 @@ import contextlib
 from dataclasses import dataclass
 
 from device.contract import regs
-from device.contract.enums import Direction
+from device.contract.enums import Direction, UdpEspEncapsulation
 from device.contract.net import ETH_P_IP, ETH_P_IPV6
 from device.contract.regs import (
     RX_DESC,
@@ -52,6 +52,12 @@ class RxPacket:
     @property
     def crypto_done(self) -> bool:
         return bool(self.flags & RxWbFlags.CRYPTO_DONE)
+
+    @property
+    def l4_csum_ok(self) -> bool:
+        """The card vouches for the TCP/UDP checksum (RFC 3948 §3.1.2: an authentic UDP-encapsulated
+        transport layer; datasheet §12.1 row 20)."""
+        return bool(self.flags & RxWbFlags.L4_CSUM_OK)
 
     @property
     def next_crypto_done(self) -> bool:
@@ -122,6 +128,9 @@ class TxRxOps:
 
     def offers(self, feature: Features) -> bool:
         raise NotImplementedError  # Card.offers
+
+    def offers_udp_esp(self, kind: UdpEspEncapsulation) -> bool:
+        raise NotImplementedError  # Card.offers_udp_esp
 
     def _tx_reclaim_wait(self) -> None:
         def reclaimed() -> bool:
@@ -238,17 +247,37 @@ class TxRxOps:
 
     def _combined_sa(self, handle: int, tunnel: bool) -> HostSa:
         """One layer of transport over tunnel: an outbound crypto-offload ESP SA this host added, without AH
-        or UDP encapsulation (the card implements plain ESP layers only, datasheet §12.2 row 1); the inner
-        one in transport mode, the outer one in tunnel mode."""
+        (single-ESP SAs only, datasheet §12.2 row 1); the inner one in transport mode, the outer one in
+        tunnel mode. UDP encapsulation is checked for the pair (_combined_udp_kind)."""
         role = "tunnel" if tunnel else "transport"
         sa = self.host.get(handle)
         if sa is None or not sa.framable or sa.direction != Direction.OUTBOUND:
             raise CardError(f"{role} SA handle {handle:#x} is not an outbound crypto-offload SA added through "
                             "this tool ('sa list'; the host needs its framing state)")
-        if not sa.has_esp or sa.ah_icv_len or sa.encap is not None or sa.tunnel != tunnel:
-            raise CardError(f"SA {sa.spi:#x} cannot be the {role} layer of transport over tunnel: it must be a "
-                            f"plain ESP SA in {role} mode (no AH, no UDP encapsulation; datasheet §7.3)")
+        if not sa.has_esp or sa.ah_icv_len or sa.tunnel != tunnel:
+            raise CardError(f"SA {sa.spi:#x} cannot be the {role} layer of transport over tunnel: it must be an "
+                            f"ESP SA in {role} mode (no AH; datasheet §7.3)")
         return sa
+
+    def _combined_udp_kind(self, inner: HostSa, outer: HostSa) -> None:
+        """A UDP-encapsulated layer (RFC 3948, port 4500) makes the pair one of NDIS's UDP-ESP kinds, which
+        the card must advertise in its UDP_ESP register (datasheet §7.3): the tunnel layer in UDP =
+        TRANSPORT_OVER_TUNNEL ("transport over UDP-encapsulated tunnel"), the transport layer in UDP =
+        UDP_ESP_TRANSPORT_OVER_TUNNEL ("UDP-encapsulated transport over tunnel"). Both in UDP is no NDIS
+        kind. Refused here, before any descriptor, rather than as the card's BAD_HANDLE."""
+        if inner.encap is not None and outer.encap is not None:
+            raise CardError(f"transport SA {inner.spi:#x} and tunnel SA {outer.spi:#x} are both UDP-encapsulated: "
+                            "UDP-encapsulated transport over a UDP-encapsulated tunnel is not an NDIS kind "
+                            "(datasheet §7.3); one layer at most may use UDP")
+        for sa, kind, what, key in (
+            (outer, UdpEspEncapsulation.TRANSPORT_OVER_TUNNEL, "a UDP-encapsulated tunnel",
+             "transport-over-tunnel"),
+            (inner, UdpEspEncapsulation.UDP_ESP_TRANSPORT_OVER_TUNNEL, "a UDP-encapsulated transport layer",
+             "udp-transport-over-tunnel"),
+        ):
+            if sa.encap is not None and not self.offers_udp_esp(kind):
+                raise CardError(f"this card does not offer transport over tunnel with {what} (SA {sa.spi:#x}): "
+                                f"UDP_ESP.{kind.name} is clear (its profile's firmware.udp_esp lacks {key})")
 
     def _next_seq(self, handle: int, sa: HostSa) -> int:
         seq = sa.next_seq
@@ -269,6 +298,7 @@ class TxRxOps:
             raise CardError("transport over tunnel needs the transport SA as the handle (--sa) besides the "
                             "tunnel SA")
         inner, outer = self._combined_sa(handle, False), self._combined_sa(tunnel_handle, True)
+        self._combined_udp_kind(inner, outer)
         l3 = packets.l3_offset(frame)
         if l3 < 0:
             raise CardError("crypto offload needs an Ethernet frame carrying IPv4 or IPv6")

@@ -194,7 +194,23 @@ def transport_over_tunnel_commands(transport: SaParams, tunnel: SaParams, reqid:
     if (transport.src, transport.dst) != selector(tunnel):
         raise PeerConfigError(f"{where}: the tunnel's selector must be the transport SA's endpoints")
     policy = policy_add(transport, reqid) + _tmpl(tunnel, reqid + 1, Mode.TUNNEL)
-    return [state_add(transport, reqid), state_add(tunnel, reqid + 1), policy]
+    commands = [state_add(transport, reqid), state_add(tunnel, reqid + 1), policy]
+    if transport.encap is not None and peer_policy_dir(transport) == "in":
+        # UDP-encapsulated transport inside the tunnel (NDIS UDP_ESP_TRANSPORT_OVER_TUNNEL). Linux checks the
+        # inbound policy at the UDP_ENCAP socket *before* it opens the ESP-in-UDP (net/ipv4/udp.c
+        # udp_queue_rcv_one_skb: xfrm4_policy_check, then encap_rcv), when only the tunnel state is in the
+        # secpath: the two-template policy fails there (XfrmInTmplMismatch), and so does a socket bypass
+        # policy (a tunnel-mode secpath entry no template covers). A policy for the encapsulated flow (UDP
+        # between the end hosts on the encap ports) with the tunnel template alone admits it and marks that
+        # secpath entry verified (__xfrm_policy_check sp->verified_cnt, its nested-tunnel rule); the datagram
+        # inside is then checked against both templates. It must win the lookup over the general policy,
+        # which shares its addresses: a lower priority value.
+        policy[policy.index("dir") + 2:policy.index("dir") + 2] = ["priority", "100"]
+        src, dst = selector(transport)
+        commands.append(["xfrm", "policy", "add", "src", _prefix(src), "dst", _prefix(dst), "proto", "udp",
+                         "sport", str(transport.encap.sport), "dport", str(transport.encap.dport), "dir", "in",
+                         "priority", "10", *_tmpl(tunnel, reqid + 1, Mode.TUNNEL)])
+    return commands
 
 
 SaOrBundle = SaParams | tuple[SaParams, SaParams]

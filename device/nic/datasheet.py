@@ -166,17 +166,20 @@ PROFILE_KEYS: dict[str, tuple[str, str]] = {
     "firmware.encryption": ("list of names (§7.1); des-cbc is always refused", "ENC_ALGOS"),
     "firmware.integrity": ("list of names (§7.1)", "AUTH_ALGOS"),
     "firmware.esn": ("true/false", "ESN SAs accepted"),
-    "firmware.udp_esp": ("true (= transport, tunnel), false, or a list of transport, tunnel "
-                         "(transport-over-tunnel, udp-transport-over-tunnel are refused: UDP-encapsulated "
-                         "transport over tunnel is not implemented, §12.2)",
-                         "UDP_ESP kinds accepted in udp_esp_encapsulation"),
+    "firmware.udp_esp": ("true (= transport, tunnel), false, or a list of transport, tunnel, "
+                         "transport-over-tunnel, udp-transport-over-tunnel (the last two only with "
+                         "transport_tunnel_combined: true, else the profile is refused)",
+                         "UDP_ESP kinds accepted in udp_esp_encapsulation; the last two are the UDP-encapsulated "
+                         "layers of transport over tunnel (§7.3), also v1 parse flags TPTOVERTUN_OTHER, "
+                         "TPT_OVER_PURE_TUN_OTHER"),
     "firmware.ipv6": ("true/false", "IPv6 SAs; also reported as IPv6 extension-header support"),
     "firmware.ipv4_options": ("true/false", "IPv4 packets with options are processed (else indicated "
                                             "unprocessed)"),
     "firmware.transport": ("true/false", "transport-mode SAs accepted"),
     "firmware.tunnel": ("true/false", "tunnel-mode SAs accepted (NDIS needs TRUE for any offload)"),
     "firmware.transport_tunnel_combined": ("true/false", "CAPS transport_tunnel_combined: crypto-offload transport "
-                                                         "over tunnel, plain ESP layers (§7.3, §7.6)"),
+                                                         "over tunnel, plain ESP layers; UDP-encapsulated layers "
+                                                         "as firmware.udp_esp offers them (§7.3, §7.6)"),
     "firmware.ah": ("true/false", "AH SAs accepted"),
     "firmware.esp": ("true/false", "ESP SAs accepted"),
     "firmware.ah_esp_combined": ("true/false", "ESP+AH bundles accepted"),

@@ -12,10 +12,16 @@ SA as the handle and the tunnel SA as TxDesc.tunnel_handle; the peer's kernel op
 socket gets the datagrams. Peer -> card: the peer's kernel seals both layers; the card indicates each frame.
 
 SPEC: {"name": str, "family": 4 | 6, "count": int, "size": int, "spi_base": int,
-"peer_inner_keys": "same" | "different",
+"peer_inner_keys": "same" | "different", "udp": None | "tunnel" | "transport", "peer_flow_policy": bool,
 "inner_alg": ALGORITHMS name, "outer_alg": ALGORITHMS name, "timeout": seconds, "cli": bool}. With "cli"
 one datagram each way also goes through the command line (`send --tunnel-sa`, `recv --json`). With "different" the
 peer's two transport states get other keys than the card's (a negative: the tunnel layer still verifies).
+With "udp" one layer is UDP-encapsulated (RFC 3948, port 4500) on both sides: "tunnel" = the tunnel SAs
+(NDIS UdpEsp TRANSPORT_OVER_TUNNEL, "transport over UDP-encapsulated tunnel"), "transport" = the transport
+SAs (UDP_ESP_TRANSPORT_OVER_TUNNEL, "UDP-encapsulated transport over tunnel"). The peer's states then carry
+`encap espinudp 4500 4500`, and a UDP_ENCAP_ESPINUDP socket on port 4500 in netns `peer` hands the
+ESP-in-UDP it receives to XFRM (net/ipv4/xfrm4_input.c xfrm4_udp_encap_rcv): for "tunnel" the outer
+datagram, for "transport" the inner one, which arrives there after the tunnel state decapsulated it.
 The result is what was observed (statuses, handles, digests, counters); the host test judges it.
 """
 
@@ -35,10 +41,17 @@ from guest_tools.scenario import (
     ALGORITHMS,
     C2P_DPORT,
     C2P_SPORT,
+    NAT_T_PORT,
     NET,
     P2C_DPORT,
     P2C_SPORT,
+    SOL_UDP,
+    UDP_ENCAP,
+    UDP_ENCAP_ESPINUDP,
+    XFRM_POLICY_IN,
+    XFRM_POLICY_OUT,
     _ip,
+    bypass_policy,
     card_sas,
     fill_keys,
     in_netns,
@@ -67,15 +80,19 @@ def sa_document(spec: dict[str, Any]) -> dict[str, Any]:
     card_gw, peer_gw = NET.addrs(_family(spec), tunnel=False)
     inner = ALGORITHMS[spec.get("inner_alg", "aes-cbc-128+hmac-sha256-128")]
     outer = ALGORITHMS[spec.get("outer_alg", "aes-gcm-128")]
+    udp = spec.get("udp")
+    encap = {"type": "udp", "sport": NAT_T_PORT, "dport": NAT_T_PORT}
+    t_encap = {"encap": dict(encap)} if udp == "transport" else {}
+    u_encap = {"encap": dict(encap)} if udp == "tunnel" else {}
     sas = []
     for direction, t_spi, u_spi, src, dst, gw_src, gw_dst in (
         ("outbound", T_OUT, U_OUT, card_host, peer_host, card_gw, peer_gw),
         ("inbound", T_IN, U_IN, peer_host, card_host, peer_gw, card_gw),
     ):
         sas.append({"spi": t_spi + base, "direction": direction, "mode": "transport", "src": src, "dst": dst,
-                    **copy.deepcopy(inner)})
+                    **copy.deepcopy(inner), **copy.deepcopy(t_encap)})
         sas.append({"spi": u_spi + base, "direction": direction, "mode": "tunnel", "src": src, "dst": dst,
-                    "tunnel": {"src": gw_src, "dst": gw_dst}, **copy.deepcopy(outer)})
+                    "tunnel": {"src": gw_src, "dst": gw_dst}, **copy.deepcopy(outer), **copy.deepcopy(u_encap)})
     return {"sas": sas}
 
 
@@ -144,6 +161,7 @@ def _peer_to_card(card, spec: dict[str, Any], tx: socket.socket) -> dict[str, An
             if valid:
                 delivered.append(dgram.data)
             frames.append({"crypto_done": pkt.crypto_done, "next_crypto_done": pkt.next_crypto_done,
+                           "l4_csum_ok": pkt.l4_csum_ok,
                            "crypto_status": pkt.crypto_status_name, "tunnel_status": pkt.tunnel_status_name,
                            "transport_status": pkt.transport_status_name, "handle": pkt.handle,
                            "next_handle": pkt.next_handle, "inner": pkt.inner is not None, "valid": valid,
@@ -197,6 +215,25 @@ def _cli(card, spec: dict[str, Any], handles: dict[str, int], info: dict[str, An
 CLI_PAYLOAD = b"through the command line " * 3
 
 
+def _encap_socket(fam: int, bypass: bool) -> socket.socket:
+    """Linux opens ESP-in-UDP only on a socket with UDP_ENCAP_ESPINUDP bound to the port (RFC 3948;
+    net/ipv4/udp.c udp_lib_setsockopt UDP_ENCAP, xfrm4_udp_encap_rcv), as IKE daemons do. With ``bypass``
+    its traffic bypasses the policies (an IKE socket's usual setting). Not for a UDP-encapsulated transport
+    layer: that datagram reaches the socket after the tunnel state opened it, and the socket's policy check
+    runs before the ESP-in-UDP is opened (udp_queue_rcv_one_skb), so an allow-all socket policy without
+    templates rejects the tunnel entry in its secpath (XfrmInTmplMismatch); the peer's own policy for that
+    flow admits it (xfrm_peer.transport_over_tunnel_commands). Call inside netns `peer`."""
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)
+    family = 4 if fam == socket.AF_INET else 6
+    for direction in (XFRM_POLICY_IN, XFRM_POLICY_OUT) if bypass else ():
+        s.setsockopt(*bypass_policy(family, direction))
+    s.bind(("0.0.0.0" if fam == socket.AF_INET else "::", NAT_T_PORT))
+    return s
+
+
 def roundtrip(spec: dict[str, Any]) -> dict[str, Any]:
     info = setup()
     doc = fill_keys(sa_document(spec))
@@ -206,7 +243,7 @@ def roundtrip(spec: dict[str, Any]) -> dict[str, Any]:
     stat_before = peer_xfrm_stat()
     card = open_card(reset=True)  # CTRL.RESET: no SAs, statistics at zero
     socks: list[socket.socket] = []
-    out: dict[str, Any] = {"features": card.features(),
+    out: dict[str, Any] = {"features": card.features(), "udp_esp_register": card.ident.udp_esp,
                            "caps_transport_tunnel_combined": card.caps().transport_tunnel_combined,
                            "offers": card.offers(Features.TRANSPORT_TUNNEL_COMBINED)}
     try:
@@ -214,7 +251,13 @@ def roundtrip(spec: dict[str, Any]) -> dict[str, Any]:
                    "u_in": card.add_sa(u_in)}
         out["handles"] = handles
         out["spis"] = {"t_out": t_out.spi, "u_out": u_out.spi, "t_in": t_in.spi, "u_in": u_in.spi}
+        if spec.get("udp"):
+            # test keys of this run, so the host can open the tunnel layer it captured and see where the
+            # UDP header is (the transport layer's UDP only shows inside it)
+            out["tunnel_keys"] = {"u_out": u_out.enc_key.hex(), "u_in": u_in.enc_key.hex()}
         peer = transport_over_tunnel_commands(pt_out, pu_out, 1) + transport_over_tunnel_commands(pt_in, pu_in, 3)
+        if spec.get("peer_flow_policy") is False:  # evidence: what Linux does without the encap-flow policy
+            peer = [c for c in peer if not (c[:3] == ["xfrm", "policy", "add"] and "proto" in c[:8])]
         ip_batch(peer)
         out["peer_policies"] = _ip(["xfrm", "policy"]).count("tmpl ")  # template lines, no keys in them
         _, peer_host = NET.addrs(_family(spec), tunnel=True)
@@ -227,6 +270,8 @@ def roundtrip(spec: dict[str, Any]) -> dict[str, Any]:
             tx = socket.socket(fam, socket.SOCK_DGRAM)
             socks.append(tx)
             tx.bind((peer_host, P2C_SPORT))
+            if spec.get("udp"):
+                socks.append(_encap_socket(fam, bypass=spec["udp"] == "tunnel"))
         out["card_to_peer"] = _card_to_peer(card, spec, handles, info, rx)
         out["peer_to_card"] = _peer_to_card(card, spec, tx)
         out["peer_states"] = [s.as_dict() for s in parse_state_stats(_ip(["-s", "xfrm", "state"]))]

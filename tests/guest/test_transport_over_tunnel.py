@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import pytest
 from scapy.layers.inet import IP, UDP
@@ -15,7 +16,7 @@ from scapy.packet import Raw
 
 from device.contract.enums import AuthAlg, Direction, EncAlg, IpProto, Mode
 from device.contract.regs import CryptoStatus, Features, TxStatus
-from device.contract.sa import SaParams
+from device.contract.sa import SaParams, UdpEncap
 from guest_tools import cli, packets
 from guest_tools.driver import CardError
 
@@ -255,3 +256,149 @@ def test_peer_commands_nest_transport_inside_tunnel_in_one_policy():
         transport_over_tunnel_commands(u_in, t_in, 3)
     with pytest.raises(PeerConfigError, match="share a direction"):
         transport_over_tunnel_commands(t_out, u_in, 3)
+
+
+# --- a UDP-encapsulated layer (RFC 3948): UdpEsp TRANSPORT_OVER_TUNNEL / UDP_ESP_TRANSPORT_OVER_TUNNEL ----------
+
+ALL_UDP = ["transport", "tunnel", "transport-over-tunnel", "udp-transport-over-tunnel"]
+KIND_PROFILES = {
+    "a": {"firmware": {"transport_tunnel_combined": True, "udp_esp": ["transport", "tunnel", "transport-over-tunnel"]}},
+    "b": {"firmware": {"transport_tunnel_combined": True,
+                       "udp_esp": ["transport", "tunnel", "udp-transport-over-tunnel"]}},
+}
+UDP_LAYERS = {"a": (False, True), "b": (True, False)}  # kind -> (transport layer in UDP, tunnel layer in UDP)
+
+
+def _udp_sas(kind: str, direction: Direction, t_spi: int, u_spi: int) -> tuple[SaParams, SaParams]:
+    inner_udp, outer_udp = UDP_LAYERS[kind]
+    t, u = transport_sa(t_spi, direction), tunnel_sa(u_spi, direction)
+    return (replace(t, encap=UdpEncap()) if inner_udp else t), (replace(u, encap=UdpEncap()) if outer_udp else u)
+
+
+def _udp_scapy(kind: str, t_spi: int, u_spi: int, src: str, dst: str):
+    inner_udp, outer_udp = UDP_LAYERS[kind]
+    nat_t = UDP(sport=4500, dport=4500)
+    t = SecurityAssociation(ESP, spi=t_spi, crypt_algo="AES-CBC", crypt_key=CBC_KEY, auth_algo="SHA2-256-128",
+                            auth_key=SHA_KEY, nat_t_header=nat_t if inner_udp else None)
+    u = SecurityAssociation(ESP, spi=u_spi, crypt_algo="AES-GCM", crypt_key=GCM_KEY,
+                            tunnel_header=IP(src=src, dst=dst), nat_t_header=nat_t if outer_udp else None)
+    return t, u
+
+
+@pytest.mark.parametrize("kind", ["a", "b"])
+def test_udp_kinds_register_send_and_recv(kind):
+    """The driver reads UDP_ESP at init; it sends with either layer UDP-encapsulated (scapy opens both, the
+    UDP header is where the kind puts it) and strips both layers of what a peer sends."""
+    h = Harness(KIND_PROFILES[kind])
+    card = h.card(ring_size=16).init(reset=True)
+    try:
+        assert card.ident.udp_esp == (0x7 if kind == "a" else 0xB)
+        inner_udp, outer_udp = UDP_LAYERS[kind]
+        t, u = _udp_sas(kind, Direction.OUTBOUND, 0x1111, 0x2222)
+        inner, outer = card.add_sa(t), card.add_sa(u)
+        sent = [udp_frame(card, n) for n in range(2)]
+        for f in sent:
+            card.send(f, inner, "crypto", tunnel_handle=outer)
+        assert [c.status for c in card.flush_tx()] == [TxStatus.OK] * 2
+        st, su = _udp_scapy(kind, 0x1111, 0x2222, CARD_T, PEER_T)
+        for n, (wire, plain) in enumerate(zip(h.wire.sent, sent, strict=True)):
+            outer_ip = Ether(wire)[IP]
+            assert (outer_ip.src, outer_ip.dst, outer_ip.proto) == (CARD_T, PEER_T, 17 if outer_udp else 50)
+            if outer_udp:
+                assert (outer_ip[UDP].sport, outer_ip[UDP].dport, outer_ip[UDP].chksum) == (4500, 4500, 0)
+            assert (outer_ip[ESP].spi, outer_ip[ESP].seq) == (0x2222, n + 1)
+            tunnelled = su.decrypt(outer_ip)
+            assert (tunnelled[IP].src, tunnelled[IP].dst, tunnelled[IP].proto) == \
+                (CARD_H, PEER_H, 17 if inner_udp else 50)
+            if inner_udp:
+                assert (tunnelled[UDP].sport, tunnelled[UDP].dport) == (4500, 4500)
+            assert (tunnelled[ESP].spi, tunnelled[ESP].seq) == (0x1111, n + 1)
+            assert bytes(st.decrypt(tunnelled)) == plain[14:]
+        # receive: the peer seals both layers the same way; the driver strips both
+        ti, ui = _udp_sas(kind, Direction.INBOUND, 0x5555, 0x6666)
+        in_outer, in_inner = card.add_sa(ui), card.add_sa(ti)
+        pt, pu = _udp_scapy(kind, 0x5555, 0x6666, PEER_T, CARD_T)
+        plains = []
+        for n in range(2):
+            plain = IP(bytes(IP(src=PEER_H, dst=CARD_H) / UDP(sport=4002, dport=5002) / Raw(b"udp kind %d" % n)))
+            plains.append(bytes(plain))
+            h.inject(bytes(Ether(src=PEER_MAC, dst=card.ident.mac)
+                           / pu.encrypt(pt.encrypt(plain, seq_num=n + 1), seq_num=n + 1)))
+        got = card.recv(timeout=2.0)
+        assert len(got) == 2
+        for pkt, plain in zip(got, plains, strict=True):
+            assert (pkt.crypto_done, pkt.next_crypto_done, pkt.handle, pkt.next_handle) == \
+                (True, True, in_outer, in_inner)
+            assert pkt.crypto_status == CryptoStatus.SUCCESS
+            assert pkt.inner is not None and pkt.inner[14:] == plain, pkt.note
+            # RFC 3948 §3.1.2: only a UDP-encapsulated transport layer vouches for the inner checksum
+            assert pkt.l4_csum_ok == inner_udp
+    finally:
+        card.close()
+
+
+def test_udp_kind_the_card_does_not_offer_is_refused_before_any_descriptor():
+    """Each kind is refused on a card that offers transport over tunnel but not that kind (UDP_ESP register),
+    and both layers in UDP on any card; the message names the register bit or the rule."""
+    for offered, other, match in (("a", "b", "UDP_ESP.UDP_ESP_TRANSPORT_OVER_TUNNEL is clear"),
+                                  ("b", "a", "UDP_ESP.TRANSPORT_OVER_TUNNEL is clear")):
+        h = Harness(KIND_PROFILES[offered])
+        card = h.card(ring_size=16).init(reset=True)
+        try:
+            t, u = _udp_sas(other, Direction.OUTBOUND, 0x1111, 0x2222)
+            inner, outer = card.add_sa(t), card.add_sa(u)
+            with pytest.raises(CardError, match=match):
+                card.send(udp_frame(card, 0), inner, "crypto", tunnel_handle=outer)
+            assert card.flush_tx() == [] and h.wire.sent == []
+            assert (card.host.get(inner).next_seq, card.host.get(outer).next_seq) == (1, 1)
+        finally:
+            card.close()
+    h = Harness({"firmware": {"transport_tunnel_combined": True, "udp_esp": ALL_UDP}})
+    card = h.card(ring_size=16).init(reset=True)
+    try:
+        assert card.ident.udp_esp == 0xF
+        t = replace(transport_sa(0x1111, Direction.OUTBOUND), encap=UdpEncap())
+        u = replace(tunnel_sa(0x2222, Direction.OUTBOUND), encap=UdpEncap())
+        inner, outer = card.add_sa(t), card.add_sa(u)
+        with pytest.raises(CardError, match="both UDP-encapsulated"):
+            card.send(udp_frame(card, 0), inner, "crypto", tunnel_handle=outer)
+        assert card.flush_tx() == [] and h.wire.sent == []
+    finally:
+        card.close()
+
+
+def test_default_and_plain_combined_cards_advertise_no_udp_kind():
+    for profile in (None, COMBINED):
+        h = Harness(profile) if profile else Harness()
+        card = h.card(ring_size=16).init(reset=True)
+        try:
+            assert card.ident.udp_esp == 0x3 and card.caps().udp_esp == 0x3
+        finally:
+            card.close()
+
+
+@pytest.mark.parametrize("udp", ["tunnel", "transport"])
+def test_peer_commands_for_a_udp_encapsulated_layer(udp):
+    """The UDP layer's peer states carry `encap espinudp 4500 4500`; for a UDP-encapsulated transport layer
+    the peer's inbound side also gets a tunnel-only policy for the encapsulated flow, preferred over the
+    two-template one (Linux checks policy at the encap socket before opening the ESP-in-UDP)."""
+    from guest_tools.checks.combined import sa_document
+    from guest_tools.scenario import card_sas, fill_keys
+    from guest_tools.xfrm_peer import transport_over_tunnel_commands
+
+    t_out, u_out, t_in, u_in = card_sas(fill_keys(sa_document({"spi_base": 0, "udp": udp})))
+    inbound = transport_over_tunnel_commands(t_out, u_out, 1)  # the card's outbound pair: the peer's `dir in`
+    outbound = transport_over_tunnel_commands(t_in, u_in, 3)
+    encapsulated = (inbound[1], outbound[1]) if udp == "tunnel" else (inbound[0], outbound[0])
+    plain = (inbound[0], outbound[0]) if udp == "tunnel" else (inbound[1], outbound[1])
+    for state in encapsulated:
+        assert state[-5:] == ["encap", "espinudp", "4500", "4500", "0.0.0.0"]
+    assert not [s for s in plain if "encap" in s]
+    assert len(outbound) == 3
+    if udp == "tunnel":
+        assert len(inbound) == 3 and "priority" not in inbound[2]
+        return
+    general, flow = " ".join(inbound[2]), " ".join(inbound[3])
+    assert f"dst {PEER_H}/32 dir in priority 100 tmpl src {CARD_H} " in general
+    assert flow == (f"xfrm policy add src {CARD_H}/32 dst {PEER_H}/32 proto udp sport 4500 dport 4500 dir in "
+                    f"priority 10 tmpl src {CARD_T} dst {PEER_T} proto esp reqid 2 mode tunnel")

@@ -20,9 +20,9 @@ import os
 from pathlib import Path
 
 import pytest
-from scapy.layers.inet import IP
+from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.ipsec import ESP
+from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
 
@@ -42,6 +42,17 @@ GOOD = {
 }
 BAD = {"name": "tot-bad-inner", "count": 4, "size": 120, "spi_base": 0x10, "timeout": 4.0,
        "peer_inner_keys": "different"}
+# one UDP-encapsulated layer (RFC 3948, port 4500): "a" = NDIS TRANSPORT_OVER_TUNNEL (the tunnel layer in UDP),
+# "b" = UDP_ESP_TRANSPORT_OVER_TUNNEL (the transport layer in UDP); the peer's states carry encap espinudp
+UDP_KINDS = {
+    "a": {"name": "tot-udp-tunnel", "family": 4, "count": COUNT, "size": SIZE, "spi_base": 0x40, "timeout": 10.0,
+          "udp": "tunnel"},
+    "b": {"name": "tot-udp-transport", "family": 4, "count": COUNT, "size": SIZE, "spi_base": 0x60,
+          "timeout": 10.0, "udp": "transport"},
+    # kind b without the peer's tunnel-only policy for the encapsulated flow (evidence for why it is there)
+    "b-no-flow-policy": {"name": "tot-udp-noflow", "family": 4, "count": 3, "size": 120, "spi_base": 0x80,
+                         "timeout": 3.0, "udp": "transport", "peer_flow_policy": False},
+}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +73,7 @@ def runs(topo) -> dict:
 
     def get(key) -> dict:
         if key not in cache:
-            spec = BAD if key == "bad" else GOOD[key]
+            spec = BAD if key == "bad" else UDP_KINDS[key] if key in UDP_KINDS else GOOD[key]
             cache[key] = run_check(topo.vm, "combined", "roundtrip", spec, timeout=120)
             print(f"guest check {spec['name']}: {cache[key]['_seconds']:.1f} s")
         return cache[key]
@@ -179,3 +190,116 @@ def test_wrong_inner_key_is_an_inner_failure_and_nothing_is_delivered(runs):
     assert _state(bad, U_OUT + base)["packets"] == count
     assert _state(bad, T_OUT + base)["integrity_failed"] == count
     assert bad["xfrm_stat_delta"].get("XfrmInStateProtoError") == count
+
+
+# --- one UDP-encapsulated layer ------------------------------------------------------------------------------
+
+
+def _wire_ipsec(pcap) -> list[tuple[str, str, str, int, bytes]]:
+    """(kind, src, dst, spi, IP packet) of every IPv4 IPsec frame captured: "udp" = ESP in UDP 4500 (RFC 3948
+    §2.1, parsed here by hand: SPI = the first 4 bytes after the UDP header), "esp" = plain ESP."""
+    out = []
+    for p in rdpcap(str(pcap)):
+        f = Ether(bytes(p))
+        if not f.haslayer(IP):
+            continue
+        ip = f[IP]
+        raw = bytes(ip)
+        hl = ip.ihl * 4
+        if ip.proto == 17 and int.from_bytes(raw[hl + 2:hl + 4], "big") == 4500 and len(raw) >= hl + 16:
+            out.append(("udp", ip.src, ip.dst, int.from_bytes(raw[hl + 8:hl + 12], "big"), raw))
+        elif ip.proto == 50:
+            out.append(("esp", ip.src, ip.dst, int.from_bytes(raw[hl:hl + 4], "big"), raw))
+    return out
+
+
+def test_udp_kinds_are_advertised_in_the_udp_esp_register(runs):
+    for kind in ("a", "b"):
+        r = runs(kind)
+        # UDP_ESP = TRANSPORT | TUNNEL | TRANSPORT_OVER_TUNNEL | UDP_ESP_TRANSPORT_OVER_TUNNEL (the profile)
+        assert r["udp_esp_register"] == 0xF and r["offers"] is True
+        # two policies of two templates; kind b adds the peer's policy for the encapsulated flow (one template)
+        assert r["peer_policies"] == (4 if kind == "a" else 5)
+
+
+@pytest.mark.parametrize("kind", ["a", "b"])
+def test_udp_kind_card_to_peer_linux_opens_both_layers(runs, kind):
+    spec, r = UDP_KINDS[kind], runs(kind)
+    c2p = r["card_to_peer"]
+    assert c2p["error"] == "" and c2p["tx_status"] == {"OK": COUNT}, c2p
+    assert (c2p["received"], c2p["matched"]) == (COUNT, COUNT), r["xfrm_stat_delta"]
+    assert c2p["digest"] == _expected(spec, "card-to-peer")
+    for spi in (U_OUT, T_OUT):  # per layer: the peer's tunnel state and its transport state
+        state = _state(r, spi + spec["spi_base"])
+        assert (state["packets"], state["integrity_failed"]) == (COUNT, 0), state
+    assert r["xfrm_stat_delta"] == {}
+    assert r["firmware_stats"]["tx_crypto"] == COUNT and r["host_next_seq"] == {"t_out": COUNT + 1,
+                                                                                "u_out": COUNT + 1}
+
+
+@pytest.mark.parametrize("kind", ["a", "b"])
+def test_udp_kind_peer_to_card_next_crypto_done(runs, kind):
+    spec, r = UDP_KINDS[kind], runs(kind)
+    p2c, h = r["peer_to_card"], r["handles"]
+    assert len(p2c["frames"]) == COUNT
+    for f in p2c["frames"]:
+        assert (f["crypto_done"], f["next_crypto_done"]) == (True, True), f
+        assert (f["handle"], f["next_handle"]) == (h["u_in"], h["t_in"]), f
+        assert (f["crypto_status"], f["transport_status"]) == ("SUCCESS", "SUCCESS"), f
+        assert f["valid"], f
+        # RFC 3948 §3.1.2: the UDP-encapsulated transport layer vouches for the datagram's checksum
+        assert f["l4_csum_ok"] is (kind == "b"), f
+    assert (p2c["delivered"], p2c["matched"]) == (COUNT, COUNT)
+    assert p2c["digest"] == _expected(spec, "peer-to-card")
+    for spi in (U_IN, T_IN):  # the peer's kernel sealed every datagram with both of its states
+        assert _state(r, spi + spec["spi_base"])["packets"] == COUNT
+    fw = r["firmware_stats"]
+    assert (fw["rx_crypto_ok"], fw["rx_auth_failed"]) == (COUNT, 0)
+    assert fw["rx_l4_csum_ok"] == (COUNT if kind == "b" else 0)
+
+
+@pytest.mark.parametrize("kind", ["a", "b"])
+def test_udp_kind_on_the_wire(topo, runs, kind):
+    """Kind a: between the gateways only ESP-in-UDP 4500 with the tunnel SPIs. Kind b: only plain ESP with
+    the tunnel SPIs; opening the tunnel layer (scapy, this run's tunnel key) shows the inner packet as UDP
+    4500 carrying the transport SPI - for the card's frames and for the ones Linux built."""
+    spec, r = UDP_KINDS[kind], runs(kind)
+    base = spec["spi_base"]
+    card_gw, peer_gw = NET.addrs(4, tunnel=False)
+    card_host, peer_host = NET.addrs(4, tunnel=True)
+    wire = [w for w in _wire_ipsec(topo.pcap_path) if w[3] - base in (T_OUT, U_OUT, T_IN, U_IN)]
+    outer = "udp" if kind == "a" else "esp"
+    sent = [w for w in wire if w[:4] == (outer, card_gw, peer_gw, U_OUT + base)]
+    received = [w for w in wire if w[:4] == (outer, peer_gw, card_gw, U_IN + base)]
+    assert (len(sent), len(received)) == (COUNT, COUNT)
+    assert len(wire) == 2 * COUNT  # nothing else with these SPIs: no transport SPI outside, no other shape
+    for frames, key, src, dst in ((sent, "u_out", card_gw, peer_gw), (received, "u_in", peer_gw, card_gw)):
+        sa = SecurityAssociation(ESP, spi=frames[0][3], crypt_algo="AES-GCM",
+                                 crypt_key=bytes.fromhex(r["tunnel_keys"][key]), tunnel_header=IP(src=src, dst=dst),
+                                 nat_t_header=UDP(sport=4500, dport=4500) if kind == "a" else None)
+        t_spi = (T_OUT if key == "u_out" else T_IN) + base
+        for w in frames:
+            inner = bytes(sa.decrypt(IP(w[4])))
+            hl = (inner[0] & 0x0F) * 4
+            assert {IP(inner).src, IP(inner).dst} == {card_host, peer_host}
+            if kind == "b":
+                assert (inner[9], int.from_bytes(inner[hl + 2:hl + 4], "big")) == (17, 4500)
+                assert int.from_bytes(inner[hl + 8:hl + 12], "big") == t_spi
+            else:
+                assert (inner[9], int.from_bytes(inner[hl:hl + 4], "big")) == (50, t_spi)
+
+
+def test_linux_needs_a_policy_for_the_encapsulated_flow(runs):
+    """Without the tunnel-only policy for UDP 4500 between the end hosts, Linux drops the card's kind-b
+    datagrams at its encap socket's policy check, which runs before it opens ESP-in-UDP
+    (net/ipv4/udp.c udp_queue_rcv_one_skb): the tunnel state opened every frame, the transport state none,
+    and XfrmInTmplMismatch counts them. So the peer configuration, not the card, needs that policy."""
+    spec = UDP_KINDS["b-no-flow-policy"]
+    r = runs("b-no-flow-policy")
+    count, base = spec["count"], spec["spi_base"]
+    assert r["peer_policies"] == 4
+    c2p = r["card_to_peer"]
+    assert c2p["tx_status"] == {"OK": count} and c2p["received"] == 0
+    assert _state(r, U_OUT + base)["packets"] == count and _state(r, T_OUT + base)["packets"] == 0
+    assert r["xfrm_stat_delta"].get("XfrmInTmplMismatch") == count
+    assert r["peer_to_card"]["delivered"] == count  # the other direction does not need it
