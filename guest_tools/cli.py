@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     snd.add_argument("--mode", choices=("crypto", "packet"), help="offload kind (default crypto with --sa)")
     snd.add_argument("--tunnel-sa", type=_int, metavar="HANDLE",
                      help="transport over tunnel (crypto offload): --sa is the transport SA, this the tunnel SA "
-                          "(needs FEATURES.TRANSPORT_TUNNEL_COMBINED)")
+                          "(needs FEATURES.TRANSPORT_TUNNEL_COMBINED; a UDP-encapsulated layer also needs its "
+                          "UDP_ESP kind)")
 
     rcv = sub.add_parser("recv", help="print received frames (frames that arrived since the last receiver "
                                        "wait in the card's RX backlog, up to 64)")
@@ -470,6 +471,9 @@ class Session:
                 self.print(f"  {name}: {value}")
         if card.sa_delete_requests:
             self.print(f"SaDeleteReq interrupts seen: {card.sa_delete_requests}")
+        if card.host_policy_drops:
+            self.print(f"dropped by this host, inner header outside the SA's selector (RFC 4301 §5.2): "
+                       f"{card.host_policy_drops}")
 
     def cmd_reset(self, a):
         card = self.open(a, reset=True)
@@ -635,6 +639,8 @@ class Session:
                     self.print(f"len={s['length']} crypto_done={int(s['crypto_done'])} "
                                f"crypto_status={s['crypto_status']} sa_delete_req={int(s['sa_delete_req'])} "
                                f"handle={s['handle']:#x}" + nested
+                               + (" policy_mismatch=1" if s["policy_mismatch"] else "")
+                               + (" l4_csum_ok=1" if s["l4_csum_ok"] else "")
                                + (f" inner={s['inner_length']}" if pkt.inner else "")
                                + (f" ({s['note']})" if s["note"] else ""))
         if got < a.count:

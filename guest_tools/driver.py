@@ -156,6 +156,7 @@ class Card(AdminQueueOps, SaOps, TxRxOps):
         self.queue = queue
         self.ident: Identity | None = None
         self.sa_delete_requests = 0
+        self.host_policy_drops = 0
         self.errors_seen: list[str] = []
         self._cookie = 0
         self._open = False

@@ -54,6 +54,11 @@ class RxPacket:
         return bool(self.flags & RxWbFlags.CRYPTO_DONE)
 
     @property
+    def policy_mismatch(self) -> bool:
+        """Authentic, but outside its SA's filter: indicated unprocessed (datasheet §12.1 row 14)."""
+        return bool(self.flags & RxWbFlags.POLICY_MISMATCH)
+
+    @property
     def l4_csum_ok(self) -> bool:
         """The card vouches for the TCP/UDP checksum (RFC 3948 §3.1.2: an authentic UDP-encapsulated
         transport layer; datasheet §12.1 row 20)."""
@@ -99,6 +104,7 @@ class RxPacket:
             "truncated": self.truncated, "inner_length": len(self.inner) if self.inner is not None else None,
             "note": self.note, "next_crypto_done": self.next_crypto_done, "next_handle": self.next_handle,
             "tunnel_status": self.tunnel_status_name, "transport_status": self.transport_status_name,
+            "policy_mismatch": self.policy_mismatch, "l4_csum_ok": self.l4_csum_ok,
         }
 
 
@@ -111,6 +117,9 @@ class TxRxOps:
     receive: bool
     buf_size: int
     sa_delete_requests: int
+    # v2 crypto-offload tunnel frames whose inner header is outside the SA's selector (RFC 4301 §5.2): the card
+    # cannot check them (datasheet §12.2), so this host does, and counts what it drops.
+    host_policy_drops: int
     _open: bool
     _tx_backlog: list[TxCompletion]
     # Inside tx_burst(): descriptors are queued without a TAIL write; one doorbell covers them all.
@@ -407,6 +416,7 @@ class TxRxOps:
             pkt.note = "dummy packet (next header 59, RFC 4303 §2.6)"
         elif sa.tunnel and (why := packets.outside_selector(stripped.packet, sa.inner_src, sa.inner_dst)):
             pkt.note = f"dropped by the host: {why} (RFC 4301 §5.2)"
+            self.host_policy_drops += 1
         else:
             head = bytearray(frame[:l3])
             etype = ETH_P_IPV6 if stripped.packet[0] >> 4 == 6 else ETH_P_IP
@@ -437,6 +447,7 @@ class TxRxOps:
             why = packets.outside_selector(tunnelled.packet, outer.inner_src, outer.inner_dst)
             if why:
                 pkt.note = f"dropped by the host: {why} (RFC 4301 §5.2)"
+                self.host_policy_drops += 1
                 return pkt
             plain = packets.strip_esp(inner.geometry(), tunnelled.packet)
         except packets.FrameError as exc:

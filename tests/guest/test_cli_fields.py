@@ -274,7 +274,45 @@ def test_selector_flags_reach_the_v1_filter_and_decide_what_is_delivered(capsys)
     assert status == 0 and (inside["crypto_done"], inside["crypto_status"], inside["handle"]) == (True, "SUCCESS",
                                                                                                  handle)
     assert (outside["crypto_done"], outside["handle"]) == (False, 0)
+    assert (inside["policy_mismatch"], outside["policy_mismatch"]) == (False, True)
     assert c.h.firmware.stats().rx_policy_unprocessed == 1
+    c.h.inject(bytes(Ether(dst=CARD_MAC) / peer.encrypt(IP(src="10.0.0.2", dst="10.0.0.1") /
+                                                        UDP(sport=4002, dport=5002), seq_num=3)))
+    status, out, _ = c.run("recv", capsys=capsys)
+    assert status == 0 and "crypto_done=0" in out and " policy_mismatch=1" in out, out
+
+
+def test_host_counts_what_it_drops_for_a_v2_tunnel_selector_and_stats_shows_it(capsys):
+    """v2 crypto offload has no selector on the card (datasheet §12.2): the guest driver checks the inner
+    header after the card decrypted it, drops a spoofed inner source and counts it (RFC 4301 §5.2)."""
+    import json
+
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.ipsec import ESP, SecurityAssociation
+    from scapy.layers.l2 import Ether
+
+    c = Cli()
+    status, out, err = c.run("sa", "add", "--spi", "0x1201", "--dir", "in", "--mode", "tunnel", "--src", "192.0.2.2",
+                             "--dst", "192.0.2.1", "--inner-src", "10.0.0.2", "--inner-dst", "10.0.0.1",
+                             "--aead", GCM, capsys=capsys)
+    assert status == 0, err
+    handle = int(out.split()[0], 16)
+    peer = SecurityAssociation(ESP, spi=0x1201, crypt_algo="AES-GCM",
+                               crypt_key=bytes.fromhex("000102030405060708090a0b0c0d0e0f" + "cafebabe"),
+                               tunnel_header=IP(src="192.0.2.2", dst="192.0.2.1"))
+    for seq, inner_src in ((1, "10.0.0.2"), (2, "10.0.0.9")):
+        c.h.inject(bytes(Ether(dst=CARD_MAC) / peer.encrypt(IP(src=inner_src, dst="10.0.0.1") /
+                                                            UDP(sport=4002, dport=5001) / (b"x" * 20), seq_num=seq)))
+    status, out, _ = c.run("recv", "--count", "2", "--json", capsys=capsys)
+    good, spoofed = (json.loads(line) for line in out.splitlines())
+    # The card verified both (it has no selector to check); the host delivers one and drops the other.
+    assert (good["crypto_status"], spoofed["crypto_status"]) == ("SUCCESS", "SUCCESS")
+    assert good["handle"] == spoofed["handle"] == handle
+    assert good["inner_length"] is not None and spoofed["inner_length"] is None
+    assert spoofed["note"].startswith("dropped by the host: inner source 10.0.0.9"), spoofed
+    assert c.card.host_policy_drops == 1
+    status, out, _ = c.run("stats", capsys=capsys)
+    assert status == 0 and "outside the SA's selector (RFC 4301 §5.2): 1" in out, out
 
 
 @pytest.mark.parametrize("extra, message", [
