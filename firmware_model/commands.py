@@ -151,7 +151,7 @@ class AdminCommands:
                 results.append(ndis.V2AddSaResult(sa.handle, NdisStatus.SUCCESS, 0))
                 added += 1
             except SaRejected as exc:  # partial success: this entry gets a NULL handle
-                # beyond NDIS: the entry keeps why it was refused (datasheet §12.2)
+                # beyond NDIS: the entry keeps why it was refused (datasheet §12.1 row 10)
                 results.append(ndis.V2AddSaResult(0, exc.status, int(exc.reason)))
                 first_error = first_error or exc.status
                 self.last_error = str(exc)

@@ -616,7 +616,7 @@ class EspEngine(SaEngine):
         if self._encap is not None and (nh in (IPPROTO_TCP, IPPROTO_UDP)):
             # RFC 3948 §3.1.2: after a NAT the received addresses are not those the sender's checksum
             # covered; the ICV vouched for the data, so the checksum is recomputed over what is delivered
-            # (the card knows no NAT-OA, so the incremental fix is not available, datasheet §12.2)
+            # (the card knows no NAT-OA, so the incremental fix is not available, datasheet §12.1 row 20)
             l4_checksum_recompute(packet, hl, nh)
         return _OK, bytes(packet)
 

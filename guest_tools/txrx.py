@@ -118,7 +118,7 @@ class TxRxOps:
     buf_size: int
     sa_delete_requests: int
     # v2 crypto-offload tunnel frames whose inner header is outside the SA's selector (RFC 4301 §5.2): the card
-    # cannot check them (datasheet §12.2), so this host does, and counts what it drops.
+    # cannot check them (datasheet §12.1 row 8), so this host does, and counts what it drops.
     host_policy_drops: int
     _open: bool
     _tx_backlog: list[TxCompletion]

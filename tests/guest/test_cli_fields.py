@@ -283,7 +283,7 @@ def test_selector_flags_reach_the_v1_filter_and_decide_what_is_delivered(capsys)
 
 
 def test_host_counts_what_it_drops_for_a_v2_tunnel_selector_and_stats_shows_it(capsys):
-    """v2 crypto offload has no selector on the card (datasheet §12.2): the guest driver checks the inner
+    """v2 crypto offload has no selector on the card (datasheet §12.1 row 8): the guest driver checks the inner
     header after the card decrypted it, drops a spoofed inner source and counts it (RFC 4301 §5.2)."""
     import json
 
