@@ -53,3 +53,10 @@ def test_esn_crosses_2_to_the_32(interop, family, mode, alg, offload):
 def test_esn_with_udp_encapsulation(interop):
     spec, result = run_spec(interop, name="esn-natt-v4", encap=True, esn=True, seq=ESN_START, count=24)
     check(spec, result)
+
+
+def test_v1_udp_esp_sa_interoperates(interop):
+    """ADD_UDPESP_SA (NDIS v1, what a v1 driver programs for NAT-T) with the v1 algorithms, both ways."""
+    spec, result = run_spec(interop, name="natt-v4-v1", encap=True, v1=True, alg="3des-cbc+hmac-sha1-96")
+    check(spec, result)
+    assert all(sa["flags"] & 0x02 for sa in result["card_sas"])  # SaListFlags.UDP_ENCAP
