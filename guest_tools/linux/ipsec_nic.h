@@ -27,6 +27,15 @@
 #define IPNC_VEC_QUEUE		1
 #define IPNC_NUM_VECS		2
 #define IPNC_STATS_INTERVAL	(2 * HZ)
+/*
+ * Default ITR (ethtool rx-usecs/tx-usecs): at most one queue interrupt per
+ * this many microseconds. The card is emulated and its guest usually runs
+ * under TCG, where a packet costs the vCPU 100-500 us and every interrupt
+ * plus its ICR acknowledgment costs a vfio-user round trip; a gap of this
+ * size lets one interrupt reap a burst of TX completions.
+ */
+#define IPNC_DEFAULT_ITR_US	250
+#define IPNC_ITR_MAX_US		0xffff
 
 struct ipnc_tx_slot {
 	struct sk_buff *skb;
@@ -56,6 +65,8 @@ struct ipnc_sw_stats {
 	u64 rx_truncated;
 	u64 rx_alloc_fail;
 	u64 tx_busy;
+	u64 tx_doorbells;		/* TXQ TAIL writes (one per xmit_more burst) */
+	u64 queue_irqs;			/* interrupts on the queue vector */
 };
 
 /* One xfrm_state offloaded to the card. x->xso.offload_handle is the card's handle. */
@@ -124,12 +135,15 @@ struct ipnc_adapter {
 	u32 tx_count;
 	u32 tx_next_use;
 	u32 tx_next_clean;
+	u32 tx_tail;			/* the TAIL value last written to the card */
 	struct ipnc_rx_desc *rx_ring;
 	dma_addr_t rx_dma;
 	struct ipnc_rx_slot *rx_slots;
 	u32 rx_count;
 	u32 rx_next_clean;
 	u32 rx_buf_len;
+
+	u32 itr_us;			/* ITR, microseconds (ethtool -C) */
 
 	int irq_misc;
 	int irq_queue;

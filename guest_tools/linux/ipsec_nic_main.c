@@ -14,6 +14,7 @@
 #include <linux/ethtool.h>
 #include <linux/if_vlan.h>
 #include <linux/module.h>
+#include <net/netdev_queues.h>
 
 #include "ipsec_nic.h"
 
@@ -82,27 +83,48 @@ static irqreturn_t ipnc_misc_irq(int irq, void *data)
 	return IRQ_HANDLED;
 }
 
+/*
+ * The card sends a message only when a cause newly latches in ICR (datasheet
+ * section 8), so while TX0/RX0 stay latched it stays quiet: the queue causes
+ * are acknowledged once, when NAPI completes, instead of masked and unmasked
+ * around every poll (each BAR0 write is a round trip to the emulated card).
+ */
 static irqreturn_t ipnc_queue_irq(int irq, void *data)
 {
 	struct ipnc_adapter *a = data;
 
-	ipnc_wr(a, IPNC_REG_IMC, IPNC_QUEUE_CAUSES);
-	napi_schedule(&a->napi);
+	a->sw.queue_irqs++;
+	napi_schedule_irqoff(&a->napi);
 	return IRQ_HANDLED;
 }
 
 /* ---------------------------------------------------------------------- */
 /* TX */
 
+/* Frames are linear (no NETIF_F_SG): one descriptor each. */
+#define IPNC_TX_WAKE_THRESH(a)	((a)->tx_count / 4)
+
 static u32 ipnc_tx_free(struct ipnc_adapter *a)
 {
 	return a->tx_count - 1 - ((a->tx_next_use - a->tx_next_clean) & (a->tx_count - 1));
 }
 
+/* One TAIL write covers every descriptor queued since the last one. */
+static void ipnc_tx_kick(struct ipnc_adapter *a)
+{
+	if (a->tx_tail == a->tx_next_use)
+		return;
+	dma_wmb();
+	ipnc_wr(a, IPNC_TXQ(0, IPNC_QREG_TAIL), a->tx_next_use);
+	a->tx_tail = a->tx_next_use;
+	a->sw.tx_doorbells++;
+}
+
 static void ipnc_clean_tx(struct ipnc_adapter *a, int budget)
 {
 	struct net_device *nd = a->netdev;
-	unsigned int pkts = 0, bytes = 0;
+	struct netdev_queue *txq = netdev_get_tx_queue(nd, 0);
+	unsigned int pkts = 0, bytes = 0, bql_bytes = 0, done = 0;
 
 	while (a->tx_next_clean != a->tx_next_use) {
 		struct ipnc_tx_desc *d = &a->tx_ring[a->tx_next_clean];
@@ -114,6 +136,7 @@ static void ipnc_clean_tx(struct ipnc_adapter *a, int budget)
 		dma_rmb();
 		status = le16_to_cpu(d->wb_status);
 		dma_unmap_single(&a->pdev->dev, s->dma, s->len, DMA_TO_DEVICE);
+		bql_bytes += s->len;
 		a->sw.tx_status[min_t(u16, status, IPNC_TX_STATUS_BAD_DESCRIPTOR)]++;
 		if (status == IPNC_TX_STATUS_OK) {
 			pkts++;
@@ -126,25 +149,35 @@ static void ipnc_clean_tx(struct ipnc_adapter *a, int budget)
 		}
 		napi_consume_skb(s->skb, budget);
 		s->skb = NULL;
+		done++;
 		a->tx_next_clean = (a->tx_next_clean + 1) & (a->tx_count - 1);
 	}
 	nd->stats.tx_packets += pkts;
 	nd->stats.tx_bytes += bytes;
-	smp_mb();	/* pairs with the one in ipnc_xmit */
-	if (unlikely(netif_queue_stopped(nd)) && ipnc_tx_free(a) >= a->tx_count / 4)
-		netif_wake_queue(nd);
+	/* BQL counts every reclaimed descriptor, sent or refused, as ipnc_xmit queued it */
+	netif_txq_completed_wake(txq, done, bql_bytes, ipnc_tx_free(a), IPNC_TX_WAKE_THRESH(a));
 }
 
+/*
+ * The stack tells us (netdev_xmit_more()) when another frame follows at once;
+ * TAIL is written only for the last one of such a burst, or when the queue
+ * stops (__netdev_tx_sent_queue: BQL or a full ring). BQL stopping the queue
+ * is what makes bursts: the qdisc then holds the frames and hands them over
+ * in bulk when TX completions restart it.
+ */
 static netdev_tx_t ipnc_xmit(struct sk_buff *skb, struct net_device *nd)
 {
 	struct ipnc_adapter *a = netdev_priv(nd);
+	struct netdev_queue *txq = netdev_get_tx_queue(nd, 0);
 	struct ipnc_tx_desc *d;
 	struct ipnc_tx_slot *s;
 	dma_addr_t dma;
 	u32 i = a->tx_next_use;
 
 	if (unlikely(!ipnc_tx_free(a))) {
-		netif_stop_queue(nd);
+		/* not reached while the stop below works; never strand queued frames */
+		netif_tx_stop_queue(txq);
+		ipnc_tx_kick(a);
 		a->sw.tx_busy++;
 		return NETDEV_TX_BUSY;
 	}
@@ -179,19 +212,17 @@ static netdev_tx_t ipnc_xmit(struct sk_buff *skb, struct net_device *nd)
 	d->flags |= cpu_to_le16(IPNC_TX_FLAGS_EOP | IPNC_TX_FLAGS_REPORT_STATUS);
 	skb_tx_timestamp(skb);
 	a->tx_next_use = (i + 1) & (a->tx_count - 1);
-	dma_wmb();
-	ipnc_wr(a, IPNC_TXQ(0, IPNC_QREG_TAIL), a->tx_next_use);
-	if (!ipnc_tx_free(a)) {
-		netif_stop_queue(nd);
-		/* NAPI may have cleaned everything between our check and the stop */
-		smp_mb();
-		if (ipnc_tx_free(a))
-			netif_start_queue(nd);
-	}
+	/* stop before the BQL call, so a full ring also forces the doorbell */
+	netif_txq_maybe_stop(txq, ipnc_tx_free(a), 1, IPNC_TX_WAKE_THRESH(a));
+	if (__netdev_tx_sent_queue(txq, s->len, netdev_xmit_more()))
+		ipnc_tx_kick(a);
 	return NETDEV_TX_OK;
 drop:
 	nd->stats.tx_dropped++;
 	dev_kfree_skb_any(skb);
+	/* the frames queued before this one may still wait for their doorbell */
+	if (!netdev_xmit_more() || netif_xmit_stopped(txq))
+		ipnc_tx_kick(a);
 	return NETDEV_TX_OK;
 }
 
@@ -281,17 +312,26 @@ rearm:
 	return done;
 }
 
+/*
+ * Acknowledge first and never mask: a completion written back after the
+ * card has taken the acknowledgment latches TX0/RX0 anew and sends a message
+ * (at most one per ITR gap), which reschedules this poll if it has already
+ * completed. The read makes "after" hold when the write was posted: it
+ * returns once the card has taken the write, so whatever the card wrote back
+ * before it is in the rings when we look. One write and one read per poll,
+ * where masking around the poll (IMC, ICR, IMS) takes three writes.
+ */
 static int ipnc_poll(struct napi_struct *napi, int budget)
 {
 	struct ipnc_adapter *a = container_of(napi, struct ipnc_adapter, napi);
 	int done;
 
-	/* Acknowledge first: a cause that latches while we work re-fires on IMS. */
 	ipnc_wr(a, IPNC_REG_ICR, IPNC_QUEUE_CAUSES);
+	ipnc_rd(a, IPNC_REG_ICR);	/* flush the posted write (reads clear nothing) */
 	ipnc_clean_tx(a, budget);
 	done = ipnc_clean_rx(a, budget);
-	if (done < budget && napi_complete_done(napi, done))
-		ipnc_wr(a, IPNC_REG_IMS, IPNC_QUEUE_CAUSES);
+	if (done < budget)
+		napi_complete_done(napi, done);
 	return done;
 }
 
@@ -376,6 +416,7 @@ static int ipnc_alloc_rings(struct ipnc_adapter *a)
 	}
 	a->tx_next_use = 0;
 	a->tx_next_clean = 0;
+	a->tx_tail = 0;
 	a->rx_next_clean = 0;
 	return 0;
 nomem:
@@ -400,7 +441,9 @@ static int ipnc_open(struct net_device *nd)
 		err = ipnc_program_ring(a, IPNC_RXQ(0, 0), a->rx_dma, a->rx_count, a->rx_count - 1);
 	if (err)
 		goto fail;
+	netdev_reset_queue(nd);
 	napi_enable(&a->napi);
+	ipnc_wr(a, IPNC_REG_ITR, a->itr_us);
 	ipnc_wr(a, IPNC_REG_ICR, IPNC_QUEUE_CAUSES);
 	ipnc_wr(a, IPNC_REG_IMS, IPNC_QUEUE_CAUSES | IPNC_MISC_CAUSES);
 	netif_carrier_off(nd);
@@ -483,7 +526,7 @@ static const char * const ipnc_sw_stat_names[] = {
 	"ipsec_tx_drop_no_neigh",
 	"tx_ok", "tx_drop_dma_error", "tx_drop_bad_length", "tx_drop_bad_handle",
 	"tx_drop_offload_failed", "tx_drop_bad_descriptor", "rx_drop_truncated",
-	"rx_drop_alloc_fail", "tx_busy",
+	"rx_drop_alloc_fail", "tx_busy", "tx_doorbells", "queue_irqs",
 };
 
 static_assert(ARRAY_SIZE(ipnc_sw_stat_names) == sizeof(struct ipnc_sw_stats) / sizeof(u64));
@@ -547,12 +590,51 @@ static void ipnc_get_ethtool_stats(struct net_device *nd, struct ethtool_stats *
 	kfree(fw);
 }
 
+/*
+ * ITR moderates a whole MSI-X vector and TX0 and RX0 share one, so rx-usecs
+ * and tx-usecs are one value: changing either sets both.
+ */
+static int ipnc_get_coalesce(struct net_device *nd, struct ethtool_coalesce *ec,
+			     struct kernel_ethtool_coalesce *kec, struct netlink_ext_ack *extack)
+{
+	struct ipnc_adapter *a = netdev_priv(nd);
+
+	ec->rx_coalesce_usecs = a->itr_us;
+	ec->tx_coalesce_usecs = a->itr_us;
+	return 0;
+}
+
+static int ipnc_set_coalesce(struct net_device *nd, struct ethtool_coalesce *ec,
+			     struct kernel_ethtool_coalesce *kec, struct netlink_ext_ack *extack)
+{
+	struct ipnc_adapter *a = netdev_priv(nd);
+	u32 usecs = ec->rx_coalesce_usecs;
+
+	if (ec->tx_coalesce_usecs != a->itr_us) {
+		if (usecs != a->itr_us && usecs != ec->tx_coalesce_usecs) {
+			NL_SET_ERR_MSG_MOD(extack, "rx-usecs and tx-usecs share one ITR register");
+			return -EINVAL;
+		}
+		usecs = ec->tx_coalesce_usecs;
+	}
+	if (usecs > IPNC_ITR_MAX_US) {
+		NL_SET_ERR_MSG_MOD(extack, "ITR is at most 65535 us");
+		return -ERANGE;
+	}
+	a->itr_us = usecs;
+	ipnc_wr(a, IPNC_REG_ITR, usecs);
+	return 0;
+}
+
 static const struct ethtool_ops ipnc_ethtool_ops = {
+	.supported_coalesce_params = ETHTOOL_COALESCE_USECS,
 	.get_drvinfo		= ipnc_get_drvinfo,
 	.get_link		= ethtool_op_get_link,
 	.get_sset_count		= ipnc_get_sset_count,
 	.get_strings		= ipnc_get_strings,
 	.get_ethtool_stats	= ipnc_get_ethtool_stats,
+	.get_coalesce		= ipnc_get_coalesce,
+	.set_coalesce		= ipnc_set_coalesce,
 };
 
 /* ---------------------------------------------------------------------- */
@@ -704,6 +786,7 @@ static int ipnc_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 		return err;
 	}
 	ipnc_read_caps(a);
+	a->itr_us = IPNC_DEFAULT_ITR_US;
 	ipnc_wr(a, IPNC_REG_IMC, 0xffffffff);
 	ipnc_wr(a, IPNC_REG_ICR, 0xffffffff);
 

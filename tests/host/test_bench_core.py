@@ -123,14 +123,19 @@ def test_kernel_pps_counts_what_reached_the_peers_udp_and_refuses_a_mode_that_di
     snmp = ("Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
             "Udp: {0} 3 {1} 0 {1} 0\n")
     output = "\n".join([
-        "@@kpps card_before", "     ipsec_tx_pkts: 10", "@@kpps peer_before", snmp.format(100, 5),
+        "@@kpps card_before", "     ipsec_tx_pkts: 10", "     tx_doorbells: 7", "     queue_irqs: 3",
+        "@@kpps peer_before", snmp.format(100, 5),
         "@@kpps send", "KPPS-SENT 700 0 2.5", "@@kpps card_after", "     ipsec_tx_pkts: 660",
-        "@@kpps peer_after", snmp.format(300, 455)])
+        "     tx_doorbells: 72", "     queue_irqs: 133", "@@kpps peer_after", snmp.format(300, 455)])
     assert parse_udp_snmp(snmp.format(1, 2))["RcvbufErrors"] == 2
     s = parse_slice("offload", output)
     # 200 queued + 450 refused by the full receive buffer (NoPorts did not move, so nothing else counts).
     assert (s.sent, s.received, s.seconds, s.card_offloaded) == (700, 650, 2.5, 650)
     assert s.pps == pytest.approx(260.0)
+    # The driver's doorbell and interrupt counters, per received packet in the rows' notes.
+    assert (s.doorbells, s.irqs) == (65, 130)
+    assert "0.10 TX doorbells, 0.20 interrupts" in kernel_rows(
+        [s, Slice("software", 1, 1, 1.0, 0), Slice("plain", 1, 1, 1.0, 0)])[0].note
     check_slice(s)
     with pytest.raises(RuntimeError, match="card encrypted"):
         check_slice(Slice("offload", 700, 650, 2.5, 10))

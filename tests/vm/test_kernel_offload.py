@@ -461,6 +461,46 @@ def test_ike_negotiates_offloaded_sas_and_rekeys_without_loss(kbed, hw_offload):
     assert kbed.table()["count"] == before
 
 
+ITR_TEST_US = 5000  # long enough that a TCG guest sends many frames per gap
+
+
+def test_coalesce_sets_the_cards_itr_and_a_udp_stream_is_reaped_in_batches(kbed):
+    """ethtool -c/-C are the card's ITR (datasheet section 8; TX0 and RX0 share a vector, so rx-usecs and
+    tx-usecs are one value). Under a stream of datagrams the queue vector fires at most once per ITR gap,
+    and the driver writes TAIL at most once per frame (netdev_xmit_more bursts write it once)."""
+    dev = kbed.dev
+    usecs = re.compile(r"^(rx|tx)-usecs:\s+(\d+)", re.M)
+    assert dict(usecs.findall(kbed.sh(f"ethtool -c {dev}"))) == {"rx": "250", "tx": "250"}
+    try:
+        kbed.sh(f"ethtool -C {dev} tx-usecs 100")
+        assert dict(usecs.findall(kbed.sh(f"ethtool -c {dev}"))) == {"rx": "100", "tx": "100"}
+        refused = kbed.sh(f"ethtool -C {dev} rx-usecs 10 tx-usecs 20 2>&1; echo rc=$?", check=False)
+        assert "rc=0" not in refused and "share one ITR" in refused, refused
+        assert "rc=0" not in kbed.sh(f"ethtool -C {dev} rx-usecs 70000 2>&1; echo rc=$?", check=False)
+        kbed.sh(f"ethtool -C {dev} rx-usecs {ITR_TEST_US}")
+        _flush(kbed)
+        frames = 2000
+        out = kbed.sh(
+            f"ethtool -S {dev}; date +T0=%s.%N; python3 -c \"import socket\n"
+            f"s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"for _ in range({frames}): s.sendto(bytes(1372), ('10.0.0.2', 9))\"; sleep 0.2; "
+            f"date +T1=%s.%N; echo @@after; ethtool -S {dev}")
+        before_text, after_text = out.split("@@after")
+        before, after = ks.parse_ethtool_stats(before_text), ks.parse_ethtool_stats(after_text)
+        elapsed = float(re.search(r"T1=([\d.]+)", out).group(1)) - float(re.search(r"T0=([\d.]+)", out).group(1))
+
+        def delta(name: str) -> int:
+            return after[name] - before[name]
+
+        assert delta("card_tx_packets") >= frames
+        assert 0 < delta("tx_doorbells") <= delta("card_tx_packets")
+        # At most one message per gap (plus the one that opens the first gap); without ITR the vector
+        # fires about once per reaped burst, several times as often at these rates.
+        assert delta("queue_irqs") <= elapsed / (ITR_TEST_US * 1e-6) + 1, (delta("queue_irqs"), elapsed)
+    finally:
+        kbed.sh(f"ethtool -C {dev} rx-usecs 250")
+
+
 def test_removing_the_module_with_sas_installed_frees_them_on_the_card(kbed):
     """rmmod with offloaded SAs: the stack flushes the device's states (NETDEV_UNREGISTER) and the driver
     deletes them on the card; the user-space driver then finds the card empty. Reloading works."""
