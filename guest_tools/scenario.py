@@ -413,6 +413,22 @@ def _open_peer_sockets(spec: Spec, peer_addr: str) -> tuple[socket.socket, socke
     return rx, tx, encap
 
 
+def peer_datagrams(rx: socket.socket, sender: tuple[str, int], count: int, timeout: float) -> list[bytes]:
+    """Up to ``count`` datagrams from ``sender`` (address, port) on the peer's non-blocking socket ``rx``,
+    waiting at most ``timeout`` seconds in all; datagrams from anyone else are skipped."""
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        try:
+            data, source = rx.recvfrom(65535)
+        except BlockingIOError:
+            time.sleep(0.005)
+            continue
+        if source[:2] == sender:
+            got.append(data)
+    return got
+
+
 def _card_to_peer(card, spec: Spec, handle: int, info: dict, addrs: tuple[str, str], rx: socket.socket) -> Direction:
     from guest_tools import packets
 
@@ -436,16 +452,7 @@ def _card_to_peer(card, spec: Spec, handle: int, info: dict, addrs: tuple[str, s
     except Exception as exc:  # a card error is a result to report, not a crash
         d.error = f"{type(exc).__name__}: {exc}"
     d.tx_status = dict(status)
-    got: list[bytes] = []
-    deadline = time.monotonic() + spec.timeout
-    while len(got) < d.sent and time.monotonic() < deadline:
-        try:
-            data, sender = rx.recvfrom(65535)
-        except BlockingIOError:
-            time.sleep(0.005)
-            continue
-        if sender[0] == card_addr and sender[1] == C2P_SPORT:
-            got.append(data)
+    got = peer_datagrams(rx, (card_addr, C2P_SPORT), d.sent, spec.timeout)
     d.received = len(got)
     d.matched = sum(1 for i, g in enumerate(got) if g == payload(spec.name, "card-to-peer", i, spec.size))
     d.digest = payload_digest(got)

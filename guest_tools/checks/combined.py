@@ -59,6 +59,7 @@ from guest_tools.scenario import (
     parse_udp_frame,
     payload,
     payload_digest,
+    peer_datagrams,
     peer_xfrm_stat,
     setup,
 )
@@ -127,16 +128,7 @@ def _card_to_peer(card, spec: dict[str, Any], handles: dict[str, int], info: dic
             statuses[c.status_name] += 1
     except Exception as exc:  # a refusal is an observation for the host
         error = f"{type(exc).__name__}: {exc}"
-    got: list[bytes] = []
-    deadline = time.monotonic() + float(spec.get("timeout", 8.0))
-    while len(got) < count and time.monotonic() < deadline:
-        try:
-            data, sender = rx.recvfrom(65535)
-        except BlockingIOError:
-            time.sleep(0.005)
-            continue
-        if sender[:2] == (card_host, C2P_SPORT):
-            got.append(data)
+    got = peer_datagrams(rx, (card_host, C2P_SPORT), count, float(spec.get("timeout", 8.0)))
     return {"tx_status": dict(statuses), "error": error, "received": len(got), "digest": payload_digest(got),
             "matched": sum(1 for i, g in enumerate(got) if g == payload(name, "card-to-peer", i, size))}
 
@@ -187,17 +179,8 @@ def _cli(card, spec: dict[str, Any], handles: dict[str, int], info: dict[str, An
             "--size", "64", "--dst-mac", info["peer_mac"], "--sa", hex(handles["t_out"]),
             "--tunnel-sa", hex(handles["u_out"])]
     result: dict[str, Any] = {"send_status": cli.run_one(session, argv), "send_output": out.getvalue().strip()}
-    deadline = time.monotonic() + 5.0
-    got = None
-    while got is None and time.monotonic() < deadline:
-        try:
-            data, sender = rx.recvfrom(65535)
-        except BlockingIOError:
-            time.sleep(0.005)
-            continue
-        if sender[:2] == (card_host, C2P_SPORT):
-            got = data
-    result["peer_got"] = got.hex() if got is not None else None
+    got = peer_datagrams(rx, (card_host, C2P_SPORT), 1, 5.0)
+    result["peer_got"] = got[0].hex() if got else None
     tx.sendto(CLI_PAYLOAD, (card_host, P2C_DPORT))
     result["recv"] = None
     for _ in range(4):  # frames that are not IPsec (IPv6 MLD) may come first: one per `recv`
