@@ -3,6 +3,7 @@ errors a command can end in."""
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 from device.contract import regs
@@ -74,6 +75,8 @@ class AdminQueueOps:
     admin_timeout: float
     _cookie: int
     _open: bool
+    # admin commands whose DONE was seen only after their timeout (a starved card server; kept for `stats`)
+    late_admin_completions: int = 0
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         raise NotImplementedError  # Card._wait
@@ -109,11 +112,20 @@ class AdminQueueOps:
             self._wait(done, timeout or self.admin_timeout, f"admin command {_opcode_name(opcode)}")
         except CardError:
             status = self.mmio.read32(regs.STATUS)
-            hint = "the card stopped (STATUS.FATAL): run 'reset'" if status & Status.FATAL else \
-                "is the device server running?"
-            raise AdminError(f"admin command {_opcode_name(opcode)} timed out after {timeout or self.admin_timeout:g} s: "
-                             f"{hint} (AQ_HEAD={self.mmio.read32(regs.ADMINQ_BASE + regs.QREG_HEAD)}, "
-                             f"STATUS={status:#x}, {self._error_text()})") from None
+            head = self.mmio.read32(regs.ADMINQ_BASE + regs.QREG_HEAD)
+            # The card writes DONE before it moves HEAD (datasheet §5), so a command that completed in the
+            # last instant shows DONE now. It has run - failing it here would leave the driver believing,
+            # say, that an SA it added is absent - so it is taken, late, instead of reported as lost.
+            if not done():
+                hint = "the card stopped (STATUS.FATAL): run 'reset'" if status & Status.FATAL else \
+                    "is the device server running?"
+                raise AdminError(
+                    f"admin command {_opcode_name(opcode)} timed out after {timeout or self.admin_timeout:g} s: "
+                    f"{hint} (descriptor {i}, AQ_HEAD={head}, AQ_TAIL={ring.tail}, "
+                    f"STATUS={status:#x}, {self._error_text()})") from None
+            self.late_admin_completions += 1
+            print(f"warning: admin command {_opcode_name(opcode)} completed only after its "
+                  f"{timeout or self.admin_timeout:g} s timeout (is the host overloaded?)", file=sys.stderr)
         # DONE: the card has read the request; wipe it so SA keys do not linger in DMA memory (§5.1)
         self.aq_req.view[:len(request)] = bytes(len(request))
         d = ADMIN_DESC.unpack(view, at)

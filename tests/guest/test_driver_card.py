@@ -143,6 +143,26 @@ def test_admin_timeout_names_the_server(rig):
         card.caps()
 
 
+def test_admin_command_completed_at_its_deadline_is_taken_not_lost(rig):
+    """A starved card server finishes a command just as the driver gives up: the driver re-checks DONE
+    after reading HEAD and takes the result (the SA really was added) instead of reporting a failure."""
+    h, card = rig
+    real_pump = h.pump
+    h.pump = lambda: 0
+
+    def starved_wait(ready, timeout, what):
+        assert not ready()
+        h.pump = real_pump  # the server gets the CPU back while the driver reads STATUS and HEAD
+        raise CardError(f"timed out after {timeout:g} s waiting for {what}")
+
+    card._wait = starved_wait
+    handle = card.add_sa(sa(Direction.OUTBOUND, 0x7001))
+    assert card.late_admin_completions == 1
+    del card._wait  # back to the real wait
+    assert [e.offload_handle for e in card.list_sas()] == [handle]
+    assert card.late_admin_completions == 1
+
+
 def test_second_process_reattaches_without_losing_sas(rig):
     h, card = rig
     handle = card.add_sa(sa(Direction.OUTBOUND, 0x6001))
