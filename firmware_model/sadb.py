@@ -6,7 +6,11 @@
   slot's generation is bumped, so a stale handle no longer matches (netdevsim uses index | BIT(31)).
 * Inbound lookup is by (SPI, destination address, protocol) as NDIS receive processing requires
   ("the packet's destination address must equal the SA's"); an SA with a wildcard destination matches
-  on (SPI, protocol) alone.
+  on (SPI, protocol) alone. The index is one dict per protocol keyed by the SPI alone, its value the
+  bundle, whose packed destination the lookup then compares; the rare SPIs that several SAs share (other
+  destinations, or a wildcard beside an exact one) go through a small per-SPI table. Per lookup that is
+  one int hash and, in a large table, one cache miss fewer than a (SPI, dst, proto) tuple key -> tuple
+  value, and no tuple is stored per SA.
 * Packet-offload outbound SAs can also be found by selector (tuple-space search: one dict per
   distinct prefix-length pair).
 * Inbound and outbound bundles with mirrored endpoints are paired, so SaDeleteReq on an inbound SA can
@@ -99,9 +103,9 @@ class Selector:
 
 class SadbEntry:
     # A large table holds a million of these: only what the per-frame paths read is stored; the
-    # inbound lookup keys and the endpoints are derived from params when an add/remove needs them.
-    __slots__ = ("handle", "params", "direction", "mode", "family", "packet_offload", "tunnel",
-                 "selector", "parser_entry", "paired", "delete_requested", "_runtime", "rx_filter")
+    # inbound lookup keys, the endpoints, mode and family are derived from params when needed.
+    __slots__ = ("handle", "params", "direction", "dst", "packet_offload", "tunnel", "selector",
+                 "parser_entry", "paired", "delete_requested", "_runtime", "rx_filter")
 
     def __init__(self, params: tuple[SaParams, ...], packet_offload: bool, selector: Selector | None,
                  rx_filter: TrafficFilter | None = None) -> None:
@@ -109,9 +113,10 @@ class SadbEntry:
         self.handle = 0
         self.params = params
         self.direction = first.direction
-        self.mode = first.mode
+        # packed destination, b"" for a wildcard (shared through _packed's cache); set by Sadb.add for
+        # inbound bundles, whose lookups compare it
+        self.dst = b""
         self.tunnel = first.mode == _TUNNEL
-        self.family = _parse(first.dst)[0]
         self.packet_offload = packet_offload
         self.selector = selector
         # inbound: which decrypted packets this SA may deliver (v1 filter, packet-offload selector);
@@ -121,6 +126,15 @@ class SadbEntry:
         self.paired: SadbEntry | None = None
         self.delete_requested = False
         self._runtime = None
+
+    @property
+    def mode(self) -> Mode:
+        return self.params[0].mode
+
+    @property
+    def family(self) -> int:
+        """4 or 6: the IP version of the bundle's destination (add validated it)."""
+        return _parse(self.params[0].dst)[0]
 
     @property
     def lookup_keys(self) -> tuple:
@@ -168,6 +182,17 @@ class SadbEntry:
         return f"<SadbEntry {self.handle:#010x} {self.direction.name} {spis}>"
 
 
+class _SharedSpi:
+    """Inbound index entry for an SPI that several SAs of one protocol use: packed destination (b"" for
+    the wildcard) -> (bundle, index). Its ``dst`` of None is what tells lookup_inbound it is not a bundle."""
+
+    __slots__ = ("by_dst",)
+    dst = None
+
+    def __init__(self) -> None:
+        self.by_dst: dict[bytes, tuple[SadbEntry, int]] = {}
+
+
 # (version, packed) of an address, cached; raises ValueError for garbage (params.parse_address)
 _parse = parse_address
 
@@ -193,7 +218,9 @@ class Sadb:
         self._gens = array("H")  # generation per slot (11 bits used)
         self._free: list[int] = []
         self._count = 0
-        self._inbound: dict[tuple, tuple[SadbEntry, int]] = {}
+        # inbound index, one per protocol: SPI -> the bundle, or a _SharedSpi when several SAs use it
+        self._esp: dict[int, SadbEntry | _SharedSpi] = {}
+        self._ah: dict[int, SadbEntry | _SharedSpi] = {}
         self._sel_groups: dict[tuple[int, int, int], dict[tuple[int, int], list[SadbEntry]]] = {}
         self._unpaired: dict[tuple, list[SadbEntry]] = {}
         self._parsers: dict[tuple[int, int], ParserEntry] = {}
@@ -207,22 +234,32 @@ class Sadb:
         return self._count
 
     def get(self, handle: int) -> SadbEntry | None:
-        if not handle & VALID:
-            return None
+        # A stored handle always has VALID set, so equality with it also checks that bit.
+        slots = self._slots
         slot = handle & SLOT_MASK
-        if slot >= len(self._slots):
-            return None
-        bundle = self._slots[slot]
-        if bundle is None or bundle.handle != handle:
-            return None
-        return bundle
+        if slot < len(slots):
+            bundle = slots[slot]
+            if bundle is not None and bundle.handle == handle:
+                return bundle
+        return None
 
     def lookup_inbound(self, spi: int, dst: bytes, proto: int) -> tuple[SadbEntry, int] | None:
-        """Inbound SA for a received header; `dst` is the packed destination address."""
-        hit = self._inbound.get((spi, dst, proto))
-        if hit is None:
-            hit = self._inbound.get((spi, b"", proto))
-        return hit
+        """Inbound SA for a received header: (bundle, index of the SA in it); `dst` is the packed
+        destination address. An SA for exactly `dst` wins over one with a wildcard destination."""
+        if proto == 50:
+            sa = self._esp.get(spi)
+        elif proto == 51:
+            sa = self._ah.get(spi)
+        else:
+            return None
+        if sa is None:
+            return None
+        sa_dst = sa.dst
+        if sa_dst == dst or sa_dst == b"":
+            return sa, (0 if proto == 50 else len(sa.params) - 1)  # as _hit, inlined
+        if sa_dst is None:  # a _SharedSpi
+            return sa.by_dst.get(dst) or sa.by_dst.get(b"")
+        return None
 
     def lookup_selector(self, family: int, src: int, dst: int, proto: int, sport: int, dport: int) -> SadbEntry | None:
         """First packet-offload outbound bundle whose selector matches; longest prefixes first."""
@@ -283,7 +320,7 @@ class Sadb:
         for p in params:
             self._check_one(p, packet_offload)
         for p in params:
-            if p.direction == _INBOUND and self._inbound_key(p) in self._inbound:
+            if p.direction == _INBOUND and self._indexed(p) is not None:
                 raise SaRejected(RejectReason.DUPLICATE_SPI,
                                  f"inbound {p.proto.name} SPI {p.spi:#x} to {p.dst or 'any'} already exists")
         if self._count >= self.capacity:
@@ -334,6 +371,55 @@ class Sadb:
     def _inbound_key(p: SaParams) -> tuple:
         return (p.spi, _packed(p.dst), int(p.proto))
 
+    def _table(self, p: SaParams) -> dict[int, SadbEntry | _SharedSpi]:
+        return self._esp if p.proto == _ESP else self._ah
+
+    @staticmethod
+    def _hit(bundle: SadbEntry, proto: int) -> tuple[SadbEntry, int]:
+        # ESP is first in any bundle; AH is second only in an ESP+AH bundle
+        return bundle, (0 if proto == 50 else len(bundle.params) - 1)
+
+    def _indexed(self, p: SaParams) -> tuple[SadbEntry, int] | None:
+        """What the inbound index holds for exactly p's (SPI, destination, protocol), if anything."""
+        dst = _packed(p.dst)
+        sa = self._table(p).get(p.spi)
+        if sa is None:
+            return None
+        if isinstance(sa, _SharedSpi):
+            return sa.by_dst.get(dst)
+        return self._hit(sa, p.proto) if sa.dst == dst else None
+
+    def _file_inbound(self, bundle: SadbEntry) -> None:
+        bundle.dst = dst = _packed(bundle.params[0].dst)  # a bundle's SAs share their endpoints (_check)
+        for index, p in enumerate(bundle.params):
+            table = self._table(p)
+            there = table.get(p.spi)
+            if there is None:
+                table[p.spi] = bundle
+                continue
+            if not isinstance(there, _SharedSpi):  # a second SA with this SPI: switch to a per-SPI table
+                shared = _SharedSpi()
+                shared.by_dst[there.dst] = self._hit(there, p.proto)
+                table[p.spi] = there = shared
+            there.by_dst[dst] = (bundle, index)  # a checked=True add may overwrite (as it always could)
+
+    def _unfile_inbound(self, bundle: SadbEntry) -> None:
+        dst = bundle.dst
+        for p in bundle.params:
+            table = self._table(p)
+            there = table.get(p.spi)
+            if there is bundle:
+                del table[p.spi]
+            elif isinstance(there, _SharedSpi):
+                hit = there.by_dst.get(dst)
+                if hit is not None and hit[0] is bundle:
+                    del there.by_dst[dst]
+                    if len(there.by_dst) == 1:  # back to a plain entry
+                        (last, _), = there.by_dst.values()
+                        table[p.spi] = last
+                    elif not there.by_dst:
+                        del table[p.spi]
+
     # -- commit ------------------------------------------------------------------------------------
     def add(self, params: Sequence[SaParams], *, packet_offload: bool = False, selector: Selector | None = None,
             parser_entry: ParserEntry | None = None, rx_filter: TrafficFilter | None = None,
@@ -348,8 +434,7 @@ class Sadb:
         self._slots[slot] = bundle
         self._count += 1
         if bundle.direction == _INBOUND:
-            for index, p in enumerate(params):
-                self._inbound[self._inbound_key(p)] = (bundle, index)
+            self._file_inbound(bundle)
         if selector is not None:
             group = self._sel_groups.setdefault((selector.family, selector.src_prefix, selector.dst_prefix), {})
             group.setdefault((selector.src, selector.dst), []).append(bundle)
@@ -382,9 +467,8 @@ class Sadb:
         self._gens[slot] = (self._gens[slot] + 1) & GEN_MASK
         self._free.append(slot)
         self._count -= 1
-        for key in bundle.lookup_keys:
-            if self._inbound.get(key, (None,))[0] is bundle:
-                del self._inbound[key]
+        if bundle.direction == _INBOUND:
+            self._unfile_inbound(bundle)
         sel = bundle.selector
         if sel is not None:
             gkey = (sel.family, sel.src_prefix, sel.dst_prefix)

@@ -61,6 +61,37 @@ def test_inbound_lookup_by_spi_destination_protocol():
     assert db.lookup_inbound(0x1000, dst, 50) is None
 
 
+def test_inbound_spi_shared_by_several_destinations():
+    """RFC 4301 §4.1: an SPI is unique per destination, so one SPI may name several SAs; the exact
+    destination wins over a wildcard one, and removing SAs in any order keeps the others found."""
+    db = Sadb(Capabilities())
+    a, b = bytes([10, 0, 0, 2]), bytes([10, 0, 0, 3])
+    ea = db.add([sa()])
+    wild = db.add([sa(dst="0.0.0.0")])
+    eb = db.add([sa(dst="10.0.0.3")])
+    ah = sa(proto=IpProto.AH, enc_alg=EncAlg.NONE, enc_key=b"", auth_alg=AuthAlg.SHA1, auth_key=bytes(20), icv_len=12)
+    bundle = db.add([sa(dst="10.0.0.4"), replace(ah, dst="10.0.0.4")])
+    ah_only = db.add([ah])
+    assert db.lookup_inbound(0x1000, a, 50) == (ea, 0) and db.lookup_inbound(0x1000, b, 50) == (eb, 0)
+    assert db.lookup_inbound(0x1000, bytes([10, 0, 0, 9]), 50) == (wild, 0)
+    assert db.lookup_inbound(0x1000, bytes([10, 0, 0, 4]), 51) == (bundle, 1)
+    assert db.lookup_inbound(0x1000, a, 51) == (ah_only, 0)
+    assert db.lookup_inbound(0x1000, bytes([10, 0, 0, 9]), 51) is None  # no wildcard AH SA
+    with pytest.raises(SaRejected) as exc:
+        db.add([sa(dst="10.0.0.3")])
+    assert exc.value.reason == RejectReason.DUPLICATE_SPI
+    db.remove(wild.handle)
+    assert db.lookup_inbound(0x1000, bytes([10, 0, 0, 9]), 50) is None
+    assert db.lookup_inbound(0x1000, a, 50) == (ea, 0)
+    for gone in (ea, eb, bundle):
+        db.remove(gone.handle)
+    assert db.lookup_inbound(0x1000, a, 50) is None and db.lookup_inbound(0x1000, b, 50) is None
+    assert db.lookup_inbound(0x1000, a, 51) == (ah_only, 0)
+    again = db.add([sa()])  # the SPI is free again for 10.0.0.2
+    assert db.lookup_inbound(0x1000, a, 50) == (again, 0)
+    assert db.lookup_inbound(0x1000, a, 6) is None  # neither ESP nor AH
+
+
 def test_rejects_are_counted_and_nothing_is_stored():
     db = Sadb(Capabilities(sa_capacity=1, integrity=frozenset({AuthAlg.SHA256})))
     cases = [
