@@ -319,6 +319,13 @@ class EspEngine(SaEngine):
         self._ip_proto = IPPROTO_UDP if params.encap else IPPROTO_ESP
         if fast_v4:
             self.__class__ = FastV4EspEngine  # same slots; its methods enter fastpath.py directly
+        elif (isinstance(tr, CbcHmacTransform) and tr.block == 16 and tr._mac is not None and not params.esn
+              and params.mode == Mode.TRANSPORT and params.encap is None and self._family == 4):
+            # AES-CBC + HMAC of the same shape: fastpath.encapsulate_v4_cbc / decapsulate_v4_cbc; clearing
+            # these two turns them off (the differential tests' reference twin)
+            self._v4_encrypt = tr._enc.update
+            self._v4_decrypt = tr._dec.update
+            self.__class__ = FastV4CbcEngine
 
     # ----- helpers ---------------------------------------------------------------------------------
     def _make_iv(self, seq: int) -> bytes:
@@ -634,6 +641,16 @@ class FastV4EspEngine(EspEngine):
     _general_decapsulate = EspEngine.decapsulate
     _general_crypto_encrypt = EspEngine.crypto_encrypt
     _general_crypto_decrypt = EspEngine.crypto_decrypt
+
+
+class FastV4CbcEngine(EspEngine):
+    """An EspEngine with an AES-CBC + HMAC SA of the fast shape (fastpath.encapsulate_v4_cbc)."""
+
+    __slots__ = ()
+    encapsulate = fastpath.encapsulate_v4_cbc
+    decapsulate = fastpath.decapsulate_v4_cbc
+    _general_encapsulate = EspEngine.encapsulate
+    _general_decapsulate = EspEngine.decapsulate
 
 
 def _ipv4_rewrite(packet: bytes, hl: int, total: int, proto: int) -> bytearray:

@@ -14,6 +14,7 @@ these paths and requires identical results.
 from __future__ import annotations
 
 import struct
+from hmac import compare_digest as _hmac_compare_digest
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -166,8 +167,10 @@ def decapsulate_v4(eng: Any, ip_packet: bytes) -> tuple[Verdict, bytes]:
                 plain = decrypt(_NONCE_PACK(eng._gcm_salt, iv), ip_packet[_V4_ESP_LEN:total], ip_packet[20:28])
             except InvalidTag:
                 return eng._fail(_AUTH_FAILED), b""
-            # EspEngine._after_icv, inlined: move the window, check the trailer, drop a dummy packet
-            if not window.accept(seq):  # only authenticated packets move the window
+            # EspEngine._after_icv, inlined: move the window, check the trailer, drop a dummy packet. Only
+            # authenticated packets move the window; without one (size 0) accept() has nothing to do for a
+            # number at or below the top.
+            if (window.size or seq > window.top) and not window.accept(seq):
                 return eng._fail(_REPLAY), b""
             n = len(plain)  # >= 4: total >= 56 leaves 4 bytes between IV and ICV
             padlen = plain[-2]
@@ -188,4 +191,115 @@ def decapsulate_v4(eng: Any, ip_packet: bytes) -> tuple[Verdict, bytes]:
                 st.packets += 1
                 st.bytes += out_total
             return _OK, _V4_FIELDS_PACK(vt, out_total, idf, ttl, nh, csum, src, dst) + plain[:payload_len]
+    return eng._general_decapsulate(ip_packet)
+
+
+# ---------------------------------------------------------------------------------------------------
+# AES-CBC + HMAC (RFC 3602, RFC 4868 / RFC 2404), transport, option-less IPv4, no ESN, no UDP-ESP: the
+# shape of FastV4CbcEngine. The transform's persistent CBC contexts and pre-keyed HMAC are used exactly as
+# CbcHmacTransform.seal / open use them (same IV generator, same chaining fix-up), so the output and the
+# transform's state after each packet are those of the general code.
+
+# ESP adds 44 - 20 header bytes, at most 17 trailer bytes and the ICV (HMAC-SHA-512-256: 32) to the packet
+_V4_CBC_FAST_MAX = 0xFFFF - 24 - 17 - 32
+_V4_ESP_HEAD_PACK = _V4_ESP_HEAD.pack
+_V4_ESP_HEAD_UNPACK_FROM = _V4_ESP_HEAD.unpack_from
+_from_bytes = int.from_bytes
+_compare_digest = _hmac_compare_digest
+
+
+def encapsulate_v4_cbc(eng: Any, ip_packet: bytes, *, iv: bytes | None = None) -> tuple[Verdict, bytes]:
+    limited = eng._limited
+    if limited and eng._over_hard_limit():
+        return _HARD_LIMIT, b""
+    n = len(ip_packet)
+    if n >= 20 and ip_packet[0] == 0x45 and iv is None and eng._v4_encrypt is not None:
+        vt, total, idf, ttl, nh, _, src, dst = _V4_FIELDS_UNPACK_FROM(ip_packet)
+        seq = eng._seq + 1
+        if (20 <= total <= n and total <= _V4_CBC_FAST_MAX and not idf & 0x3FFF
+                and (seq < eng._seq_warn or seq <= eng._seq_limit)):
+            if seq >= eng._seq_warn:
+                eng.seq_nearly_exhausted = True
+            tr = eng.transform
+            # RFC 4303 §2.4: payload, padding 1, 2, 3, ..., pad length, next header, to the 16-byte block
+            plaintext = ip_packet[20:total] + eng._trailers[nh][(total - 20) & 15]
+            # CbcHmacTransform.next_iv and .seal, inlined (RFC 3602 §3: unpredictable IV per packet)
+            counter = tr._iv_counter + 1
+            tr._iv_counter = counter
+            iv_block = tr._ivgen.update(counter.to_bytes(16, "big"))
+            first = _from_bytes(plaintext[:16], "big") ^ _from_bytes(iv_block, "big") ^ tr._enc_chain
+            ciphertext = tr._enc.update(first.to_bytes(16, "big") + plaintext[16:])
+            tr._enc_chain = _from_bytes(ciphertext[-16:], "big")
+            out_total = 44 + len(ciphertext) + eng._icv_len
+            csum = -(vt + out_total + idf + (ttl << 8 | IPPROTO_ESP) + src + dst) % 0xFFFF
+            head = _V4_ESP_HEAD_PACK(vt, out_total, idf, ttl, IPPROTO_ESP, csum, src, dst, eng.spi, seq) + iv_block
+            mac = tr._mac.copy()
+            mac.update(head[20:])  # RFC 4303 §3.3.4: the ICV covers SPI, Seq, IV and ciphertext
+            mac.update(ciphertext)
+            eng._seq = seq
+            if limited:
+                eng._count(total)
+            else:
+                st = eng.stats
+                st.packets += 1
+                st.bytes += total
+            return _OK, b"".join((head, ciphertext, mac.finalize()[:eng._icv_len]))
+    return eng._general_encapsulate(ip_packet, iv=iv)
+
+
+def decapsulate_v4_cbc(eng: Any, ip_packet: bytes) -> tuple[Verdict, bytes]:
+    limited = eng._limited
+    if limited and eng._over_hard_limit():
+        return _HARD_LIMIT, b""
+    n = len(ip_packet)
+    if n >= 44 and ip_packet[0] == 0x45 and eng._v4_decrypt is not None:
+        vt, total, idf, ttl, proto, _, src, dst, spi, seq_lo = _V4_ESP_HEAD_UNPACK_FROM(ip_packet)
+        icv_len = eng._icv_len
+        ct_end = total - icv_len
+        # the general code's checks, all passing: unfragmented ESP of this SA, IV + at least one block +
+        # ICV (_min_body), whole blocks (_block)
+        if (proto == IPPROTO_ESP and not idf & _IP_MF_OFFSET_MASK and total <= n and spi == eng.spi
+                and ct_end >= 60 and not (ct_end - 44) & 15):
+            window = eng.window
+            seq = seq_lo if seq_lo > window.top else window.check(seq_lo)  # RFC 4303 §3.4.3 early reject
+            if seq == REJECT:
+                return eng._fail(_REPLAY), b""
+            tr = eng.transform
+            mac = tr._mac.copy()
+            mac.update(ip_packet[20:ct_end])  # SPI, Seq, IV, ciphertext; verified before decrypting
+            if not _compare_digest(mac.finalize()[:icv_len], ip_packet[ct_end:total]):
+                return eng._fail(_AUTH_FAILED), b""
+            ciphertext = ip_packet[44:ct_end]
+            out = tr._dec.update(ciphertext)
+            first = (_from_bytes(out[:16], "big") ^ tr._dec_chain ^ _from_bytes(ip_packet[28:44], "big")).to_bytes(16, "big")
+            tr._dec_chain = _from_bytes(ciphertext[-16:], "big")
+            if (window.size or seq > window.top) and not window.accept(seq):  # EspEngine._after_icv, inlined
+                return eng._fail(_REPLAY), b""
+            k = len(out)
+            # the first block is fixed up separately (no copy of the whole payload) unless the trailer or
+            # its padding reaches into it
+            joined = k == 16 or out[-2] > k - 18
+            if joined:
+                out = first + out[16:]
+            padlen = out[-2]
+            payload_len = k - 2 - padlen
+            if payload_len < 0 or (padlen and out[payload_len:k - 2] != PAD_BYTES[:padlen]):
+                return eng._fail(_BAD_SYNTAX), b""
+            nh = out[-1]
+            if nh == IPPROTO_NONE:
+                eng.stats.dummy_packets += 1
+                eng._count(0)
+                return _DUMMY, b""
+            out_total = 20 + payload_len
+            csum = -(vt + out_total + idf + (ttl << 8 | nh) + src + dst) % 0xFFFF
+            if limited:
+                eng._count(out_total)
+            else:
+                st = eng.stats
+                st.packets += 1
+                st.bytes += out_total
+            head = _V4_FIELDS_PACK(vt, out_total, idf, ttl, nh, csum, src, dst)
+            if joined:
+                return _OK, head + out[:payload_len]
+            return _OK, b"".join((head, first, out[16:payload_len]))
     return eng._general_decapsulate(ip_packet)

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from device.contract import ndis
 from device.contract.ndis import NdisStatus, Opcode, ParseError, RejectReason
+from firmware_model import framepath
 from firmware_model.capabilities import Capabilities
 from firmware_model.commands import AdminCommands
 from firmware_model.sadb import Sadb, SaRejected
@@ -20,10 +21,41 @@ from firmware_model.traffic import RxResult, TrafficPath, TxOutcome, TxResult
 GlobalStats = ndis.GlobalStats
 
 
+class PlanSadb(Sadb):
+    """The SA table, emptying the frame fast paths' per-SA plan caches (firmware_model/framepath.py) on
+    every change to its contents, so a cached plan never names a deleted or replaced SA."""
+
+    def __init__(self, caps: Capabilities, caches: tuple[dict, ...]) -> None:
+        self._plan_caches = caches  # before Sadb.__init__, which resets the table
+        super().__init__(caps)
+
+    def _forget_plans(self) -> None:
+        for cache in self._plan_caches:
+            cache.clear()
+
+    def reset(self) -> None:
+        self._forget_plans()
+        super().reset()
+
+    def add(self, *args, **kwargs):
+        self._forget_plans()
+        return super().add(*args, **kwargs)
+
+    def remove(self, handle: int):
+        self._forget_plans()
+        return super().remove(handle)
+
+
 class Firmware(AdminCommands, TrafficPath):
+    # Per-frame entry points: the whole-frame fast paths, which hand anything else to TrafficPath's
+    transmit = framepath.transmit
+    receive = framepath.receive
+
     def __init__(self, caps: Capabilities) -> None:
         self.caps = caps
-        self.sadb = Sadb(caps)
+        self._tx_plans: dict = {}  # handle -> framepath plan (or False: not of the fast shape)
+        self._rx_plans: dict = {}  # SPI -> (destination, plan or None)
+        self.sadb = PlanSadb(caps, (self._tx_plans, self._rx_plans))
         self._stats = GlobalStats()
         self.last_error = ""
         self._handlers: dict[int, Callable[[bytes], tuple[int, bytes]]] = {

@@ -1,0 +1,249 @@
+"""Whole-frame fast paths of Firmware.transmit / Firmware.receive, fenced off from the general code.
+
+For an SA of the commonest shape -- one ESP SA whose engine is a FastV4EspEngine (AES-GCM-16, no ESN,
+transport, IPv4, no UDP encapsulation: firmware_model/fastpath.py) with no lifetimes and no traffic filter
+-- and an untagged Ethernet frame carrying option-less, unfragmented IPv4, these functions go from the
+frame to the output frame in one step: no L3 offset search, no classification layer, no `frame[l3:]`,
+no re-framing, Ethernet + IP + ESP headers packed in one call, the result object built once.
+
+The rule that keeps them honest: a fast path either produces the *complete successful* result -- the
+frame, every counter, the engine's state, SaDeleteReq -- exactly as the general code
+(traffic.TrafficPath.transmit / receive) would, or it changes nothing and hands the frame to the general
+code, which stays the reference for every other shape and every error verdict. Receive bails out before
+anything is counted or moved: a replayed or forged packet, a bad trailer, a dummy packet or a nested
+tunnel payload is left entirely to the general code (which then checks the ICV again: error verdicts
+cost twice the crypto, successful ones once).
+
+The per-SA "plans" are cached in two dicts that firmware.PlanSadb empties on every add, remove and
+reset of the SA table, so a plan never outlives its SA: by handle for transmit; by SPI for receive, with
+the destination address the SA was found for (lookup_inbound matches an exact destination before a
+wildcard one, so a plan is reused only for the very destination it was looked up with).
+tests/firmware/test_frame_fastpath.py compares a card with these paths against one without, on random
+and mutated frames and SA shapes.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+
+from device.contract.enums import Direction, IpProto
+from device.contract.status import CryptoStatus
+from firmware_model.engine import FastV4EspEngine
+from firmware_model.esp import PAD_BYTES
+from firmware_model.replay import REJECT
+from firmware_model.traffic import SEQ_SOFT_MARGIN, U32_MAX, RxResult, TrafficPath, TxOutcome, TxResult
+
+# Option-less IPv4 header (see fastpath._V4_FIELDS) + ESP SPI, Seq and the 8-byte GCM IV (RFC 4303 §2,
+# RFC 4106 §3.1): one pack writes every IP and ESP header byte of an output frame, one unpack reads them
+# (the Ethernet header is joined as it came: the frame may be any bytes-like object)
+_V4_ESP = struct.Struct("!HHIBBHIIIIQ")
+_V4_ESP_HEAD = struct.Struct("!HHIBBHIIII")
+_V4_ESP_PACK = _V4_ESP.pack
+_V4_PACK = struct.Struct("!HHIBBHII").pack
+_V4_ESP_UNPACK_FROM = _V4_ESP.unpack_from
+_V4_ESP_HEAD_UNPACK_FROM = _V4_ESP_HEAD.unpack_from
+_V4_FIELDS_UNPACK_FROM = struct.Struct("!HHIBBHII").unpack_from
+_NONCE_PACK = struct.Struct("!4sQ").pack  # RFC 4106 §4: salt || IV
+_U64_PACK = struct.Struct("!Q").pack
+_IP_MF_OFFSET_MASK = 0x3FFF
+_ESP = 50
+_NONE = 59  # RFC 4303 §2.6: dummy packet
+_NESTED = (4, 41)  # an IP packet inside the ESP: transport over tunnel, the general code's business
+# packet offload: ESP adds 16 header bytes, at most 5 trailer bytes and the 16-byte tag (fastpath._V4_FAST_MAX)
+_V4_FAST_MAX = 0xFFFF - 16 - 5 - 16
+_SEQ_NEAR_END = U32_MAX - SEQ_SOFT_MARGIN
+_PLAN_CACHE_MAX = 4096  # unknown handles / SPIs must not grow the caches without bound
+
+_TX_OK = TxOutcome.OK
+_CS_SUCCESS = int(CryptoStatus.SUCCESS)
+_OUTBOUND = Direction.OUTBOUND
+_INBOUND = Direction.INBOUND
+_ESP_PROTO = IpProto.ESP
+_general_transmit = TrafficPath.transmit
+_general_receive = TrafficPath.receive
+
+
+def _plan_for(sa: Any, direction: Direction) -> tuple | None:
+    """(packet offload, entry, engine) for an SA the fast paths may take, else None."""
+    if (sa is None or sa.direction != direction or len(sa.params) != 1 or sa.params[0].proto != _ESP_PROTO
+            or sa.rx_filter is not None):
+        return None
+    rt = sa.runtime()
+    # lifetimes go the general way: their checks and SaDeleteReq bookkeeping are per packet
+    if type(rt) is not FastV4EspEngine or rt._limited:
+        return None
+    return bool(sa.packet_offload), sa, rt
+
+
+def transmit(self: Any, frame: bytes, handle: int, packet_offload: bool, seq_hi: int | None = None,
+             tunnel_handle: int = 0) -> TxResult:
+    """Firmware.transmit: the fast paths below, else TrafficPath.transmit (see the module docstring)."""
+    plans = self._tx_plans
+    plan = plans.get(handle)
+    if plan is None:
+        if tunnel_handle or not handle:
+            return _general_transmit(self, frame, handle, packet_offload, seq_hi, tunnel_handle)
+        if len(plans) >= _PLAN_CACHE_MAX:
+            plans.clear()
+        plan = plans[handle] = _plan_for(self.sadb.get(handle), _OUTBOUND) or False
+    if plan and not tunnel_handle:
+        po, sa, eng = plan
+        n = len(frame)
+        # untagged Ethernet, option-less IPv4 (l3_offset's common case)
+        if n >= 68 and frame[14] == 0x45 and frame[12] == 8 and not frame[13]:
+            if packet_offload:
+                encrypt = eng._v4_encrypt
+                if po and encrypt is not None:
+                    # fastpath.encapsulate_v4 + reframe, into one output frame
+                    vt, total, idf, ttl, nh, _, src, dst = _V4_FIELDS_UNPACK_FROM(frame, 14)
+                    seq = eng._seq + 1
+                    if (20 <= total <= n - 14 and total <= _V4_FAST_MAX and not idf & _IP_MF_OFFSET_MASK
+                            and (seq < eng._seq_warn or seq <= eng._seq_limit)):
+                        if seq >= eng._seq_warn:
+                            eng.seq_nearly_exhausted = True
+                        iv_last = eng._iv_last
+                        seq_iv = iv_last + 1 if seq <= iv_last else seq  # never a repeated IV
+                        eng._iv_last = seq_iv
+                        plaintext = frame[34:14 + total] + eng._trailers[nh][total & 3]
+                        out_total = 52 + len(plaintext)
+                        csum = -(vt + out_total + idf + (ttl << 8 | _ESP) + src + dst) % 0xFFFF
+                        head = _V4_ESP_PACK(vt, out_total, idf, ttl, _ESP, csum, src, dst, eng.spi, seq, seq_iv)
+                        sealed = encrypt(_NONCE_PACK(eng._gcm_salt, seq_iv), plaintext, head[20:28])
+                        eng._seq = seq
+                        est = eng.stats
+                        est.packets += 1
+                        est.bytes += total
+                        st = self._stats
+                        st.tx_packets += 1
+                        st.tx_bytes += n
+                        st.tx_packet_offload += 1
+                        if eng.soft_expired or eng.seq_nearly_exhausted:  # _check_lifetime
+                            self.sadb.request_delete(sa)
+                        return TxResult(_TX_OK, b"".join((frame[:14], head, sealed)), sa.delete_requested)
+            elif not po:
+                encrypt = eng._v4_encrypt
+                # fastpath.crypto_encrypt_v4 on the frame, the result built directly
+                _, total, idf, _, proto, _, _, _, spi, seq_lo = _V4_ESP_HEAD_UNPACK_FROM(frame, 14)
+                if (proto == _ESP and not idf & _IP_MF_OFFSET_MASK and 54 <= total <= n - 14
+                        and spi == eng.spi and encrypt is not None):
+                    iv_last = eng._iv_last
+                    seq_iv = seq_lo if seq_lo > iv_last else iv_last + 1
+                    eng._iv_last = seq_iv
+                    end = 14 + total
+                    sealed = encrypt(_NONCE_PACK(eng._gcm_salt, seq_iv), frame[50:end - 16], frame[34:42])
+                    est = eng.stats
+                    est.packets += 1
+                    est.bytes += total
+                    st = self._stats
+                    st.tx_packets += 1
+                    st.tx_bytes += n
+                    st.tx_crypto += 1
+                    if seq_lo > _SEQ_NEAR_END:  # TrafficPath._seq_near_end (no ESN on this shape)
+                        self.sadb.request_delete(sa)
+                    if eng.soft_expired or eng.seq_nearly_exhausted:  # _check_lifetime
+                        self.sadb.request_delete(sa)
+                    if end == n:
+                        out = b"".join((frame[:42], _U64_PACK(seq_iv), sealed))
+                    else:  # link-layer padding after the IP packet stays as it was
+                        out = b"".join((frame[:42], _U64_PACK(seq_iv), sealed, frame[end:]))
+                    return TxResult(_TX_OK, out, sa.delete_requested)
+    return _general_transmit(self, frame, handle, packet_offload, seq_hi, tunnel_handle)
+
+
+def receive(self: Any, frame: bytes) -> RxResult:
+    """Firmware.receive: the fast paths below, else TrafficPath.receive (see the module docstring)."""
+    n = len(frame)
+    if n >= 68 and frame[14] == 0x45 and frame[12] == 8 and not frame[13]:
+        vt, total, idf, ttl, proto, _, src, dst, spi, seq_lo, iv = _V4_ESP_UNPACK_FROM(frame, 14)
+        if proto == _ESP and not idf & _IP_MF_OFFSET_MASK and 54 <= total <= n - 14:
+            plans = self._rx_plans
+            hit = plans.get(spi)
+            if hit is None or hit[0] != dst:
+                if len(plans) >= _PLAN_CACHE_MAX:
+                    plans.clear()
+                found = self.sadb.lookup_inbound(spi, frame[30:34], _ESP)
+                hit = plans[spi] = (dst, _plan_for(found[0], _INBOUND) if found is not None else None)
+            plan = hit[1]
+            if plan is not None:
+                po, sa, eng = plan
+                decrypt = eng._v4_decrypt
+                if decrypt is not None and spi == eng.spi:
+                    end = 14 + total
+                    # (the two cases are written out here rather than called: a call layer is ~5 % of a frame)
+                    if po and total >= 56:
+                        # packet offload: fastpath.decapsulate_v4 + reframe
+                        window = eng.window
+                        seq = seq_lo if seq_lo > window.top else window.check(seq_lo)
+                        if seq == REJECT:
+                            return _general_receive(self, frame)
+                        try:
+                            plain = decrypt(_NONCE_PACK(eng._gcm_salt, iv), frame[50:end], frame[34:42])
+                        except InvalidTag:
+                            return _general_receive(self, frame)
+                        k = len(plain)
+                        padlen = plain[-2]
+                        payload_len = k - 2 - padlen
+                        nh = plain[-1]
+                        if (payload_len < 0 or (padlen and plain[payload_len:k - 2] != PAD_BYTES[:padlen])
+                                or nh == _NONE):
+                            return _general_receive(self, frame)
+                        # only now is anything moved: the window (accept() cannot refuse what check() let
+                        # through; if it did, nothing would have changed), then the counters
+                        if (window.size or seq > window.top) and not window.accept(seq):
+                            return _general_receive(self, frame)
+                        out_total = 20 + payload_len
+                        est = eng.stats
+                        est.packets += 1
+                        est.bytes += out_total
+                        st = self._stats
+                        st.rx_packets += 1
+                        st.rx_bytes += n
+                        st.rx_crypto_ok += 1
+                        st.rx_crypto_done += 1
+                        if eng.soft_expired or eng.seq_nearly_exhausted:  # _check_lifetime
+                            self.sadb.request_delete(sa)
+                        delete_req = sa.delete_requested
+                        if delete_req:
+                            st.rx_sa_delete_req += 1
+                        csum = -(vt + out_total + idf + (ttl << 8 | nh) + src + dst) % 0xFFFF
+                        out = b"".join((frame[:14], _V4_PACK(vt, out_total, idf, ttl, nh, csum, src, dst),
+                                        plain[:payload_len]))
+                        return RxResult(out, True, False, _CS_SUCCESS, delete_req, sa.handle, 0, False, False, True)
+                    if not po:
+                        # crypto offload: fastpath.crypto_decrypt_v4 on the frame
+                        try:
+                            plain = decrypt(_NONCE_PACK(eng._gcm_salt, iv), frame[50:end], frame[34:42])
+                        except InvalidTag:
+                            return _general_receive(self, frame)
+                        k = len(plain)
+                        padlen = plain[-2]
+                        nh = plain[-1]
+                        if (k < 2 + padlen or (padlen and plain[k - 2 - padlen:k - 2] != PAD_BYTES[:padlen])
+                                or nh == _NONE or nh in _NESTED):
+                            return _general_receive(self, frame)
+                        est = eng.stats
+                        est.packets += 1
+                        est.bytes += total
+                        st = self._stats
+                        st.rx_packets += 1
+                        st.rx_bytes += n
+                        # only an authenticated sequence number may ask for a rekey (TrafficPath.receive)
+                        if seq_lo > _SEQ_NEAR_END:
+                            self.sadb.request_delete(sa)
+                        st.rx_crypto_ok += 1
+                        st.rx_crypto_done += 1
+                        if eng.soft_expired or eng.seq_nearly_exhausted:  # _check_lifetime
+                            self.sadb.request_delete(sa)
+                        delete_req = sa.delete_requested
+                        if delete_req:
+                            st.rx_sa_delete_req += 1
+                        # the decrypted payload in place of the ciphertext; the ICV and any link-layer
+                        # padding stay; the trailer the host is told about (esp_trailer) is the one checked
+                        out = b"".join((frame[:50], plain, frame[end - 16:]))
+                        return RxResult(out, True, False, _CS_SUCCESS, delete_req, sa.handle, 0, False, False,
+                                        False, nh, padlen)
+    return _general_receive(self, frame)
+
