@@ -28,11 +28,15 @@ that the vCPU waits for (docs/performance.md, *Kernel driver packets/s*).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
 import shlex
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .core import Progress, Row, at_least
 
@@ -87,8 +91,12 @@ class Slice:
     card_cpu: float = 0.0  # CPU seconds of the card server (host) while the sender ran (CpuSampler)
     qemu_cpu: float = 0.0  # CPU seconds of QEMU (the whole guest, TCG) meanwhile
     sink_cpu: float = 0.0  # CPU seconds of the wire sink (host) during it (receiving only; checks come after)
+    card_wait: float = 0.0  # seconds the card server's threads waited for a host CPU meanwhile
+    qemu_wait: float = 0.0  # the same for QEMU's threads (vCPU, I/O)
+    qdisc_drops: int = 0  # datagrams the guest's qdisc on the card's netdev dropped (root qdisc, tc -s)
     card_wire_tx: int = 0  # the card's card_tx_packets moved by this much (frames its wire took)
     wire_frames: int = 0  # frames the sink received, of any kind
+    wire_refused: int = 0  # frames the card completed (driver tx_ok) but its wire did not take (sink queue full)
     refused: int = 0  # frames of the flow the sink refused (bad, replayed, or the other mode's kind)
     refusals: str = ""  # why, for the error message
     seq_gaps: int = 0  # ESP sequence numbers the sink never saw inside the range it saw
@@ -111,7 +119,8 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 class CpuSampler:
-    """CPU seconds of some processes, sampled every ``period`` s in a thread while a guest command runs, so
+    """CPU seconds of some processes, then the seconds they waited for a CPU (run_delay_seconds), in the same
+    order, sampled every ``period`` s in a thread while a guest command runs, so
     that the CPU of the sending itself can be cut out of a command that also starts python3 in the guest
     (about a second under TCG): ``window(seconds)`` is what each process used in the last ``seconds`` before
     stop(), which ends within a few hundred ms of the sender (the guest agent's reply)."""
@@ -128,7 +137,8 @@ class CpuSampler:
     def _sample(self) -> None:
         import time
 
-        self.samples.append((time.monotonic(), tuple(cpu_seconds(p) for p in self.pids)))
+        self.samples.append((time.monotonic(), tuple(cpu_seconds(p) for p in self.pids)
+                             + tuple(run_delay_seconds(p) for p in self.pids)))
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
@@ -153,6 +163,25 @@ def cpu_window(samples: list[tuple[float, tuple[float, ...]]], seconds: float) -
     end_t, end = samples[-1]
     start = next((v for t, v in reversed(samples) if t <= end_t - seconds), samples[0][1])
     return tuple(b - a for a, b in zip(start, end, strict=True))
+
+
+def run_delay_seconds(pid: int | None) -> float:
+    """Seconds the threads of a process waited on a run queue for a CPU (/proc/PID/task/*/schedstat, second
+    field, ns; Documentation/scheduler/sched-stats.rst), 0 when unknown: how much a busy host held it back."""
+    if pid is None:
+        return 0.0
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile
+    return total / 1e9
 
 
 def cpu_per_packet(slices: list[Slice], mode: str) -> tuple[float, float]:
@@ -184,6 +213,13 @@ def sink_counts(mode: str, tally) -> tuple[int, int, str]:
     return received, tally.bad + wrong + tally.replayed, why
 
 
+def parse_qdisc_drops(text: str) -> int:
+    """`dropped` of the root qdisc in `tc -s qdisc show dev DEV` (the first ` Sent ... (dropped N, ...` line;
+    a root mq's own line already sums its children)."""
+    m = re.search(r"^\s*Sent \d+ bytes \d+ pkt \(dropped (\d+),", text, re.MULTILINE)
+    return int(m.group(1)) if m else 0
+
+
 def parse_slice(mode: str, output: str, tally) -> Slice:
     """The slice from the guest command's output and the sink's wire_sink.Tally of the same slice."""
     from ipsec_nic.kernel_scenarios import ETHTOOL_TX, parse_ethtool_stats, sections
@@ -202,8 +238,11 @@ def parse_slice(mode: str, output: str, tally) -> Slice:
     received, refused, why = sink_counts(mode, tally)
     return Slice(mode, int(sent_line[1]), received, float(sent_line[3]), delta(ETHTOOL_TX),
                  doorbells=delta("tx_doorbells"), irqs=delta("queue_irqs"), card_wire_tx=delta(ETHTOOL_WIRE_TX),
+                 wire_refused=max(0, delta("tx_ok") - delta(ETHTOOL_WIRE_TX)),
                  wire_frames=tally.frames, refused=refused, refusals=why,
-                 seq_gaps=tally.seq_gaps if mode != "plain" else 0)
+                 seq_gaps=tally.seq_gaps if mode != "plain" else 0,
+                 qdisc_drops=parse_qdisc_drops(parts.get("qdisc_after", ""))
+                 - parse_qdisc_drops(parts.get("qdisc_before", "")))
 
 
 def busy(slices: list[Slice], mode: str, field: str) -> float:
@@ -221,11 +260,15 @@ def kernel_rows(slices: list[Slice]) -> list[Row]:
     med = {m: statistics.median(v) for m, v in per.items()}
     sent = {m: sum(s.sent for s in slices if s.mode == m) for m in MODES}
     got = {m: sum(s.received for s in slices if s.mode == m) for m in MODES}
-    lost = "; ".join(f"{m} {1 - got[m] / sent[m]:.0%}" for m in MODES if sent[m]) or "-"
+    qdisc = {m: sum(s.qdisc_drops for s in slices if s.mode == m) for m in MODES}
+    lost = "; ".join(f"{m} {1 - got[m] / sent[m]:.0%} (guest qdisc dropped {qdisc[m]})"
+                     for m in MODES if sent[m]) or "-"
     # The sink's exactness, across all slices: frames the card's wire took that the sink never read.
     wire_lost = sum(max(0, s.card_wire_tx - s.wire_frames) for s in slices)
+    refused = sum(s.wire_refused for s in slices)
     note = (f"{len(per['offload'])} interleaved rounds; receiver: host-side wire sink, every frame checked; "
-            f"sent but not received: {lost}; frames the card's wire took and the sink did not read: {wire_lost}")
+            f"sent but not received: {lost}; frames the card completed but its wire did not take (the sink's "
+            f"queue full): {refused}; frames the card's wire took and the sink did not read: {wire_lost}")
     cpu = {m: cpu_per_packet(slices, m) for m in MODES}
 
     def cpu_note(m: str) -> str:
@@ -233,7 +276,8 @@ def kernel_rows(slices: list[Slice]) -> list[Row]:
         return (f"CPU per packet: card server {cpu[m][0]:.0f} µs, QEMU {cpu[m][1]:.0f} µs, sink {sink:.0f} µs; "
                 f"per packet: {per_packet(slices, m, 'doorbells'):.2f} TX doorbells, "
                 f"{per_packet(slices, m, 'irqs'):.2f} interrupts; busy while sending: card server "
-                f"{busy(slices, m, 'card_cpu'):.0%}, QEMU {busy(slices, m, 'qemu_cpu'):.0%} of a CPU")
+                f"{busy(slices, m, 'card_cpu'):.0%}, QEMU {busy(slices, m, 'qemu_cpu'):.0%} of a CPU; waiting for a "
+                f"host CPU meanwhile: card server {busy(slices, m, 'card_wait'):.0%}, QEMU {busy(slices, m, 'qemu_wait'):.0%}")
 
     return [
         Row("VM packets/s, kernel driver, crypto offload, 1400 B UDP", med["offload"], "pkt/s", med["software"],
@@ -276,9 +320,10 @@ def slice_commands(mode: str, dev: str, sink_addr: str, seconds: float, card_sa:
     prepare = [FLUSH]
     if mode != "plain":
         prepare += [f"{card_sa}[ $? = 0 ] || exit 1"]
-    prepare += [sec("card_before", f"ethtool -S {dev}")]
+    prepare += [sec("card_before", f"ethtool -S {dev}"), sec("qdisc_before", f"tc -s qdisc show dev {dev}")]
     send = sec("send", f"python3 -c {shlex.quote(SENDER)} {sink_addr} {SINK_PORT} {seconds} {PACKET_BYTES}")
-    finish = [f"sleep {SETTLE_S}", sec("card_after", f"ethtool -S {dev}"), FLUSH]
+    finish = [f"sleep {SETTLE_S}", sec("card_after", f"ethtool -S {dev}"),
+              sec("qdisc_after", f"tc -s qdisc show dev {dev}"), FLUSH]
     return "\n".join(prepare) + "\n", send + "\n", "\n".join(finish) + "\n"
 
 
@@ -293,9 +338,28 @@ def sink_flow(sas: list, sink_addr: str):
                     EspKey(out.spi, out.enc_key[:-4], out.enc_key[-4:]))
 
 
-def kernel_pps(seconds_per_slice: float, rounds: int, say: Progress, logs: Path,
-               profile_overrides: dict | None = None) -> list[Row]:
-    """The rows; ``profile_overrides`` replaces CARD_PROFILE_OVERRIDES ({} = the default profile as is)."""
+@dataclasses.dataclass
+class Bed:
+    """A running kernel test bed whose card's wire ends in the sink (kernel_bed)."""
+
+    topo: Any  # ipsec_nic.topology.Topology
+    sink: Any  # ipsec_nic.bench.wire_sink.WireSink
+    dev: str
+    sink_addr: str
+    sas: list
+    card_sa: dict[str, str]  # mode -> guest shell adding the card's SAs
+
+    def pids(self) -> tuple[int | None, ...]:
+        """(card server, QEMU, sink)."""
+        topo = self.topo
+        return (topo.card.process.pid if topo.card and topo.card.process else None,
+                topo.vm.qemu_pid if topo.vm else None, self.sink.pid)
+
+
+@contextlib.contextmanager
+def kernel_bed(say: Progress, logs: Path, profile_overrides: dict | None = None) -> Iterator[Bed]:
+    """Boot the VM with the card's kernel driver and the card's wire to a WireSink that expects the bench's
+    flow; ``profile_overrides`` replaces CARD_PROFILE_OVERRIDES ({} = the default profile as is)."""
     from device.contract.sa_file import parse_sa_document
     from guest_tools.scenario import Spec, fill_keys, sa_document
     from ipsec_nic import kernel_scenarios as ks
@@ -313,52 +377,62 @@ def kernel_pps(seconds_per_slice: float, rounds: int, say: Progress, logs: Path,
     profile = write_profile(logs / "kernel-pps-card.yaml", None,
                             CARD_PROFILE_OVERRIDES if profile_overrides is None else profile_overrides)
     say("VM: booting with the card's kernel driver; the card's wire goes to a host-side sink")
-    slices: list[Slice] = []
     with Topology(tc, logs / "kernel-pps", profile=str(profile), timeout_s=300, kernel_module=module,
                   wire_sink=lambda path: WireSink(path, logs / "kernel-pps-sink.log")) as topo:
         sink: WireSink = topo.sink
         sink.expect(sink_flow(sas, sink_addr))
         dev = topo.setup_info["IPSEC_NIC_DEV"]
-        say(f"VM up in {topo.boot_seconds:.1f} s, driver {topo.setup_seconds:.1f} s; "
-            f"{rounds} rounds × {len(MODES)} modes × {seconds_per_slice:g} s")
-        card_sa = {"offload": ks.batch(ks.card_commands(sas, dev, "crypto")),
-                   "software": ks.batch(ks.card_software_commands(sas))}
+        say(f"VM up in {topo.boot_seconds:.1f} s, driver {topo.setup_seconds:.1f} s")
         r = topo.guest(sink_neighbour(dev, sink_addr), 60)
         if r.exit_code != 0:
             raise RuntimeError(f"the sink's neighbour entry was refused:\n{r.output[-1000:]}")
         sink.take()  # whatever the card sent while the guest came up (IPv6 neighbour discovery, ...)
-        card_pid = topo.card.process.pid if topo.card and topo.card.process else None
-
-        def qemu_pid() -> int | None:
-            return topo.vm.qemu_pid if topo.vm else None
-
-        def run(command: str, what: str, timeout: float = 60.0) -> str:
-            r = topo.guest(command, timeout)
-            if r.timed_out or r.exit_code != 0:
-                raise RuntimeError(f"{mode} slice: {what} failed (exit {r.exit_code}):\n{r.output[-2000:]}")
-            return r.output
-
-        for rnd in range(rounds):
-            for mode in MODES:
-                prepare, send, finish = slice_commands(mode, dev, sink_addr, seconds_per_slice, card_sa.get(mode, ""))
-                output = run(prepare, "adding the SAs and reading the counters")
-                # CPU of the sending only: the sampler's last `seconds` before the guest command returned,
-                # not the python3 start-up before it (about a second under TCG) nor the SA set-up.
-                with CpuSampler((card_pid, qemu_pid(), sink.pid)) as cpu:
-                    output += run(send, "the sender", seconds_per_slice * 4 + 60)
-                output += run(finish, "reading the counters")
-                s = parse_slice(mode, output, sink.take())
-                card_cpu, qemu_cpu, sink_cpu = cpu.window(s.seconds)
-                s = dataclasses.replace(s, card_cpu=card_cpu, qemu_cpu=qemu_cpu, sink_cpu=sink_cpu)
-                check_slice(s)
-                slices.append(s)
-                gaps = f", {s.seq_gaps} ESP sequence gaps" if s.seq_gaps else ""
-                say(f"round {rnd + 1}/{rounds} {mode}: {s.pps:,.0f} pkt/s ({s.received}/{s.sent} received and "
-                    f"checked; card wire {s.card_wire_tx}, sink {s.wire_frames} frames{gaps}; CPU of "
-                    f"{s.seconds:.1f} s sending: card {s.card_cpu:.2f} s, QEMU {s.qemu_cpu:.2f} s, "
-                    f"sink {s.sink_cpu:.2f} s)")
+        yield Bed(topo, sink, dev, sink_addr, sas,
+                  {"offload": ks.batch(ks.card_commands(sas, dev, "crypto")),
+                   "software": ks.batch(ks.card_software_commands(sas))})
         card = topo.card
         if card is None or not card.alive():
             raise RuntimeError("the card server died during the kernel-driver run"
                                + (f":\n{card.log_tail()}" if card else ""))
+
+
+def run_slice(bed: Bed, mode: str, seconds: float) -> Slice:
+    """One mode's slice, not yet checked (check_slice)."""
+    def run(command: str, what: str, timeout: float = 60.0) -> str:
+        r = bed.topo.guest(command, timeout)
+        if r.timed_out or r.exit_code != 0:
+            raise RuntimeError(f"{mode} slice: {what} failed (exit {r.exit_code}):\n{r.output[-2000:]}")
+        return r.output
+
+    prepare, send, finish = slice_commands(mode, bed.dev, bed.sink_addr, seconds, bed.card_sa.get(mode, ""))
+    output = run(prepare, "adding the SAs and reading the counters")
+    # CPU of the sending only: the sampler's last `seconds` before the guest command returned, not the
+    # python3 start-up before it (about a second under TCG) nor the SA set-up.
+    with CpuSampler(bed.pids()) as cpu:
+        output += run(send, "the sender", seconds * 4 + 60)
+    output += run(finish, "reading the counters")
+    s = parse_slice(mode, output, bed.sink.take())
+    card_cpu, qemu_cpu, sink_cpu, card_wait, qemu_wait, _ = cpu.window(s.seconds)
+    return dataclasses.replace(s, card_cpu=card_cpu, qemu_cpu=qemu_cpu, sink_cpu=sink_cpu, card_wait=card_wait,
+                               qemu_wait=qemu_wait)
+
+
+def kernel_pps(seconds_per_slice: float, rounds: int, say: Progress, logs: Path,
+               profile_overrides: dict | None = None) -> list[Row]:
+    """The rows; ``profile_overrides`` replaces CARD_PROFILE_OVERRIDES ({} = the default profile as is)."""
+    slices: list[Slice] = []
+    with kernel_bed(say, logs, profile_overrides) as bed:
+        say(f"{rounds} rounds × {len(MODES)} modes × {seconds_per_slice:g} s")
+        for rnd in range(rounds):
+            for mode in MODES:
+                s = run_slice(bed, mode, seconds_per_slice)
+                check_slice(s)
+                slices.append(s)
+                gaps = f", {s.seq_gaps} ESP sequence gaps" if s.seq_gaps else ""
+                say(f"round {rnd + 1}/{rounds} {mode}: {s.pps:,.0f} pkt/s ({s.received}/{s.sent} received and "
+                    f"checked; guest qdisc dropped {s.qdisc_drops}; card wire took {s.card_wire_tx}, refused "
+                    f"{s.wire_refused}; sink "
+                    f"{s.wire_frames} frames{gaps}; in {s.seconds:.1f} s sending, CPU: card {s.card_cpu:.2f} s, "
+                    f"QEMU {s.qemu_cpu:.2f} s, sink {s.sink_cpu:.2f} s; waiting for a CPU: card "
+                    f"{s.card_wait:.2f} s, QEMU {s.qemu_wait:.2f} s)")
     return kernel_rows(slices)

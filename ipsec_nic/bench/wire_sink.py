@@ -252,14 +252,26 @@ def serve(path: str, control: TextIO, answers: TextIO, quiet_s: float = QUIET_S)
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, "wire")
     sel.register(control, selectors.EVENT_READ, "control")
-    recv, keep = sock.recv, kept.append
+    keep = kept.append
+    connected = False
 
     def drain() -> int:
-        nonlocal seen
+        nonlocal seen, connected
         n = 0
         while True:
             try:
-                frame = recv(MAX_FRAME)
+                if connected:
+                    frame = sock.recv(MAX_FRAME)
+                else:
+                    frame, sender = sock.recvfrom(MAX_FRAME)
+                    if isinstance(sender, str) and sender:
+                        # Connected to the card's socket, this one is exempt from net.unix.max_dgram_qlen
+                        # (10 datagrams by default): net/unix/af_unix.c unix_dgram_sendmsg checks
+                        # unix_recvq_full only when the receiver's peer is not the sender. The card's send
+                        # buffer then absorbs the moments this process waits for a CPU.
+                        with contextlib.suppress(OSError):
+                            sock.connect(sender)
+                            connected = True
             except (BlockingIOError, InterruptedError):
                 seen += n
                 return n

@@ -123,20 +123,21 @@ def test_kernel_pps_counts_what_the_wire_sink_checked_and_refuses_a_mode_that_di
 
     output = "\n".join([
         "@@kpps card_before", "     ipsec_tx_pkts: 10", "     tx_doorbells: 7", "     queue_irqs: 3",
-        "     card_tx_packets: 20",
+        "     card_tx_packets: 20", "     tx_ok: 30",
         "@@kpps send", "KPPS-SENT 700 0 2.5", "@@kpps card_after", "     ipsec_tx_pkts: 660",
-        "     tx_doorbells: 72", "     queue_irqs: 133", "     card_tx_packets: 673"])
+        "     tx_doorbells: 72", "     queue_irqs: 133", "     card_tx_packets: 673", "     tx_ok: 685"])
     # 650 ESP datagrams checked, 3 other frames (IPv6 neighbour discovery), sequence numbers 1..652.
     tally = Tally(frames=653, esp=650, other=3, seq_min=1, seq_max=652)
     s = parse_slice("offload", output, tally)
     assert (s.sent, s.received, s.seconds, s.card_offloaded) == (700, 650, 2.5, 650)
     assert (s.card_wire_tx, s.wire_frames, s.refused, s.seq_gaps) == (653, 653, 0, 2)
+    assert s.wire_refused == 2  # completed by the card (tx_ok +655), not taken by its wire (+653)
     assert s.pps == pytest.approx(260.0)
     # The driver's doorbell and interrupt counters, per received packet in the rows' notes.
     assert (s.doorbells, s.irqs) == (65, 130)
     rows = kernel_rows([s, Slice("software", 1, 1, 1.0, 0), Slice("plain", 1, 1, 1.0, 0)])
     assert "0.10 TX doorbells, 0.20 interrupts" in rows[0].note
-    assert "the sink did not read: 0" in rows[0].note
+    assert "the sink did not read: 0" in rows[0].note and "(the sink's queue full): 2" in rows[0].note
     check_slice(s)
     # Without IPsec the clear datagrams count, and ESP of the flow is refused; under IPsec the other way round.
     plain = parse_slice("plain", output, Tally(frames=653, plain=650, esp=1, other=2))
@@ -193,3 +194,14 @@ def test_kernel_pps_cpu_window_is_the_cpu_of_the_last_seconds_before_the_end():
         while time.process_time() - t0 < 0.1:
             pass
     assert len(cpu.samples) >= 3 and cpu.window(5.0)[0] > 0.05 and cpu.window(5.0)[1] == 0.0
+
+
+def test_kernel_pps_reads_the_guest_qdisc_drops_and_the_host_run_queue_wait():
+    from ipsec_nic.bench.kernel_pps import parse_qdisc_drops, run_delay_seconds
+
+    tc = ("qdisc mq 0: root \n Sent 2800 bytes 2 pkt (dropped 7, overlimits 0 requeues 1) \n"
+          " backlog 0b 0p requeues 1\nqdisc pfifo_fast 0: parent :1 bands 3 priomap 1 2 2 2 1 2 0 0 1 1 1 1 1 1 1 1\n"
+          " Sent 1400 bytes 1 pkt (dropped 3, overlimits 0 requeues 1) \n")
+    assert parse_qdisc_drops(tc) == 7  # the root's line (mq sums its children)
+    assert parse_qdisc_drops("") == 0
+    assert run_delay_seconds(None) == 0.0 and run_delay_seconds(os.getpid()) >= 0.0

@@ -5,6 +5,7 @@ the project's), so the sink's decoder is checked against an independent implemen
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import pytest
@@ -99,3 +100,27 @@ def test_the_sink_process_reads_every_frame_and_starts_afresh_at_each_take(tmp_p
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not path.exists()
+
+
+def test_the_sink_connects_to_its_sender_so_a_burst_it_cannot_read_yet_is_not_refused(tmp_path):
+    """A UNIX datagram receiver queues only net.unix.max_dgram_qlen (10) datagrams from senders that are
+    not its peer; the sink connects to the card's socket after its first frame, so a burst sent while it is
+    descheduled (here: stopped) waits in the sender's send buffer instead of being refused with EAGAIN."""
+    path, card = tmp_path / "sink.sock", tmp_path / "card.sock"
+    tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tx.bind(str(card))
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    with WireSink(path) as sink:
+        sink.expect(FLOW)
+        tx.sendto(plain(), str(path))
+        assert sink.take().plain == 1  # the sink has seen the card's address and connected to it
+        os.kill(sink.pid, signal.SIGSTOP)
+        try:
+            tx.setblocking(False)
+            for _ in range(100):
+                tx.sendto(plain(), str(path))  # BlockingIOError after 11 if the sink were not connected
+        finally:
+            os.kill(sink.pid, signal.SIGCONT)
+        t = sink.take()
+        assert (t.frames, t.plain) == (100, 100)
+    tx.close()
