@@ -14,11 +14,14 @@ Control is one JSON object per line on stdin, one answer per line on stdout:
   check every frame received since the previous take and answer with the Tally, then start afresh;
 - ``{"cmd": "quit"}``.
 
-Counting is exact: an AF_UNIX datagram socket never drops what it has accepted (a sender finds the
-queue full and gets EAGAIN, and the card's wire holds the frame and retries, counting what it cannot
-hold; device/nic/wire.py DGRAM_TX_QUEUE), and this process keeps every frame until the take (above
-MAX_KEPT frames per take it only counts the rest, reported as ``unverified``). Checking waits for the
-take so that the decryption's CPU is not spent while the guest sends.
+Counting is exact: an AF_UNIX datagram socket never drops what it has accepted; a sender finds the
+receiver's queue full and gets EAGAIN, and the card's wire then holds the frame and retries (up to
+device/nic/wire.py DGRAM_TX_QUEUE frames; one it cannot hold is completed to the driver but not sent, and
+shows as the driver's `tx_ok` minus the card's `card_tx_packets`, which kernel_pps.py reports). After the
+first frame the sink connects to the card's socket, which lifts the 10-datagram queue limit for it (see
+serve). This process keeps every frame until the take (above MAX_KEPT frames per take it only counts the
+rest, reported as ``unverified``). Checking waits for the take so that the decryption's CPU is not spent
+while the guest sends.
 
 What counts as a datagram of the flow (``Tally.plain`` / ``Tally.esp``): an Ethernet II frame to the
 flow's MAC, IPv4 without options from the flow's source to its destination with a correct header
