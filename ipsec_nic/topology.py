@@ -16,6 +16,10 @@ With ``kernel_module`` (qemu.kmod.KernelModule) the card's Linux driver is loade
 a netdev in the root netns; qemu/guest_testbed.sh sets up both ends (ipsec_nic/testbed.py), and
 ipsec_nic/kernel_scenarios.py drives them with `ip xfrm` (``ipsec-nic demo --kernel-driver``,
 tests/vm/test_kernel_offload.py).
+
+With ``wire_sink`` the card's wire goes to a host process instead of the guest's virtio-net NIC (the VM
+then has no peer NIC and the test bed no peer): ``wire_sink(path)`` returns a context manager that binds
+``path`` before the card starts, e.g. ipsec_nic/bench/wire_sink.py WireSink for the kernel packets/s bench.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +91,8 @@ class Topology:
     def __init__(self, toolchain: Toolchain, log_dir: Path, *, profile: str | None = None,
                  pcap: Path | None = None, timeout_s: float = 300.0, verbose: int = 0,
                  on_console: Callable[[str], None] | None = None, netdev: str = "dgram",
-                 kernel_module: Any | None = None) -> None:
+                 kernel_module: Any | None = None,
+                 wire_sink: Callable[[Path], AbstractContextManager[Any]] | None = None) -> None:
         if netdev not in NETDEV_KINDS:
             raise ValueError(f"netdev must be one of {NETDEV_KINDS}, not {netdev!r}")
         self.netdev = netdev
@@ -99,7 +105,10 @@ class Topology:
         self.on_console = on_console
         # qemu.kmod.KernelModule: the card's Linux driver is loaded and the card is a netdev (setup_info["dev"])
         self.kernel_module = kernel_module
-        self.testbed = Testbed(peer=True, load_command=kernel_module.load_command) if kernel_module else None
+        self.wire_sink = wire_sink
+        self.sink: Any = None  # what wire_sink's context manager returned, while running
+        self.testbed = (Testbed(peer=wire_sink is None, load_command=kernel_module.load_command)
+                        if kernel_module else None)
         self.card: CardServer | None = None
         self.vm: Vm | None = None
         self.setup_info: dict[str, Any] = {}
@@ -125,9 +134,13 @@ class Topology:
         profile = write_profile(sockets / "card.yaml", self.profile, wire_overrides(card_wire, qemu_wire, self.pcap,
                                                                                      self.netdev))
         (self.log_dir / "card-profile.yaml").write_text(profile.read_text())
+        if self.wire_sink is not None:
+            # Bound before the card starts: the card's dgram wire is up when its peer socket exists.
+            self.sink = stack.enter_context(self.wire_sink(qemu_wire))
         self.card = stack.enter_context(
             CardServer(sockets / "card.sock", profile, self.log_dir / "card.log", verbose=max(1, self.verbose)))
-        cfg = VmConfig(cards=(VfioUserCard(sockets / "card.sock"),), extra_args=netdev_args(card_wire, qemu_wire, kind=self.netdev),
+        peer_nic = netdev_args(card_wire, qemu_wire, kind=self.netdev) if self.wire_sink is None else ()
+        cfg = VmConfig(cards=(VfioUserCard(sockets / "card.sock"),), extra_args=peer_nic,
                        shares=module_shares(self.kernel_module), timeout_s=self.timeout_s, log_dir=self.log_dir / "vm")
         t0 = time.monotonic()
         try:

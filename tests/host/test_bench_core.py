@@ -117,26 +117,40 @@ def test_kernel_pps_cpu_per_packet_is_the_median_over_the_modes_slices():
     assert cpu_seconds(None) == 0.0 and cpu_seconds(os.getpid()) > 0.0
 
 
-def test_kernel_pps_counts_what_reached_the_peers_udp_and_refuses_a_mode_that_did_not_happen():
-    from ipsec_nic.bench.kernel_pps import Slice, check_slice, kernel_rows, parse_slice, parse_udp_snmp
+def test_kernel_pps_counts_what_the_wire_sink_checked_and_refuses_a_mode_that_did_not_happen():
+    from ipsec_nic.bench.kernel_pps import Slice, check_slice, kernel_rows, parse_slice
+    from ipsec_nic.bench.wire_sink import Tally
 
-    snmp = ("Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
-            "Udp: {0} 3 {1} 0 {1} 0\n")
     output = "\n".join([
         "@@kpps card_before", "     ipsec_tx_pkts: 10", "     tx_doorbells: 7", "     queue_irqs: 3",
-        "@@kpps peer_before", snmp.format(100, 5),
+        "     card_tx_packets: 20", "     tx_ok: 30",
         "@@kpps send", "KPPS-SENT 700 0 2.5", "@@kpps card_after", "     ipsec_tx_pkts: 660",
-        "     tx_doorbells: 72", "     queue_irqs: 133", "@@kpps peer_after", snmp.format(300, 455)])
-    assert parse_udp_snmp(snmp.format(1, 2))["RcvbufErrors"] == 2
-    s = parse_slice("offload", output)
-    # 200 queued + 450 refused by the full receive buffer (NoPorts did not move, so nothing else counts).
+        "     tx_doorbells: 72", "     queue_irqs: 133", "     card_tx_packets: 673", "     tx_ok: 685"])
+    # 650 ESP datagrams checked, 3 other frames (IPv6 neighbour discovery), sequence numbers 1..652.
+    tally = Tally(frames=653, esp=650, other=3, seq_min=1, seq_max=652)
+    s = parse_slice("offload", output, tally)
     assert (s.sent, s.received, s.seconds, s.card_offloaded) == (700, 650, 2.5, 650)
+    assert (s.card_wire_tx, s.wire_frames, s.refused, s.seq_gaps) == (653, 653, 0, 2)
+    assert s.wire_refused == 2  # completed by the card (tx_ok +655), not taken by its wire (+653)
     assert s.pps == pytest.approx(260.0)
     # The driver's doorbell and interrupt counters, per received packet in the rows' notes.
     assert (s.doorbells, s.irqs) == (65, 130)
-    assert "0.10 TX doorbells, 0.20 interrupts" in kernel_rows(
-        [s, Slice("software", 1, 1, 1.0, 0), Slice("plain", 1, 1, 1.0, 0)])[0].note
+    rows = kernel_rows([s, Slice("software", 1, 1, 1.0, 0), Slice("plain", 1, 1, 1.0, 0)])
+    assert "0.10 TX doorbells, 0.20 interrupts" in rows[0].note
+    assert "the sink did not read: 0" in rows[0].note and "(the sink's queue full): 2" in rows[0].note
     check_slice(s)
+    # Without IPsec the clear datagrams count, and ESP of the flow is refused; under IPsec the other way round.
+    plain = parse_slice("plain", output, Tally(frames=653, plain=650, esp=1, other=2))
+    assert (plain.received, plain.refused, plain.refusals) == (650, 1, "ESP without an SA: 1")
+    leaked = parse_slice("software", output, Tally(frames=653, esp=640, plain=10, bad=3,
+                                                   reasons={"ESP ICV (does not authenticate)": 3}))
+    assert (leaked.received, leaked.refused) == (640, 13)
+    with pytest.raises(RuntimeError, match=r"refused 13 .*ICV.*: 3, clear UDP under IPsec: 10"):
+        check_slice(leaked)
+    # Frames the card's wire took that the sink never read are reported, not hidden.
+    lost = kernel_rows([Slice("offload", 5, 5, 1.0, 5, card_wire_tx=9, wire_frames=7),
+                        Slice("software", 1, 1, 1.0, 0), Slice("plain", 1, 1, 1.0, 0)])
+    assert "the sink did not read: 2" in lost[0].note
     with pytest.raises(RuntimeError, match="card encrypted"):
         check_slice(Slice("offload", 700, 650, 2.5, 10))
     with pytest.raises(RuntimeError, match="offload counter moved"):
@@ -144,6 +158,50 @@ def test_kernel_pps_counts_what_reached_the_peers_udp_and_refuses_a_mode_that_di
     with pytest.raises(RuntimeError, match="received nothing"):
         check_slice(Slice("plain", 700, 0, 2.5, 0))
     with pytest.raises(RuntimeError, match="printed no result"):
-        parse_slice("plain", "@@kpps send\nTraceback")
+        parse_slice("plain", "@@kpps send\nTraceback", Tally())
     with pytest.raises(ValueError, match="software"):
         kernel_rows([Slice("offload", 1, 1, 1.0, 1), Slice("plain", 1, 1, 1.0, 0)])
+
+
+def test_kernel_pps_slices_add_sas_only_under_ipsec_and_the_flow_carries_the_outbound_key():
+    from device.contract.sa_file import parse_sa_document
+    from guest_tools.scenario import Spec, fill_keys, sa_document
+    from ipsec_nic.bench.kernel_pps import SINK_MAC, sink_flow, sink_neighbour, slice_commands
+
+    prepare, send, finish = slice_commands("plain", "eth1", "10.0.0.2", 3.0, "SA-BATCH\n")
+    assert "SA-BATCH" not in prepare and "ethtool -S eth1" in prepare and "ip xfrm state flush" in finish
+    assert "10.0.0.2 9 3.0 1400" in send
+    assert "SA-BATCH" in slice_commands("offload", "eth1", "10.0.0.2", 3.0, "SA-BATCH\n")[0]
+    assert sink_neighbour("eth1", "10.0.0.2") == f"ip neigh replace 10.0.0.2 lladdr {SINK_MAC} dev eth1 nud permanent"
+    sas = parse_sa_document(fill_keys(sa_document(Spec(name="k", alg="aes-gcm-128", mode="transport", family=4))))
+    flow = sink_flow(sas, "10.0.0.2")
+    out = next(p for p in sas if p.spi == flow.esp.spi)
+    assert (flow.src, flow.dst, flow.dport, flow.payload) == (out.src, "10.0.0.2", 9, 1372)
+    assert flow.esp.key + flow.esp.salt == out.enc_key and len(flow.esp.key) == 16
+
+
+def test_kernel_pps_cpu_window_is_the_cpu_of_the_last_seconds_before_the_end():
+    import time
+
+    from ipsec_nic.bench.kernel_pps import CpuSampler, cpu_window
+
+    samples = [(0.0, (0.0, 10.0)), (1.0, (0.5, 10.0)), (2.0, (1.0, 10.5)), (3.0, (2.0, 11.5)), (3.2, (2.2, 11.7))]
+    # The last 2 s: from the sample at 1.0 (the last one at least 2 s before 3.2) to the end.
+    assert cpu_window(samples, 2.0) == pytest.approx((1.7, 1.7))
+    assert cpu_window(samples, 10.0) == pytest.approx((2.2, 1.7))  # longer than sampled: from the first
+    with CpuSampler((os.getpid(), None), period=0.01) as cpu:
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.1:
+            pass
+    assert len(cpu.samples) >= 3 and cpu.window(5.0)[0] > 0.05 and cpu.window(5.0)[1] == 0.0
+
+
+def test_kernel_pps_reads_the_guest_qdisc_drops_and_the_host_run_queue_wait():
+    from ipsec_nic.bench.kernel_pps import parse_qdisc_drops, run_delay_seconds
+
+    tc = ("qdisc mq 0: root \n Sent 2800 bytes 2 pkt (dropped 7, overlimits 0 requeues 1) \n"
+          " backlog 0b 0p requeues 1\nqdisc pfifo_fast 0: parent :1 bands 3 priomap 1 2 2 2 1 2 0 0 1 1 1 1 1 1 1 1\n"
+          " Sent 1400 bytes 1 pkt (dropped 3, overlimits 0 requeues 1) \n")
+    assert parse_qdisc_drops(tc) == 7  # the root's line (mq sums its children)
+    assert parse_qdisc_drops("") == 0
+    assert run_delay_seconds(None) == 0.0 and run_delay_seconds(os.getpid()) >= 0.0
