@@ -76,6 +76,7 @@ _MMIO_LAYOUTS = {p.HEADER_REGION_RW.size: p.HEADER_REGION_RW,
                  **{s.size: s for s in p.HEADER_REGION_RW_VALUE.values()}}
 _REGION_READ = int(Command.REGION_READ)
 _REGION_WRITE = int(Command.REGION_WRITE)
+_TYPE_MASK, _TYPE_COMMAND, _MAX_XFER = p.FLAG_TYPE_MASK, p.TYPE_COMMAND, p.MAX_DATA_XFER_SIZE
 # Drop consumed bytes once this much has been read from a pipelined backlog (posted writes).
 _COMPACT_AT = 1 << 20
 
@@ -286,10 +287,10 @@ class VfioUserConnection:
             return None
         m = layout.unpack_from(buf)
         # m[1] command, m[2] size, m[3] flags, m[7] count
-        if m[2] != n or m[3] & p.FLAG_TYPE_MASK != p.TYPE_COMMAND:
+        if m[2] != n or m[3] & _TYPE_MASK != _TYPE_COMMAND:
             return None
         if n == 32:
-            if m[1] != _REGION_READ or m[7] > p.MAX_DATA_XFER_SIZE:
+            if m[1] != _REGION_READ or m[7] > _MAX_XFER:
                 return None
         elif m[1] != _REGION_WRITE or m[7] != n - 32:
             return None
