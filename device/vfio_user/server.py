@@ -90,26 +90,14 @@ class _Poller:
         with contextlib.suppress(OSError):  # already closed: epoll dropped it itself
             self._ep.unregister(fd)
 
-    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
-        return self._ep.poll(-1 if timeout is None else timeout)
-
-    def dispatch(self, fd: int, mask: int) -> None:
-        entry = self._entries.get(fd)
-        if entry is None:
-            return  # unregistered by an earlier callback of the same round
-        callback, events = entry
-        if mask & _EPOLL_TROUBLE:  # error / hang-up: let the callback's read or write find out
-            mask |= events
-        callback(mask & events, fd)
-
     def close(self) -> None:
         self._ep.close()
         self._entries.clear()
 
     def run(self, server: VfioUserServer, once: bool = False) -> None:
         """The server's loop until it stops (one round if ``once``): poll, call back, then the due timers and
-        the ``call_soon`` work. ``dispatch`` is inlined and the loop state kept in locals: every Python call
-        and attribute load here is paid once per message (docs/performance.md, the server CPU figure)."""
+        the ``call_soon`` work. One method with the loop state in locals: every Python call and attribute
+        load here is paid once per message (docs/performance.md, the server CPU figure)."""
         poll = self._ep.poll
         entries = self._entries
         ready_q = server._ready_q
@@ -126,7 +114,7 @@ class _Poller:
                 if entry is None:
                     continue  # unregistered by an earlier callback of the same round
                 callback, events = entry
-                if mask & _EPOLL_TROUBLE:
+                if mask & _EPOLL_TROUBLE:  # error / hang-up: let the callback's read or write find out
                     mask |= events
                 callback(mask & events, fd)
             if timers:
