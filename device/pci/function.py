@@ -221,6 +221,13 @@ class PciFunction:
             rel = at - offset
             handler.write(at, size, int.from_bytes(data[rel : rel + size], "little"))
 
+    def region_access(self, index: int) -> tuple[Callable[[int, int], int], Callable[[int, int, int], None]] | None:
+        """The BAR handler's own ``read``/``write`` for region ``index`` (None for config space or an absent
+        BAR). An access of 1, 2, 4 or 8 bytes fully inside the BAR goes to them in one call (module
+        docstring), so a caller that checked that may skip region_read/region_write's bytes conversions."""
+        handler = self.handlers.get(index)
+        return None if handler is None else (handler.read, handler.write)
+
     def reset(self) -> None:
         """DEVICE_RESET (QEMU system reset) and FLR: config space and every BAR back to reset state."""
         self.config.reset()

@@ -70,6 +70,13 @@ class NeedData(Enum):
 NEED_DATA = NeedData.NEED_DATA
 
 _HOT = p.HEADER_REGION_RW
+# take_mmio: the layout a chunk of this many bytes has if it is one REGION_READ (32) or one REGION_WRITE of
+# 1, 2, 4 or 8 bytes (header + offset/region/count + the data as an integer).
+_MMIO_LAYOUTS = {p.HEADER_REGION_RW.size: p.HEADER_REGION_RW,
+                 **{s.size: s for s in p.HEADER_REGION_RW_VALUE.values()}}
+_REGION_READ = int(Command.REGION_READ)
+_REGION_WRITE = int(Command.REGION_WRITE)
+_TYPE_MASK, _TYPE_COMMAND, _MAX_XFER = p.FLAG_TYPE_MASK, p.TYPE_COMMAND, p.MAX_DATA_XFER_SIZE
 # Drop consumed bytes once this much has been read from a pipelined backlog (posted writes).
 _COMPACT_AT = 1 << 20
 
@@ -262,6 +269,34 @@ class VfioUserConnection:
             return BadRequest(msg_id, command, no_reply, errno.ENOTSUP,
                               f"unsupported protocol version {msg.major}.{msg.minor} (we speak 0.0)")
         return msg
+
+    def take_mmio(self, buf: bytes | bytearray | memoryview, n: int) -> tuple[int, ...] | None:
+        """The server loop's entry for the commonest chunk: ``buf[:n]`` arrived in one receive, without fds.
+
+        If it is exactly one REGION_READ, or one REGION_WRITE of 1, 2, 4 or 8 bytes, and ``next_event`` would
+        hand it out now as that request (READY, nothing buffered before it, no fds pending, no EOF), the chunk
+        counts as received and consumed and its fields come back as one tuple: ``(msg_id, command, size,
+        flags, error, offset, region, count)``, plus the data as a little-endian integer for a write. The
+        acceptance rules are those of ``next_event``'s hot path, so a message is the same request whichever
+        entry reads it. Anything else returns None with nothing changed: the caller then feeds the chunk to
+        ``receive_data`` and the general path decides (errors, framing, fds, partial or several messages).
+        Whether the region and offset are valid is the caller's check, as for the events.
+        """
+        layout = _MMIO_LAYOUTS.get(n)
+        if layout is None or not self._hot or self._buf or self._fd_marks or self._eof:
+            return None
+        m = layout.unpack_from(buf)
+        # m[1] command, m[2] size, m[3] flags, m[7] count
+        if m[2] != n or m[3] & _TYPE_MASK != _TYPE_COMMAND:
+            return None
+        if n == 32:
+            if m[1] != _REGION_READ or m[7] > _MAX_XFER:
+                return None
+        elif m[1] != _REGION_WRITE or m[7] != n - 32:
+            return None
+        self._received += n
+        self._base += n
+        return m
 
     def _consume(self, end: int) -> None:
         """``_buf[:end]`` has been read: advance past it, recycling the buffer when possible."""

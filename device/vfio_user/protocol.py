@@ -111,6 +111,9 @@ SPARSE_MMAP_AREA = struct.Struct("<QQ")  # offset, size
 # Header + fixed part packed together: the REGION_READ/WRITE replies are built in one call.
 HEADER_REGION_RW = struct.Struct("<HHIIIQII")
 HEADER_DMA_RW = struct.Struct("<HHIIIQQ")
+# The same with the data of a 1-, 2-, 4- or 8-byte access as one integer (a CPU's MMIO access sizes): a
+# REGION_WRITE request or a REGION_READ reply of that size decodes or builds in one call.
+HEADER_REGION_RW_VALUE = {n: struct.Struct("<HHIIIQII" + code) for n, code in ((1, "B"), (2, "H"), (4, "I"), (8, "Q"))}
 
 # Field values (linux/vfio.h)
 DMA_MAP_FLAG_READ = 1 << 0

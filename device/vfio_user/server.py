@@ -90,22 +90,39 @@ class _Poller:
         with contextlib.suppress(OSError):  # already closed: epoll dropped it itself
             self._ep.unregister(fd)
 
-    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
-        return self._ep.poll(-1 if timeout is None else timeout)
-
-    def dispatch(self, fd: int, mask: int) -> None:
-        entry = self._entries.get(fd)
-        if entry is None:
-            return  # unregistered by an earlier callback of the same round
-        callback, events = entry
-        if mask & _EPOLL_TROUBLE:  # error / hang-up: let the callback's read or write find out
-            mask |= events
-        callback(mask & events, fd)
-
     def close(self) -> None:
         self._ep.close()
         self._entries.clear()
 
+    def run(self, server: VfioUserServer, once: bool = False) -> None:
+        """The server's loop until it stops (one round if ``once``): poll, call back, then the due timers and
+        the ``call_soon`` work. One method with the loop state in locals: every Python call and attribute
+        load here is paid once per message (docs/performance.md, the server CPU figure)."""
+        poll = self._ep.poll
+        entries = self._entries
+        ready_q = server._ready_q
+        timers = server._timers
+        while once or not server._stopping:
+            if ready_q:
+                timeout = 0.0
+            elif timers:
+                timeout = max(0.0, timers[0][0] - time.monotonic())
+            else:
+                timeout = -1.0
+            for fd, mask in poll(timeout):
+                entry = entries.get(fd)
+                if entry is None:
+                    continue  # unregistered by an earlier callback of the same round
+                callback, events = entry
+                if mask & _EPOLL_TROUBLE:  # error / hang-up: let the callback's read or write find out
+                    mask |= events
+                callback(mask & events, fd)
+            if timers:
+                server._run_timers()
+            if ready_q:
+                server._run_ready()
+            if once:
+                return
 
 
 # One receive call takes up to this much; a 1 MiB REGION_WRITE just needs several calls.
@@ -117,6 +134,13 @@ ANC_SIZE = socket.CMSG_SPACE(p.MAX_MSG_FDS * array.array("i").itemsize)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
+# _serve_mmio: REGION_READ reply layout and data mask by access size.
+_READ_REPLIES = {n: (layout.pack, (1 << (8 * n)) - 1) for n, layout in p.HEADER_REGION_RW_VALUE.items()}
+_pack_write_reply = p.HEADER_REGION_RW.pack
+_REGION_READ = int(Command.REGION_READ)
+_REGION_WRITE = int(Command.REGION_WRITE)
+_TYPE_REPLY = p.TYPE_REPLY
+_NO_REPLY = p.FLAG_NO_REPLY
 # How long a DMA_READ/DMA_WRITE may wait for the client (QEMU's own reply timeout is 5 s).
 DMA_REQUEST_TIMEOUT = 5.0
 # Reply bytes queued for one client before we stop reading its requests. QEMU reads every reply
@@ -261,6 +285,15 @@ class VfioUserServer:
         self._readers: dict[int, Callable[[], None]] = {}
         self._rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self._rbuf)
+        self._rbufs = [self._rview]
+        # The single-message MMIO path (_serve_mmio). Tests turn it off to compare against the general path;
+        # mmio_fast_messages counts the requests it served.
+        self.mmio_fast_path = True
+        self.mmio_fast_messages = 0
+        self._fast = False  # mmio_fast_path and not tracing, for the attached client
+        # region -> (size, handler read/write) where the device exposes its BAR handler (PciFunction)
+        self._mmio_reads: dict[int, tuple[int, Callable[[int, int], int]]] = {}
+        self._mmio_writes: dict[int, tuple[int, Callable[[int, int, int], None]]] = {}
         # Per-client state
         self._sock: socket.socket | None = None
         self._conn: VfioUserConnection | None = None
@@ -326,8 +359,7 @@ class VfioUserServer:
         try:
             if listen:
                 self.listen()
-            while not self._stopping:
-                self._run_once()
+            self._sel.run(self)
         finally:
             self.close()
 
@@ -416,18 +448,8 @@ class VfioUserServer:
             log.exception("device %s %r failed", what, cb)
 
     def _run_once(self) -> None:
-        timeout: float | None = None
-        if self._ready_q:
-            timeout = 0
-        elif self._timers:
-            timeout = max(0.0, self._timers[0][0] - time.monotonic())
-        sel = self._sel
-        for fd, mask in sel.poll(timeout):
-            sel.dispatch(fd, mask)
-        if self._timers:
-            self._run_timers()
-        if self._ready_q:
-            self._run_ready()
+        """One round of the loop (tests step the server with it)."""
+        self._sel.run(self, once=True)
 
     def _run_ready(self) -> None:
         n = len(self._ready_q)  # callbacks added meanwhile wait for the next round
@@ -478,20 +500,42 @@ class VfioUserServer:
         self._queued = 0
         self._paused = self._resume_scheduled = False
         self._trace = log.isEnabledFor(logging.DEBUG)
+        self._fast = self.mmio_fast_path and not self._trace  # tracing logs every request: general path
         self._events = EVENT_READ
         self._sel.register(sock, EVENT_READ, self._on_client_io)
         self.clients_served += 1
         log.info("client connected on %s (#%d)", self.socket_path, self.clients_served)
 
-    def _on_client_io(self, mask: int, _key: Any) -> None:
+    def _on_client_io(self, mask: int, _fd: Any) -> None:
+        """Poll callback of the client socket: send what waits, then receive one chunk and serve it."""
         try:
             if mask & EVENT_WRITE:
                 self._flush()
-            if mask & EVENT_READ and self._sock is not None and not self._paused:
-                self._receive()
+            sock = self._sock
+            if not mask & EVENT_READ or sock is None or self._paused:
+                return
+            try:
+                n, anc, flags, _ = sock.recvmsg_into(self._rbufs, ANC_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._drop_client(f"receive failed: {exc}")
+                return
+            # QEMU's vCPU waits for each trapped access, so a chunk is usually exactly one small REGION_READ
+            # or REGION_WRITE: serve it without the event objects, unless replies still wait to be sent.
+            if not anc and not flags and self._fast and not self._out:
+                m = self._conn.take_mmio(self._rbuf, n)  # type: ignore[union-attr]
+                if m is not None:
+                    self._serve_mmio(m)
+                    return
+            self._take_chunk(n, anc, flags)
         except Exception as exc:  # a bug or a hostile message: lose this client, keep serving
             log.exception("internal error serving the client")
             self._drop_client(f"internal error: {type(exc).__name__}")
+
+    def _receive(self) -> None:
+        """Receive one chunk from the client and serve it (what the loop does when the socket is readable)."""
+        self._on_client_io(EVENT_READ, None)
 
     def _resume(self) -> None:
         """The client drained its replies: handle the requests already buffered, read again."""
@@ -505,23 +549,16 @@ class VfioUserServer:
             log.exception("internal error serving the client")
             self._drop_client(f"internal error: {type(exc).__name__}")
 
-    def _receive(self) -> None:
-        sock, conn = self._sock, self._conn
-        assert sock is not None and conn is not None
-        try:
-            n, anc, flags, _ = sock.recvmsg_into([self._rview], ANC_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._drop_client(f"receive failed: {exc}")
-            return
+    def _take_chunk(self, n: int, anc: list[tuple[int, int, bytes]], flags: int) -> None:
+        """The general path: hand the chunk and its fds to the connection, then serve its events."""
         fds: list[int] = []
         for level, kind, data in anc:
             if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 a = array.array("i")
                 a.frombytes(data[: len(data) - len(data) % a.itemsize])
                 fds.extend(a)
-        conn.receive_data(self._rview[:n], fds, (flags & _MSG_CTRUNC) != 0)
+        assert self._conn is not None
+        self._conn.receive_data(self._rview[:n], fds, (flags & _MSG_CTRUNC) != 0)
         self._process()
 
     def _process(self) -> None:
@@ -541,15 +578,8 @@ class VfioUserServer:
                     self._trace_request(ev)
                 try:
                     handler(ev)
-                except VfioUserError as exc:
-                    log.debug("%s refused: %s", type(ev).__name__, exc)
-                    self._send(conn.error_reply(ev, exc.errno))
-                except ProtocolError as exc:
-                    log.warning("protocol error: %s", exc.reason)
-                    self._send(conn.error_reply(ev, exc.errno))
-                except Exception:
-                    log.exception("device failed handling %s", type(ev).__name__)
-                    self._send(conn.error_reply(ev, errno.EIO))
+                except Exception as exc:
+                    self._refuse(ev, exc)
             elif type(ev) is BadRequest:
                 log.warning("protocol error: %s (%s id %d) -> %s%s", ev.reason, p.command_name(ev.command),
                             ev.msg_id, errno.errorcode.get(ev.errno, ev.errno),
@@ -573,6 +603,89 @@ class VfioUserServer:
                              self._queued)
                     self._paused = True
                     break
+        self._flush()
+
+    def _refuse(self, ev: Any, exc: Exception) -> None:
+        """Answer a request whose handling raised ``exc`` with the error reply it calls for."""
+        if isinstance(exc, VfioUserError):
+            log.debug("%s refused: %s", type(ev).__name__, exc)
+            err = exc.errno
+        elif isinstance(exc, ProtocolError):
+            log.warning("protocol error: %s", exc.reason)
+            err = exc.errno
+        else:
+            log.error("device failed handling %s", type(ev).__name__, exc_info=exc)
+            err = errno.EIO
+        self._send(VfioUserConnection.error_reply(ev, err))
+
+    def _serve_mmio(self, m: tuple[int, ...]) -> None:
+        """Serve one request taken whole by ``VfioUserConnection.take_mmio`` (fields as it returns them).
+
+        An access of 1, 2, 4 or 8 bytes inside a region whose BAR handler the device exposes
+        (``region_access``) goes straight to the handler and its reply is sent at once; any other access,
+        including every one the general path would refuse, becomes the request event and goes through the
+        same handler as from ``_process``, so replies and errors are the general path's own.
+        """
+        self.mmio_fast_messages += 1
+        if m[1] == _REGION_READ:
+            msg_id, _command, _size, flags, _error, offset, region, count = m
+            access = self._mmio_reads.get(region)
+            shape = _READ_REPLIES.get(count)
+            if access is None or shape is None or offset + count > access[0]:
+                self._serve_event(p.RegionRead(msg_id, flags & _NO_REPLY != 0, region, offset, count))
+                return
+            try:
+                value = access[1](offset, count)
+            except Exception as exc:
+                self._refuse(p.RegionRead(msg_id, flags & _NO_REPLY != 0, region, offset, count), exc)
+                self._flush()
+                return
+            if flags & _NO_REPLY:
+                out = None
+            else:
+                pack, mask = shape
+                out = pack(msg_id, _REGION_READ, 32 + count, _TYPE_REPLY, 0, offset, region, count, value & mask)
+        else:
+            msg_id, _command, _size, flags, _error, offset, region, count, value = m
+            access = self._mmio_writes.get(region)
+            if access is None or offset + count > access[0]:
+                self._serve_event(p.RegionWrite(msg_id, flags & _NO_REPLY != 0, region, offset,
+                                                bytes(self._rview[32 : 32 + count])))
+                return
+            try:
+                access[1](offset, count, value)
+            except Exception as exc:
+                self._refuse(p.RegionWrite(msg_id, flags & _NO_REPLY != 0, region, offset,
+                                           bytes(self._rview[32 : 32 + count])), exc)
+                self._flush()
+                return
+            out = None if flags & _NO_REPLY else _pack_write_reply(msg_id, _REGION_WRITE, 32, _TYPE_REPLY, 0,
+                                                                   offset, region, count)
+        if self._batch:  # the device queued messages meanwhile (DMA requests): they go first, as in _process
+            if out is not None:
+                self._send(out)
+            self._flush()
+            return
+        if out is None:
+            return
+        try:
+            sent = self._sock.send(out)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._drop_client(f"send failed: {exc}")
+            return
+        if sent < len(out):
+            self._batch.append(out[sent:])
+            self._queued += len(out) - sent
+            self._flush()
+
+    def _serve_event(self, ev: Any) -> None:
+        """A request of the MMIO path that needs the general handler (see _serve_mmio)."""
+        try:
+            self._handlers[type(ev)](ev)
+        except Exception as exc:
+            self._refuse(ev, exc)
         self._flush()
 
     def _trace_request(self, ev: Any) -> None:
@@ -703,6 +816,15 @@ class VfioUserServer:
         self._read_limits = [size if r else 0 for size, r, _w in self._regions]
         self._write_limits = [size if w else 0 for size, _r, w in self._regions]
         self._irqs = IrqTable(irq_counts)
+        access = getattr(dev, "region_access", None)
+        self._mmio_reads, self._mmio_writes = {}, {}
+        for index, (size, readable, writable) in enumerate(self._regions):
+            fns = access(index) if access is not None and size else None
+            if fns is not None:
+                if readable:
+                    self._mmio_reads[index] = (size, fns[0])
+                if writable:
+                    self._mmio_writes[index] = (size, fns[1])
         self._ctx = _ClientContext(self, self._dma, self._irqs)
         log.info("client negotiated vfio-user 0.0 (client offered %d.%d, max_data_xfer_size %d)",
                  m.major, m.minor, self._conn.client_max_data_xfer_size)

@@ -5,8 +5,10 @@ so its CPU time can be read from /proc without counting the client's.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
+import select
 import signal
 import socket
 import struct
@@ -183,3 +185,40 @@ def echo_server(path: str) -> None:
             msg_id, cmd, _size, _flags, _err, offset, region, count = _RW.unpack_from(buf)
             sendall(_RW.pack(msg_id, cmd, 32 + count, _REPLY, 0, offset, region, count) + data[offset:offset + count])
         conn.close()
+
+
+def floor_server(event_loop: bool) -> Callable[[str], None]:
+    """A child body that does only what any vfio-user server must do per message, no protocol at all: receive
+    with room for fds (``recvmsg_into``; a vfio-user client passes fds with DMA_MAP and SET_IRQS) and send a
+    reply of the REGION_READ reply's length. With ``event_loop`` it first waits in ``epoll`` like a server that
+    also watches other fds (the card's wire, timers, a wake-up pipe). The floor under the card server's
+    figure: whatever protocol and device work a server adds comes on top of it."""
+
+    def body(path: str) -> None:
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(path)
+        lsock.listen(1)
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        views = [memoryview(bytearray(4096))]
+        anc_size = socket.CMSG_SPACE(16 * array.array("i").itemsize)
+        reply = bytes(36)  # header 16 + offset/region/count 16 + 4 data bytes
+        while True:
+            conn, _ = lsock.accept()
+            recvmsg_into, send = conn.recvmsg_into, conn.send
+            if event_loop:
+                conn.setblocking(False)
+                ep = select.epoll()
+                ep.register(conn.fileno(), select.EPOLLIN)
+                poll = ep.poll
+                while True:
+                    poll()
+                    if not recvmsg_into(views, anc_size)[0]:
+                        break
+                    send(reply)
+                ep.close()
+            else:
+                while recvmsg_into(views, anc_size)[0]:
+                    send(reply)
+            conn.close()
+
+    return body
