@@ -34,6 +34,9 @@ PING_INTERVAL_S = 0.05
 PING_WAIT_S = 5
 # The card's counters in `ethtool -S` (mlx5's names for offloaded packets).
 ETHTOOL_TX, ETHTOOL_RX = "ipsec_tx_pkts", "ipsec_rx_pkts"
+# The card firmware's own TX counts per kind of offload (`fw_` + ndis.GlobalStats names): the driver's
+# ipsec_tx_pkts counts crypto and packet offload alike, these tell which one the card did.
+ETHTOOL_FW_TX_CRYPTO, ETHTOOL_FW_TX_PACKET = "fw_tx_crypto", "fw_tx_packet_offload"
 # The driver's SA table dump (debugfs, one directory per card).
 SA_TABLE_GLOB = "/sys/kernel/debug/ipsec_nic/*/ipsec"
 # UDP-ESP (RFC 3948) needs a socket with UDP_ENCAP_ESPINUDP on port 4500 for the stack to decapsulate

@@ -31,7 +31,13 @@ trailer's padding bytes 1, 2, 3, ... (RFC 4303 §2.4) and next header 17. The UD
 the flow's port with the flow's payload (all zero bytes, as the bench's sender sends) and a checksum
 that is either absent or right (RFC 768). Anything else addressed from the flow's source to its
 destination is ``bad`` (with a reason); frames of other kinds (IPv6 neighbour discovery, ...) are
-``other``. ESP sequence numbers seen twice in one take are ``replayed`` and not counted twice.
+``other``. ESP sequence numbers seen twice in one take are ``replayed`` and not counted twice; an
+explicit IV seen twice in one take under new sequence numbers is ``iv_reused`` and not counted at all:
+RFC 4106 §3.1 forbids repeating an IV under one key (GCM then leaks the XOR of the plaintexts and the
+authentication key), and the bench installs one SA per take. Who chose the IV does not matter to these
+checks: under crypto offload the card writes it into the ESP header the guest built, under packet
+offload the card builds the whole ESP packet, sequence number included; the sink reads both from the
+frame and needs only the keys.
 """
 
 from __future__ import annotations
@@ -105,6 +111,7 @@ class Tally:
     plain: int = 0
     esp: int = 0
     replayed: int = 0
+    iv_reused: int = 0
     bad: int = 0
     other: int = 0
     unverified: int = 0
@@ -115,7 +122,8 @@ class Tally:
     @property
     def seq_gaps(self) -> int:
         """ESP sequence numbers inside [seq_min, seq_max] that never arrived (sent, lost before the sink)."""
-        return self.seq_max - self.seq_min + 1 - self.esp if self.esp else 0
+        seen = self.esp + self.iv_reused  # distinct sequence numbers (an IV reuse is refused, not missing)
+        return self.seq_max - self.seq_min + 1 - seen if seen else 0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,15 +162,21 @@ class Checker:
         t.unverified = t.frames - len(frames)
         reasons: Counter[str] = Counter()
         seqs: set[int] = set()
+        ivs: set[bytes] = set()
         for frame in frames:
             kind, detail = self.check(frame)
             if kind == "plain":
                 t.plain += 1
             elif kind == "esp":
-                if detail in seqs:
+                seq, iv = detail
+                if seq in seqs:
                     t.replayed += 1
                     continue
-                seqs.add(detail)
+                seqs.add(seq)
+                if iv in ivs:
+                    t.iv_reused += 1
+                    continue
+                ivs.add(iv)
                 t.esp += 1
             elif kind == "other":
                 t.other += 1
@@ -175,7 +189,7 @@ class Checker:
         return t
 
     def check(self, frame: bytes) -> tuple[str, Any]:
-        """("plain", None), ("esp", sequence number), ("other", None) or ("bad", reason)."""
+        """("plain", None), ("esp", (sequence number, IV)), ("other", None) or ("bad", reason)."""
         if len(frame) < 34 or frame[12:14] != b"\x08\x00":
             return "other", None
         ver_ihl, _, total, _, _, _, proto, _, src, dst = _IPV4.unpack_from(frame, 14)
@@ -234,7 +248,7 @@ class Checker:
         if len(inner) < 2 + pad or inner[-2 - pad:-2] != bytes(range(1, pad + 1)):
             return "bad", "ESP padding"
         why = self._udp(inner[:-2 - pad])
-        return ("esp", seq) if why is None else ("bad", why)
+        return ("esp", (seq, esp[8:16])) if why is None else ("bad", why)
 
 
 # --- the process -------------------------------------------------------------------------------------------

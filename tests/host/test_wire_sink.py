@@ -26,10 +26,10 @@ def plain(payload: bytes = bytes(1372), src: str = "10.0.0.1", dport: int = 9) -
                  / UDP(sport=40000, dport=dport) / payload)
 
 
-def esp(seq: int, key: bytes = KEY, spi: int = SPI, payload: bytes = bytes(1372)) -> bytes:
+def esp(seq: int, key: bytes = KEY, spi: int = SPI, payload: bytes = bytes(1372), iv: bytes | None = None) -> bytes:
     sa = SecurityAssociation(ESP, spi=spi, crypt_algo="AES-GCM", crypt_key=key + SALT, seq_num=seq)
     inner = IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=40000, dport=9) / payload
-    return bytes(Ether(dst="52:54:00:49:50:09", src="02:49:50:4e:43:00") / sa.encrypt(IP(bytes(inner))))
+    return bytes(Ether(dst="52:54:00:49:50:09", src="02:49:50:4e:43:00") / sa.encrypt(IP(bytes(inner)), iv=iv))
 
 
 def test_the_sink_counts_esp_that_authenticates_and_decrypts_to_the_senders_datagram():
@@ -55,6 +55,45 @@ def test_the_sink_refuses_esp_that_does_not_authenticate_or_is_not_the_flows():
     # The same sequence number twice is counted once.
     t = Checker(FLOW).tally([good, good, esp(8)])
     assert (t.esp, t.replayed) == (2, 1)
+    # A new sequence number under an IV already used with this key authenticates, but is not counted
+    # (RFC 4106 §3.1); nor is it a sequence gap.
+    t = Checker(FLOW).tally([esp(1, iv=b"\x00" * 7 + b"\x01"), esp(2, iv=b"\x00" * 7 + b"\x01"), esp(3)])
+    assert (t.esp, t.iv_reused, t.bad, t.seq_gaps) == (2, 1, 0, 0)
+
+
+def test_the_sink_verifies_esp_the_card_built_itself_under_packet_offload():
+    """Packet offload: the card's firmware (firmware_model, its TX fast path as the card server runs it)
+    gets the guest's clear datagram and builds the ESP packet, sequence number and IV its own. The sink,
+    given only the bench's keys (kernel_pps.sink_flow), must count every such frame, in order."""
+    from device.contract.enums import Direction
+    from device.contract.sa_file import parse_sa_document
+    from firmware_model.capabilities import Capabilities
+    from firmware_model.firmware import Firmware
+    from guest_tools.scenario import Spec, fill_keys, sa_document
+    from ipsec_nic import kernel_scenarios as ks
+    from ipsec_nic.bench.kernel_pps import SINK_MAC as MAC
+    from ipsec_nic.bench.kernel_pps import sink_flow
+
+    spec = Spec(name="kpps", alg="aes-gcm-128", mode="transport", family=4)
+    sas = parse_sa_document(fill_keys(sa_document(spec)))
+    _, sink_addr = ks.traffic_addresses(spec)
+    out = next(p for p in sas if p.direction == Direction.OUTBOUND)
+    card = Firmware(Capabilities())
+    handle = card.add_sa([out], packet_offload=True)
+    datagram = bytes(Ether(dst=MAC, src="02:49:50:4e:43:00") / IP(src=out.src, dst=sink_addr)
+                     / UDP(sport=40000, dport=9) / bytes(1372))
+    sent = [card.transmit(datagram, handle, True) for _ in range(50)]
+    assert all(r.status == 0 and r.frame for r in sent)
+    t = Checker(sink_flow(sas, sink_addr)).tally([r.frame for r in sent])
+    assert (t.esp, t.bad, t.replayed, t.iv_reused, t.other) == (50, 0, 0, 0, 0), t.reasons
+    assert (t.seq_min, t.seq_max, t.seq_gaps) == (1, 50, 0)  # RFC 4303 §3.3.3: a fresh SA starts at 1
+    # The same frames under another key do not count.
+    flow = sink_flow(sas, sink_addr)
+    assert flow.esp is not None
+    other = FlowSpec(flow.src, flow.dst, flow.dport, flow.payload, flow.dst_mac, EspKey(flow.esp.spi, bytes(16),
+                                                                                        flow.esp.salt))
+    t = Checker(other).tally([r.frame for r in sent])
+    assert (t.esp, t.bad) == (0, 50) and t.reasons == {"ESP ICV (does not authenticate)": 50}
 
 
 def test_the_sink_checks_clear_datagrams_and_leaves_other_traffic_aside():
