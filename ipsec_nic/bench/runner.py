@@ -30,7 +30,7 @@ class Settings:
     frames: int  # per mode through the host-side datapath
     sa_sizes: tuple[int, ...]
     vm_seconds: float
-    kernel_slice_seconds: float  # per mode and round, kernel driver packets/s (one boot, 3 modes interleaved)
+    kernel_slice_seconds: float  # a round of kernel driver packets/s sends for 3x this, split over its modes (kernel_pps.slice_seconds)
     kernel_rounds: int
     run_dir: Path
     logs: Path
