@@ -68,7 +68,9 @@ _general_receive = TrafficPath.receive
 
 
 def _plan_for(sa: Any, direction: Direction) -> tuple | None:
-    """(packet offload, entry, engine) for an SA the fast paths may take, else None."""
+    """(packet offload, entry, engine, AEAD function, salt, replay window, engine counters) for an SA the
+    fast paths may take, else None. The engine's members are read once here rather than per frame: none of
+    them is ever replaced on an engine, and a plan lives no longer than its SA (module docstring)."""
     if (sa is None or sa.direction != direction or len(sa.params) != 1 or sa.params[0].proto != _ESP_PROTO
             or sa.rx_filter is not None):
         return None
@@ -76,7 +78,10 @@ def _plan_for(sa: Any, direction: Direction) -> tuple | None:
     # lifetimes go the general way: their checks and SaDeleteReq bookkeeping are per packet
     if type(rt) is not FastV4EspEngine or rt._limited:
         return None
-    return bool(sa.packet_offload), sa, rt
+    aead = rt._v4_encrypt if direction == _OUTBOUND else rt._v4_decrypt
+    if aead is None:  # the engine's own fast path switched off (the differential tests' reference)
+        return None
+    return bool(sa.packet_offload), sa, rt, aead, rt._gcm_salt, rt.window, rt.stats
 
 
 def transmit(self: Any, frame: bytes, handle: int, packet_offload: bool, seq_hi: int | None = None,
@@ -91,13 +96,12 @@ def transmit(self: Any, frame: bytes, handle: int, packet_offload: bool, seq_hi:
             plans.clear()
         plan = plans[handle] = _plan_for(self.sadb.get(handle), _OUTBOUND) or False
     if plan and not tunnel_handle:
-        po, sa, eng = plan
+        po, sa, eng, encrypt, salt, _, est = plan
         n = len(frame)
         # untagged Ethernet, option-less IPv4 (l3_offset's common case)
         if n >= 68 and frame[14] == 0x45 and frame[12] == 8 and not frame[13]:
             if packet_offload:
-                encrypt = eng._v4_encrypt
-                if po and encrypt is not None:
+                if po:
                     # fastpath.encapsulate_v4 + reframe, into one output frame; numbers that need a check
                     # (near the limit, or not above the last IV) go the general way
                     seq = eng._seq + 1
@@ -110,9 +114,8 @@ def transmit(self: Any, frame: bytes, handle: int, packet_offload: bool, seq_hi:
                             tp += _ESP - nh  # TTL kept, protocol ESP
                             head = _V4_GCM_PACK(vt, out_total, idf, tp, -(vt + out_total + idf + tp + sd) % 0xFFFF,
                                                 sd, eng._spi_hi | seq, seq)
-                            sealed = encrypt(_NONCE_PACK(eng._gcm_salt, seq), plaintext, head[20:28])
+                            sealed = encrypt(_NONCE_PACK(salt, seq), plaintext, head[20:28])
                             eng._seq = eng._iv_last = seq
-                            est = eng.stats
                             est.packets += 1
                             est.bytes += total
                             st = self._stats
@@ -123,17 +126,15 @@ def transmit(self: Any, frame: bytes, handle: int, packet_offload: bool, seq_hi:
                                 self.sadb.request_delete(sa)
                             return TxResult(_TX_OK, b"".join((frame[:14], head, sealed)), sa.delete_requested)
             elif not po:
-                encrypt = eng._v4_encrypt
                 # fastpath.crypto_encrypt_v4 on the frame, the result built directly
                 total, idf, proto, spi, seq_lo = _V4_CRYPTO_TX_UNPACK_FROM(frame, 14)
                 if (proto == _ESP and not idf & _IP_MF_OFFSET_MASK and 54 <= total <= n - 14
-                        and spi == eng.spi and encrypt is not None):
+                        and spi == eng.spi):
                     iv_last = eng._iv_last
                     seq_iv = seq_lo if seq_lo > iv_last else iv_last + 1
                     eng._iv_last = seq_iv
                     end = 14 + total
-                    sealed = encrypt(_NONCE_PACK(eng._gcm_salt, seq_iv), frame[50:end - 16], frame[34:42])
-                    est = eng.stats
+                    sealed = encrypt(_NONCE_PACK(salt, seq_iv), frame[50:end - 16], frame[34:42])
                     est.packets += 1
                     est.bytes += total
                     st = self._stats
@@ -168,21 +169,19 @@ def receive(self: Any, frame: bytes) -> RxResult:
                 hit = plans[spi] = (dst, _plan_for(found[0], _INBOUND) if found is not None else None)
             plan = hit[1]
             if plan is not None:
-                po, sa, eng = plan
-                decrypt = eng._v4_decrypt
-                if decrypt is not None and spi == eng.spi:
+                po, sa, eng, decrypt, salt, window, est = plan
+                if spi == eng.spi:
                     end = 14 + total
                     # (the two cases are written out here rather than called: a call layer is ~5 % of a frame)
                     if po and total >= 56:
                         # packet offload: fastpath.decapsulate_v4 + reframe. The window's check() is only
                         # called for a number at or below its top, and not at all when it is off (size 0:
                         # any non-zero number passes, RFC 4303 §3.4.3 lets the receiver skip the check)
-                        window = eng.window
                         top = window.top
                         if seq_lo <= top and (window.size or not seq_lo) and window.check(seq_lo) == REJECT:
                             return _general_receive(self, frame)
                         try:
-                            plain = decrypt(_NONCE_PACK(eng._gcm_salt, iv), frame[50:end], frame[34:42])
+                            plain = decrypt(_NONCE_PACK(salt, iv), frame[50:end], frame[34:42])
                         except InvalidTag:
                             return _general_receive(self, frame)
                         k = len(plain)
@@ -202,7 +201,6 @@ def receive(self: Any, frame: bytes) -> RxResult:
                         elif window.size and not window.accept(seq_lo):
                             return _general_receive(self, frame)
                         out_total = 20 + payload_len
-                        est = eng.stats
                         est.packets += 1
                         est.bytes += out_total
                         st = self._stats
@@ -223,7 +221,7 @@ def receive(self: Any, frame: bytes) -> RxResult:
                     if not po:
                         # crypto offload: fastpath.crypto_decrypt_v4 on the frame
                         try:
-                            plain = decrypt(_NONCE_PACK(eng._gcm_salt, iv), frame[50:end], frame[34:42])
+                            plain = decrypt(_NONCE_PACK(salt, iv), frame[50:end], frame[34:42])
                         except InvalidTag:
                             return _general_receive(self, frame)
                         k = len(plain)
@@ -232,7 +230,6 @@ def receive(self: Any, frame: bytes) -> RxResult:
                         if (k < 2 + padlen or (padlen and plain[k - 2 - padlen:k - 2] != PAD_BYTES[:padlen])
                                 or nh == _NONE or nh in _NESTED):
                             return _general_receive(self, frame)
-                        est = eng.stats
                         est.packets += 1
                         est.bytes += total
                         st = self._stats
