@@ -6,7 +6,11 @@ encapsulate / decapsulate / crypto_encrypt / crypto_decrypt are the functions be
 the fast code directly, with no dispatching wrapper in between (a Python call layer is ~100 ns, a fifth
 of the AES-GCM call at 64 bytes). Any packet they do not take -- and every error verdict that can come
 before the ICV check -- goes to the general code (``eng._general_*``, EspEngine's methods), which stays
-the reference; so does any engine whose ``_v4_encrypt`` / ``_v4_decrypt`` is cleared.
+the reference; so does any engine whose ``_v4_encrypt`` / ``_v4_decrypt`` is cleared. The AES-GCM
+encapsulate / decapsulate come in two layers: the straightest case (no lifetimes, a sequence number far
+from its limit and above every IV used, a number the replay bitmap need not be consulted for) runs with
+one compare for all of that; any other packet goes to the ``_checked`` variant, the same code with
+those checks, which hands what it does not take to the general code in turn.
 tests/firmware/fastpath_diff.py feeds the same random and mutated traffic to an engine with and without
 these paths and requires identical results.
 """
