@@ -285,7 +285,7 @@ def _ip_extent(packet: bytes | bytearray, l3: int) -> tuple[int, int, int]:
 
 class EspEngine(SaEngine):
     __slots__ = ("_seal", "_open", "_block", "_align", "_trailers", "_counter_iv", "_gcm_direct", "_gcm_salt",
-                 "_v4_encrypt", "_v4_decrypt", "_min_body", "_encap", "_ip_proto")
+                 "_v4_encrypt", "_v4_decrypt", "_min_body", "_encap", "_ip_proto", "_fast_seq_end", "_spi_hi")
 
     def __init__(self, params: SaParams) -> None:
         self._init_common(params)
@@ -313,6 +313,11 @@ class EspEngine(SaEngine):
         self._v4_encrypt = tr._aead.encrypt if fast_v4 else None
         self._v4_decrypt = tr._aead.decrypt if fast_v4 else None
         self._iv_last = 0
+        # fastpath.py: one compare decides whether the next outbound number needs any check (lifetimes,
+        # the near-exhaustion warning, RFC 4303 §3.3.3's limit) -- only numbers below this one need none;
+        # SPI || Seq, the AAD of RFC 4106 §5, is packed as one 64-bit field from SPI << 32
+        self._fast_seq_end = 0 if self._limited else self._seq_warn
+        self._spi_hi = self.spi << 32
         # smallest ESP payload (IV + ciphertext + ICV) a sender can produce
         self._min_body = self._iv_len + max(self._align, 4) + self._icv_len
         self._encap = params.encap

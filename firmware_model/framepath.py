@@ -38,14 +38,15 @@ from firmware_model.traffic import SEQ_SOFT_MARGIN, U32_MAX, RxResult, TrafficPa
 
 # Option-less IPv4 header (see fastpath._V4_FIELDS) + ESP SPI, Seq and the 8-byte GCM IV (RFC 4303 §2,
 # RFC 4106 §3.1): one pack writes every IP and ESP header byte of an output frame, one unpack reads them
-# (the Ethernet header is joined as it came: the frame may be any bytes-like object)
-_V4_ESP = struct.Struct("!HHIBBHIIIIQ")
-_V4_ESP_HEAD = struct.Struct("!HHIBBHIIII")
-_V4_ESP_PACK = _V4_ESP.pack
-_V4_PACK = struct.Struct("!HHIBBHII").pack
-_V4_ESP_UNPACK_FROM = _V4_ESP.unpack_from
-_V4_ESP_HEAD_UNPACK_FROM = _V4_ESP_HEAD.unpack_from
-_V4_FIELDS_UNPACK_FROM = struct.Struct("!HHIBBHII").unpack_from
+# (the Ethernet header is joined as it came: the frame may be any bytes-like object). Adjacent fields are
+# merged where only their sum matters for the checksum (fastpath._V4_IN): TTL || protocol,
+# source || destination; pad bytes ('x') skip what a path does not read.
+_V4_IN = struct.Struct("!HHIHHQ")
+_V4_IN_UNPACK_FROM = _V4_IN.unpack_from
+_V4_IN_PACK = _V4_IN.pack
+_V4_GCM_PACK = struct.Struct("!HHIHHQQQ").pack  # ... + SPI || Seq (the AAD, RFC 4106 §5) + IV
+_V4_RX_UNPACK_FROM = struct.Struct("!HHIH2xQIIQ").unpack_from  # no checksum; SPI and Seq apart
+_V4_CRYPTO_TX_UNPACK_FROM = struct.Struct("!2xHIxB10xII").unpack_from  # total, id+flags, proto, SPI, Seq
 _NONCE_PACK = struct.Struct("!4sQ").pack  # RFC 4106 §4: salt || IV
 _U64_PACK = struct.Struct("!Q").pack
 _IP_MF_OFFSET_MASK = 0x3FFF
@@ -67,7 +68,9 @@ _general_receive = TrafficPath.receive
 
 
 def _plan_for(sa: Any, direction: Direction) -> tuple | None:
-    """(packet offload, entry, engine) for an SA the fast paths may take, else None."""
+    """(packet offload, entry, engine, AEAD function, salt, replay window, engine counters) for an SA the
+    fast paths may take, else None. The engine's members are read once here rather than per frame: none of
+    them is ever replaced on an engine, and a plan lives no longer than its SA (module docstring)."""
     if (sa is None or sa.direction != direction or len(sa.params) != 1 or sa.params[0].proto != _ESP_PROTO
             or sa.rx_filter is not None):
         return None
@@ -75,7 +78,10 @@ def _plan_for(sa: Any, direction: Direction) -> tuple | None:
     # lifetimes go the general way: their checks and SaDeleteReq bookkeeping are per packet
     if type(rt) is not FastV4EspEngine or rt._limited:
         return None
-    return bool(sa.packet_offload), sa, rt
+    aead = rt._v4_encrypt if direction == _OUTBOUND else rt._v4_decrypt
+    if aead is None:  # the engine's own fast path switched off (the differential tests' reference)
+        return None
+    return bool(sa.packet_offload), sa, rt, aead, rt._gcm_salt, rt.window, rt.stats
 
 
 def transmit(self: Any, frame: bytes, handle: int, packet_offload: bool, seq_hi: int | None = None,
@@ -90,51 +96,45 @@ def transmit(self: Any, frame: bytes, handle: int, packet_offload: bool, seq_hi:
             plans.clear()
         plan = plans[handle] = _plan_for(self.sadb.get(handle), _OUTBOUND) or False
     if plan and not tunnel_handle:
-        po, sa, eng = plan
+        po, sa, eng, encrypt, salt, _, est = plan
         n = len(frame)
         # untagged Ethernet, option-less IPv4 (l3_offset's common case)
         if n >= 68 and frame[14] == 0x45 and frame[12] == 8 and not frame[13]:
             if packet_offload:
-                encrypt = eng._v4_encrypt
-                if po and encrypt is not None:
-                    # fastpath.encapsulate_v4 + reframe, into one output frame
-                    vt, total, idf, ttl, nh, _, src, dst = _V4_FIELDS_UNPACK_FROM(frame, 14)
+                if po:
+                    # fastpath.encapsulate_v4 + reframe, into one output frame; numbers that need a check
+                    # (near the limit, or not above the last IV) go the general way
                     seq = eng._seq + 1
-                    if (20 <= total <= n - 14 and total <= _V4_FAST_MAX and not idf & _IP_MF_OFFSET_MASK
-                            and (seq < eng._seq_warn or seq <= eng._seq_limit)):
-                        if seq >= eng._seq_warn:
-                            eng.seq_nearly_exhausted = True
-                        iv_last = eng._iv_last
-                        seq_iv = iv_last + 1 if seq <= iv_last else seq  # never a repeated IV
-                        eng._iv_last = seq_iv
-                        plaintext = frame[34:14 + total] + eng._trailers[nh][total & 3]
-                        out_total = 52 + len(plaintext)
-                        csum = -(vt + out_total + idf + (ttl << 8 | _ESP) + src + dst) % 0xFFFF
-                        head = _V4_ESP_PACK(vt, out_total, idf, ttl, _ESP, csum, src, dst, eng.spi, seq, seq_iv)
-                        sealed = encrypt(_NONCE_PACK(eng._gcm_salt, seq_iv), plaintext, head[20:28])
-                        eng._seq = seq
-                        est = eng.stats
-                        est.packets += 1
-                        est.bytes += total
-                        st = self._stats
-                        st.tx_packets += 1
-                        st.tx_bytes += n
-                        st.tx_packet_offload += 1
-                        if eng.soft_expired or eng.seq_nearly_exhausted:  # _check_lifetime
-                            self.sadb.request_delete(sa)
-                        return TxResult(_TX_OK, b"".join((frame[:14], head, sealed)), sa.delete_requested)
+                    if seq < eng._fast_seq_end and seq > eng._iv_last:
+                        vt, total, idf, tp, _, sd = _V4_IN_UNPACK_FROM(frame, 14)
+                        if 20 <= total <= n - 14 and total <= _V4_FAST_MAX and not idf & _IP_MF_OFFSET_MASK:
+                            nh = tp & 0xFF
+                            plaintext = frame[34:14 + total] + eng._trailers[nh][total & 3]
+                            out_total = 52 + len(plaintext)
+                            tp += _ESP - nh  # TTL kept, protocol ESP
+                            head = _V4_GCM_PACK(vt, out_total, idf, tp, -(vt + out_total + idf + tp + sd) % 0xFFFF,
+                                                sd, eng._spi_hi | seq, seq)
+                            sealed = encrypt(_NONCE_PACK(salt, seq), plaintext, head[20:28])
+                            eng._seq = eng._iv_last = seq
+                            est.packets += 1
+                            est.bytes += total
+                            st = self._stats
+                            st.tx_packets += 1
+                            st.tx_bytes += n
+                            st.tx_packet_offload += 1
+                            if eng.soft_expired or eng.seq_nearly_exhausted:  # _check_lifetime
+                                self.sadb.request_delete(sa)
+                            return TxResult(_TX_OK, b"".join((frame[:14], head, sealed)), sa.delete_requested)
             elif not po:
-                encrypt = eng._v4_encrypt
                 # fastpath.crypto_encrypt_v4 on the frame, the result built directly
-                _, total, idf, _, proto, _, _, _, spi, seq_lo = _V4_ESP_HEAD_UNPACK_FROM(frame, 14)
+                total, idf, proto, spi, seq_lo = _V4_CRYPTO_TX_UNPACK_FROM(frame, 14)
                 if (proto == _ESP and not idf & _IP_MF_OFFSET_MASK and 54 <= total <= n - 14
-                        and spi == eng.spi and encrypt is not None):
+                        and spi == eng.spi):
                     iv_last = eng._iv_last
                     seq_iv = seq_lo if seq_lo > iv_last else iv_last + 1
                     eng._iv_last = seq_iv
                     end = 14 + total
-                    sealed = encrypt(_NONCE_PACK(eng._gcm_salt, seq_iv), frame[50:end - 16], frame[34:42])
-                    est = eng.stats
+                    sealed = encrypt(_NONCE_PACK(salt, seq_iv), frame[50:end - 16], frame[34:42])
                     est.packets += 1
                     est.bytes += total
                     st = self._stats
@@ -157,8 +157,9 @@ def receive(self: Any, frame: bytes) -> RxResult:
     """Firmware.receive: the fast paths below, else TrafficPath.receive (see the module docstring)."""
     n = len(frame)
     if n >= 68 and frame[14] == 0x45 and frame[12] == 8 and not frame[13]:
-        vt, total, idf, ttl, proto, _, src, dst, spi, seq_lo, iv = _V4_ESP_UNPACK_FROM(frame, 14)
-        if proto == _ESP and not idf & _IP_MF_OFFSET_MASK and 54 <= total <= n - 14:
+        vt, total, idf, tp, sd, spi, seq_lo, iv = _V4_RX_UNPACK_FROM(frame, 14)
+        if tp & 0xFF == _ESP and not idf & _IP_MF_OFFSET_MASK and 54 <= total <= n - 14:
+            dst = sd & 0xFFFF_FFFF
             plans = self._rx_plans
             hit = plans.get(spi)
             if hit is None or hit[0] != dst:
@@ -168,19 +169,19 @@ def receive(self: Any, frame: bytes) -> RxResult:
                 hit = plans[spi] = (dst, _plan_for(found[0], _INBOUND) if found is not None else None)
             plan = hit[1]
             if plan is not None:
-                po, sa, eng = plan
-                decrypt = eng._v4_decrypt
-                if decrypt is not None and spi == eng.spi:
+                po, sa, eng, decrypt, salt, window, est = plan
+                if spi == eng.spi:
                     end = 14 + total
                     # (the two cases are written out here rather than called: a call layer is ~5 % of a frame)
                     if po and total >= 56:
-                        # packet offload: fastpath.decapsulate_v4 + reframe
-                        window = eng.window
-                        seq = seq_lo if seq_lo > window.top else window.check(seq_lo)
-                        if seq == REJECT:
+                        # packet offload: fastpath.decapsulate_v4 + reframe. The window's check() is only
+                        # called for a number at or below its top, and not at all when it is off (size 0:
+                        # any non-zero number passes, RFC 4303 §3.4.3 lets the receiver skip the check)
+                        top = window.top
+                        if seq_lo <= top and (window.size or not seq_lo) and window.check(seq_lo) == REJECT:
                             return _general_receive(self, frame)
                         try:
-                            plain = decrypt(_NONCE_PACK(eng._gcm_salt, iv), frame[50:end], frame[34:42])
+                            plain = decrypt(_NONCE_PACK(salt, iv), frame[50:end], frame[34:42])
                         except InvalidTag:
                             return _general_receive(self, frame)
                         k = len(plain)
@@ -192,10 +193,14 @@ def receive(self: Any, frame: bytes) -> RxResult:
                             return _general_receive(self, frame)
                         # only now is anything moved: the window (accept() cannot refuse what check() let
                         # through; if it did, nothing would have changed), then the counters
-                        if (window.size or seq > window.top) and not window.accept(seq):
+                        if seq_lo > top:
+                            if window.size:
+                                window.accept(seq_lo)  # cannot refuse a number above the top
+                            else:
+                                window.top = seq_lo
+                        elif window.size and not window.accept(seq_lo):
                             return _general_receive(self, frame)
                         out_total = 20 + payload_len
-                        est = eng.stats
                         est.packets += 1
                         est.bytes += out_total
                         st = self._stats
@@ -208,14 +213,15 @@ def receive(self: Any, frame: bytes) -> RxResult:
                         delete_req = sa.delete_requested
                         if delete_req:
                             st.rx_sa_delete_req += 1
-                        csum = -(vt + out_total + idf + (ttl << 8 | nh) + src + dst) % 0xFFFF
-                        out = b"".join((frame[:14], _V4_PACK(vt, out_total, idf, ttl, nh, csum, src, dst),
+                        tp += nh - _ESP  # TTL kept, protocol from the trailer
+                        out = b"".join((frame[:14], _V4_IN_PACK(vt, out_total, idf, tp,
+                                                                -(vt + out_total + idf + tp + sd) % 0xFFFF, sd),
                                         plain[:payload_len]))
                         return RxResult(out, True, False, _CS_SUCCESS, delete_req, sa.handle, 0, False, False, True)
                     if not po:
                         # crypto offload: fastpath.crypto_decrypt_v4 on the frame
                         try:
-                            plain = decrypt(_NONCE_PACK(eng._gcm_salt, iv), frame[50:end], frame[34:42])
+                            plain = decrypt(_NONCE_PACK(salt, iv), frame[50:end], frame[34:42])
                         except InvalidTag:
                             return _general_receive(self, frame)
                         k = len(plain)
@@ -224,7 +230,6 @@ def receive(self: Any, frame: bytes) -> RxResult:
                         if (k < 2 + padlen or (padlen and plain[k - 2 - padlen:k - 2] != PAD_BYTES[:padlen])
                                 or nh == _NONE or nh in _NESTED):
                             return _general_receive(self, frame)
-                        est = eng.stats
                         est.packets += 1
                         est.bytes += total
                         st = self._stats
