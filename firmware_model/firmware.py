@@ -56,7 +56,8 @@ class Firmware(AdminCommands, TrafficPath):
         self._tx_plans: dict = {}  # handle -> framepath plan (or False: not of the fast shape)
         self._rx_plans: dict = {}  # SPI -> (destination, plan or None)
         self.sadb = PlanSadb(caps, (self._tx_plans, self._rx_plans))
-        self._stats = GlobalStats()
+        self._stats = GlobalStats()  # the general code's counters; the fast paths' own: framepath.fold_counts
+        framepath.clear_counts(self)
         self.last_error = ""
         self._handlers: dict[int, Callable[[bytes], tuple[int, bytes]]] = {
             Opcode.GET_CAPS: self._cmd_get_caps,
@@ -82,10 +83,12 @@ class Firmware(AdminCommands, TrafficPath):
         self.sadb.reset()
         self.sadb.rejects = [0] * len(RejectReason)
         self._stats = GlobalStats()
+        framepath.clear_counts(self)
         self.last_error = ""
 
     def stats(self) -> GlobalStats:
         st = replace(self._stats)
+        framepath.fold_counts(self, st)
         st.sa_bundles = len(self.sadb)
         st.sa_capacity = self.sadb.capacity
         st.parser_entries = self.sadb.parser_count

@@ -159,12 +159,14 @@ class Rig:
     def transmit(self, frame: bytes, handle: int, po: bool):
         a, b = (fw.transmit(frame, handle, po) for fw in self.tx)
         assert result_tuple(a) == result_tuple(b), ("transmit", frame.hex())
+        assert a == b  # same class too: the fast paths build their results slot by slot
         assert card_state(self.tx[0]) == card_state(self.tx[1])
         return a
 
     def receive(self, frame: bytes):
         a, b = (fw.receive(frame) for fw in self.rx)
         assert result_tuple(a) == result_tuple(b), ("receive", frame.hex())
+        assert a == b
         assert card_state(self.rx[0]) == card_state(self.rx[1])
         return a
 
@@ -240,3 +242,47 @@ def test_a_deleted_sa_is_not_used_from_the_plan_cache():
     assert fw.receive(fw.transmit(frame, h, True).frame or wire.frame).handle == 0  # no SA any more
     fw.reset()
     assert fw.transmit(frame, h, True).status == 2
+
+
+def test_fast_frame_counts_reach_get_stats_and_reset_clears_them():
+    """The fast paths count a frame in plain ints on the card (framepath.fold_counts): GET_STATS must
+    report them as the general code counts its frames, and a function reset must restart them."""
+    from device.contract import ndis
+    from device.contract.ndis import Opcode
+
+    kw = sa_kwargs(dict(alg="gcm", icv=16, mode=Mode.TRANSPORT, window=64, soft=0, hard=0, esn=False, encap=None,
+                        v6=False), 0x400)
+    kwc = sa_kwargs(dict(alg="gcm", icv=16, mode=Mode.TRANSPORT, window=64, soft=0, hard=0, esn=False, encap=None,
+                         v6=False), 0x500)
+    fw, ref = Firmware(Capabilities()), GeneralFirmware(Capabilities())
+    rng = random.Random(3)
+    # the 8-byte one is too short for the fast paths (< 68 B frame): general and fast counts add up
+    plain = [ETH + ipv4(rng, rng.randbytes(n), 17) for n in (8, 40, 700, 1380)]
+    # host-built ESP (RFC 4303 §2: header, IV room, UDP payload, padding 1, 2, ..., trailer, ICV room)
+    host_esp = [ETH + ipv4(rng, struct.pack("!II", 0x500, i) + bytes(8) + rng.randbytes(n) + bytes(range(1, pad + 1))
+                           + bytes((pad, 17)) + bytes(16), 50) for i, (n, pad) in enumerate(((30, 0), (701, 1), (1380, 2)), 1)]
+    sizes: dict = {}
+    for card in (fw, ref):
+        sizes[card] = [0, 0]
+        h_po = card.add_sa([SaParams(direction=Direction.OUTBOUND, **kw)], packet_offload=True)
+        card.add_sa([SaParams(direction=Direction.INBOUND, **kw)], packet_offload=True)
+        h_c = card.add_sa([SaParams(direction=Direction.OUTBOUND, **kwc)])
+        card.add_sa([SaParams(direction=Direction.INBOUND, **kwc)])
+        for frame, handle, po in [(f, h_po, True) for f in plain] + [(f, h_c, False) for f in host_esp]:
+            out = card.transmit(frame, handle, po)
+            assert out.status == 0 and card.receive(out.frame).crypto_status == 0
+            sizes[card][0] += len(frame)
+            sizes[card][1] += len(out.frame)
+    assert (fw._fast_tx_packet, fw._fast_tx_crypto, fw._fast_rx) == (3, 3, 7)  # the fast paths ran
+    assert (ref._fast_tx_packet, ref._fast_tx_crypto, ref._fast_rx) == (0, 0, 0)
+    fast_wire = fw.execute(Opcode.GET_STATS, b"")[1]
+    ref_wire = ref.execute(Opcode.GET_STATS, b"")[1]
+    assert fast_wire == ref_wire
+    st = ndis.GlobalStats.unpack(fast_wire)
+    assert (st.tx_packets, st.tx_packet_offload, st.tx_crypto) == (7, 4, 3)
+    assert (st.rx_packets, st.rx_crypto_ok, st.rx_crypto_done) == (7, 7, 7)
+    assert [st.tx_bytes, st.rx_bytes] == sizes[fw]
+    fw.reset()
+    st = fw.stats()
+    assert (st.tx_packets, st.tx_bytes, st.tx_crypto, st.tx_packet_offload) == (0, 0, 0, 0)
+    assert (st.rx_packets, st.rx_bytes, st.rx_crypto_ok, st.rx_crypto_done) == (0, 0, 0, 0)
