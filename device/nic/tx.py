@@ -56,6 +56,13 @@ _TX_DONE = int(TxWbFlags.DONE)
 assert _TXD.offset_of("wb_flags") == _TX_WB_AT + 2
 _IPSEC_CRYPTO = int(TxFlags.IPSEC_CRYPTO)
 _IPSEC_PACKET = int(TxFlags.IPSEC_PACKET)
+# Hot-path constants: module globals instead of enum attribute lookups, and the write-back of every status
+# packed once (indexed by the status value).
+_OK = TxStatus.OK
+_BAD_DESCRIPTOR = TxStatus.BAD_DESCRIPTOR
+_BAD_LENGTH = TxStatus.BAD_LENGTH
+_FW_OK = TxOutcome.OK
+_WB = [_TX_WB.pack(s, _TX_DONE) for s in range(max(TxStatus) + 1)]
 
 
 class TxPath:
@@ -86,8 +93,15 @@ class TxPath:
         want = min(ready, TX_BUDGET)
         qid = ring.queue_id
         dma = self.ctx.dma  # type: ignore[union-attr]
+        write = dma.write
         try:
-            block, n = yield from fetch_block(base, size, head, want, _TXD_SIZE)
+            # Straight from shared guest RAM (then the pass needs no runner at all); else through the
+            # pass runner, which sends a message or throws.
+            n = min(want, size - head)
+            try:
+                block = dma.read(base + head * _TXD_SIZE, n * _TXD_SIZE)
+            except DmaError:
+                block, n = yield from fetch_block(base, size, head, want, _TXD_SIZE)
             if n < want:  # the work wraps past the end of the ring
                 rest, m = yield from fetch_block(base, size, 0, want - n, _TXD_SIZE)
                 block += rest
@@ -101,32 +115,42 @@ class TxPath:
         report = False
         k = 0
         while k < n:
-            # Find the frame's last descriptor.
-            j = k
-            while not _TXD_FLAGS_UNPACK(block, j * _TXD_SIZE + _TXD_FLAGS_AT)[0] & _EOP:
-                j += 1
-                if j - k >= frag_limit or j == n:
-                    break
-            if j == n or not _TXD_FLAGS_UNPACK(block, j * _TXD_SIZE + _TXD_FLAGS_AT)[0] & _EOP:
-                if j - k < frag_limit:
-                    break  # the driver has not posted the rest yet
-                j = k + frag_limit - 1  # no EOP within the limit: refuse that many descriptors
-                status = TxStatus.BAD_DESCRIPTOR
-                rs = True
+            if _TXD_FLAGS_UNPACK(block, k * _TXD_SIZE + _TXD_FLAGS_AT)[0] & _EOP:
+                # A frame in one descriptor (the common case): a plain call while its data is in shared
+                # RAM; None sends it the generator way (message DMA, or the DMA error thrown there).
+                j = k
+                done = self._tx_single(block, k, mtu_limit, stats)
+                if done is None:
+                    status, rs = yield from self._tx_frame(block, k, j, mtu_limit, qid, stats)
+                else:
+                    status, rs = done
             else:
-                status, rs = yield from self._tx_frame(block, k, j, mtu_limit, qid, stats)
-            # Write back every descriptor of the frame.
-            wb = _TX_WB.pack(status, _TX_DONE)
+                # Find the frame's last descriptor.
+                j = k
+                while not _TXD_FLAGS_UNPACK(block, j * _TXD_SIZE + _TXD_FLAGS_AT)[0] & _EOP:
+                    j += 1
+                    if j - k >= frag_limit or j == n:
+                        break
+                if j == n or not _TXD_FLAGS_UNPACK(block, j * _TXD_SIZE + _TXD_FLAGS_AT)[0] & _EOP:
+                    if j - k < frag_limit:
+                        break  # the driver has not posted the rest yet
+                    j = k + frag_limit - 1  # no EOP within the limit: refuse that many descriptors
+                    status = _BAD_DESCRIPTOR
+                    rs = True
+                else:
+                    status, rs = yield from self._tx_frame(block, k, j, mtu_limit, qid, stats)
+            # Write back every descriptor of the frame (after the frame went out: data before DONE).
+            wb = _WB[status]
             try:
                 for i in range(k, j + 1):
                     at = base + ((head + i) % size) * _TXD_SIZE + _TX_WB_AT
                     try:  # straight to shared guest RAM; else the pass runner sends a message (or throws)
-                        dma.write(at, wb)
+                        write(at, wb)
                     except DmaError:
                         yield WRITE, at, wb
             except DmaError:
                 self.dma_fault(qid)
-            if status in (TxStatus.BAD_DESCRIPTOR, TxStatus.BAD_LENGTH):
+            if status in (_BAD_DESCRIPTOR, _BAD_LENGTH):
                 stats[BAD_DESCRIPTOR] += j + 1 - k
             report |= rs
             k = j + 1
@@ -180,20 +204,44 @@ class TxPath:
         except DmaError:
             self.dma_fault(qid)
             return TxStatus.DMA_ERROR, rs
+        return self._tx_out(frame, flags, handle, seq_hi, tunnel_handle, stats), rs
+
+    def _tx_single(self, block: bytes, k: int, mtu_limit: int, stats: list[int]) -> tuple[int, bool] | None:
+        """_tx_frame for a frame in one descriptor whose data is in shared guest RAM, without a generator:
+        (TxStatus, REPORT_STATUS), or None when the data needs message DMA or is unreachable (then
+        _tx_frame does it all again, from the validation on, and reports the error)."""
+        (addr, length, flags, handle, _esp_off, _pad, _nh, tunnel_handle, _wbs, _wbf,
+         seq_hi) = _TXD_UNPACK(block, k * _TXD_SIZE)
+        rs = bool(flags & _RS)
+        # the same checks, in the same order, as _tx_frame
+        if (seq_hi and not flags & _SEQ_HI) or (flags & _SEQ_HI and flags & _TX_IPSEC != _IPSEC_CRYPTO) \
+                or flags & ~_TX_KNOWN_FLAGS or flags & _TX_IPSEC == _TX_IPSEC:
+            return _BAD_DESCRIPTOR, rs
+        if length < ETH_HLEN or length > mtu_limit:  # zero included: BAD_LENGTH either way
+            return _BAD_LENGTH, rs
+        try:
+            frame = self.ctx.dma.read(addr, length)  # type: ignore[union-attr]
+        except DmaError:
+            return None
+        return self._tx_out(frame, flags, handle, seq_hi, tunnel_handle, stats), rs
+
+    def _tx_out(self, frame: bytes, flags: int, handle: int, seq_hi: int, tunnel_handle: int,
+                stats: list[int]) -> int:
+        """Offload (per the descriptor's flags) and send a frame read from guest RAM: its TxStatus."""
         ipsec = flags & _TX_IPSEC
         if ipsec:
             if ipsec == _IPSEC_CRYPTO and not handle:
                 stats[TX_OFFLOAD_ERROR] += 1
-                return TxStatus.BAD_HANDLE, rs
+                return TxStatus.BAD_HANDLE
             # tunnel_handle: transport over tunnel (the firmware refuses it unless the profile offers it)
             result = self.firmware.transmit(frame, handle, ipsec == _IPSEC_PACKET,
                                             seq_hi if flags & _SEQ_HI else None, tunnel_handle)
             fw_status = result.status
             if result.sa_delete_req:
                 self._cause(SA_DELETE_CAUSE)
-            if fw_status != TxOutcome.OK or result.frame is None:
+            if fw_status != _FW_OK or result.frame is None:
                 stats[TX_OFFLOAD_ERROR] += 1
-                return (TxStatus.BAD_HANDLE if fw_status == TxOutcome.BAD_HANDLE else TxStatus.OFFLOAD_FAILED), rs
+                return TxStatus.BAD_HANDLE if fw_status == TxOutcome.BAD_HANDLE else TxStatus.OFFLOAD_FAILED
             frame = result.frame
             stats[TX_CRYPTO_OK] += 1
         if self.wire.send(frame):
@@ -201,4 +249,4 @@ class TxPath:
             stats[TX_BYTES] += len(frame)
         else:
             self.extra.tx_not_sent += 1
-        return TxStatus.OK, rs
+        return _OK
