@@ -45,7 +45,9 @@ def _memfd_memory(size: int):
 
         def __init__(self) -> None:
             DmaMemory.__init__(self)
-            self.fd = os.memfd_create("ipsec-nic-bench-ram")
+            # sealable, as QEMU's memory-backend-memfd (seal=on): the server seals it against shrinking and
+            # then touches it through its mapping, not with fstat + pread/pwrite per access (vfio_user/dma.py)
+            self.fd = os.memfd_create("ipsec-nic-bench-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(self.fd, size)
             self.memory = mmap.mmap(self.fd, size)
             self.base = IOVA
